@@ -1,0 +1,118 @@
+"""Evaluate a ResNet-18 checkpoint (QAT or float32) on the CIFAR-10 test split.
+
+    python eval.py -loc checkpoints/resnet18_qat-40_1562.ckpt
+    python eval.py -loc CKPT -data data/demo --num_samples 1000 --json
+
+Whether the checkpoint is a QAT model is read from the checkpoint itself (its observer
+parameters); the network must match it exactly. Prints the accuracy; with --json the
+last line of stdout is {"accuracy": fraction, "correct": n, "total": n, ...}.
+"""
+import cli  # noqa: F401  (first: quiets MindSpore's log before it loads)
+
+import argparse
+import json
+import os
+
+import mindspore as ms
+import numpy as np
+
+import preprocess
+import quant
+from resnetv2 import resnet18
+
+
+def get_args_parser():
+    parser = cli.ArgumentParser(prog="eval.py", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("-loc", "--check_point", required=True, help="Model checkpoint file")
+    parser.add_argument("-data", "--data_dir", default=preprocess.DEFAULT_DATA_DIR,
+                        help="CIFAR-10 binary folder holding test_batch.bin")
+    parser.add_argument("-bsize", "--batchsize", type=cli.positive_int, default=100, help="batch size")
+    parser.add_argument("--device", choices=cli.DEVICES, default="auto",
+                        help="auto: GPU when MindSpore has a GPU backend, else CPU")
+    parser.add_argument("--num_samples", type=cli.positive_int, default=None,
+                        help="evaluate the first N test images, in file order (default: all)")
+    parser.add_argument("--json", action="store_true", help="end with one JSON line of the results")
+    return parser
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    cli.setup_device(args.device)
+    net, qat = load_network(args.check_point)
+    try:
+        dataset = preprocess.create_dataset(args.data_dir, training=False, batch_size=args.batchsize,
+                                            num_samples=args.num_samples)
+    except preprocess.DatasetError as e:
+        cli.fail(str(e))
+
+    predictions, labels = predict(net, dataset)
+    correct, total = int((predictions == labels).sum()), len(labels)
+    accuracy = correct / total
+    kind = "QAT (int8 fake-quant)" if qat else "float32"
+    print(f"accuracy: {100 * accuracy:.2f}% ({correct}/{total}) of {kind} {args.check_point} on {args.data_dir}")
+    if args.json:
+        print(json.dumps({"accuracy": accuracy, "correct": correct, "total": total, "qat": qat,
+                          "check_point": args.check_point}))
+    return accuracy
+
+
+def load_network(path):
+    """Build the network the checkpoint was trained as (QAT or float) and load it strictly."""
+    if not os.path.exists(path):
+        cli.fail(f"checkpoint {path} does not exist; give a .ckpt file written by train.py with -loc")
+    if not os.path.isfile(path):
+        cli.fail(f"checkpoint {path} is not a file; give a .ckpt file written by train.py with -loc")
+    if os.path.getsize(path) == 0:
+        cli.fail(f"checkpoint {path} is an empty file; give a .ckpt file written by train.py with -loc")
+    try:
+        params = ms.load_checkpoint(path)
+    except (ValueError, RuntimeError, TypeError, OSError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        cli.fail(f"{path} is not a readable MindSpore checkpoint ({reason}); give a .ckpt file written by train.py")
+    if not params:
+        cli.fail(f"{path} holds no parameters; give a .ckpt file written by train.py")
+    qat = quant.is_qat_checkpoint(params)
+    net = resnet18(preprocess.NUM_CLASSES)
+    if qat:
+        net = quant.quantize(net)
+    mismatch = describe_mismatch(net, params)
+    if mismatch:
+        cli.fail(f"{path} does not match ResNet-18 ({'QAT' if qat else 'float32'}): {mismatch}; "
+                 "give a checkpoint written by train.py")
+    ms.load_param_into_net(net, params, strict_load=True)
+    net.set_train(False)
+    return net, qat
+
+
+def describe_mismatch(net, params):
+    """'' when every network parameter is in the checkpoint with its shape, else what differs.
+
+    Besides the network's parameters a training checkpoint holds optimizer state: slots named
+    `<slot>.<parameter>` (moment1.conv1.weight) and undotted scalars (global_step, epoch_num).
+    Any other dotted name belongs to another network.
+    """
+    own = {name: param.shape for name, param in net.parameters_and_names()}
+    missing = [name for name in own if name not in params]
+    reshaped = [f"{name} {tuple(params[name].shape)} instead of {tuple(shape)}"
+                for name, shape in own.items() if name in params and tuple(params[name].shape) != tuple(shape)]
+    unexpected = [name for name in params
+                  if name not in own and "." in name and name.split(".", 1)[1] not in own]
+    problems = []
+    for label, names in (("missing", missing), ("with another shape", reshaped), ("unexpected", unexpected)):
+        if names:
+            problems.append(f"{len(names)} parameters {label} (e.g. {', '.join(names[:3])})")
+    return "; ".join(problems)
+
+
+def predict(net, dataset):
+    """Predicted and true labels of the whole dataset, in dataset order."""
+    predictions, labels = [], []
+    for images, batch_labels in dataset.create_tuple_iterator(num_epochs=1):
+        predictions.append(net(images).argmax(axis=1).asnumpy())
+        labels.append(batch_labels.asnumpy())
+    return np.concatenate(predictions), np.concatenate(labels)
+
+
+if __name__ == "__main__":
+    main()

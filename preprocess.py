@@ -1,0 +1,265 @@
+"""CIFAR-10 data: the MindSpore input pipeline, checks of the data folder, download, synthetic data.
+
+    python preprocess.py --download [-data data/cifar-10-batches-bin]   # fetch the real data set (163 MB)
+    python preprocess.py --synthetic data/demo                          # a learnable offline stand-in
+
+`create_dataset(data_dir, training, batch_size, ...)` builds the pipeline that train.py and
+eval.py share, on `mindspore.dataset.Cifar10Dataset` reading the binary version of CIFAR-10
+(`data_batch_1.bin` ... `data_batch_5.bin`, `test_batch.bin`; each record is 1 label byte
+and 3072 pixel bytes: the R, G and B planes of a 32x32 image).
+"""
+import cli  # noqa: F401  (first: quiets MindSpore's log before it loads)
+
+import glob
+import hashlib
+import os
+import sys
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
+
+import mindspore as ms
+import mindspore.dataset as ds
+import mindspore.dataset.transforms as transforms
+import mindspore.dataset.vision as vision
+import numpy as np
+
+NUM_CLASSES = 10
+IMAGE_SIZE = 32
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)   # per channel, of the training images scaled to [0, 1]
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+RECORD_BYTES = 1 + 3 * IMAGE_SIZE * IMAGE_SIZE
+RECORDS_PER_FILE = 10000  # Cifar10Dataset reads nothing else: it fails on shorter files
+FILE_BYTES = RECORD_BYTES * RECORDS_PER_FILE
+TRAIN_PATTERN = "data_batch_*.bin"
+TEST_FILE = "test_batch.bin"
+META_FILE = "batches.meta.txt"
+SYNTHETIC_MARKER = "SYNTHETIC.txt"
+
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
+CIFAR10_MD5 = "c32a1d4ab5d03f1284b67883e8d87530"
+ARCHIVE_FOLDER = "cifar-10-batches-bin"  # the folder the official archive extracts to
+DEFAULT_DATA_DIR = os.path.join("data", ARCHIVE_FOLDER)
+DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
+
+
+class DatasetError(ValueError):
+    """The data folder or a download is unusable; the message says what is wrong and how to fix it."""
+
+
+def split_files(data_dir, training):
+    if training:
+        return sorted(glob.glob(os.path.join(data_dir, TRAIN_PATTERN)))
+    path = os.path.join(data_dir, TEST_FILE)
+    return [path] if os.path.exists(path) else []
+
+
+def check_data_dir(data_dir, training):
+    """Raise DatasetError naming what is wrong with the split's files; return the files."""
+    fix = f"run `python preprocess.py --download -data {data_dir}` (or --synthetic {data_dir} for test data)"
+    if not os.path.isdir(data_dir):
+        raise DatasetError(f"data folder {data_dir} does not exist; {fix}")
+    files = split_files(data_dir, training)
+    if not files:
+        wanted = TRAIN_PATTERN if training else TEST_FILE
+        raise DatasetError(f"no {wanted} in data folder {data_dir}; {fix}")
+    for path in files:
+        check_file(path)
+    return files
+
+
+def check_file(path):
+    size = os.path.getsize(path)
+    if size != FILE_BYTES:
+        raise DatasetError(
+            f"{path} is {size} bytes ({size / RECORD_BYTES:.2f} records of {RECORD_BYTES} bytes); a CIFAR-10 "
+            f"file holds exactly {RECORDS_PER_FILE} records ({FILE_BYTES} bytes): download it again")
+    labels = np.memmap(path, dtype=np.uint8, mode="r", shape=(RECORDS_PER_FILE, RECORD_BYTES))[:, 0]
+    bad = np.flatnonzero(labels >= NUM_CLASSES)
+    if bad.size:
+        raise DatasetError(f"{path}: record {bad[0]} has label {labels[bad[0]]} (labels are 0-{NUM_CLASSES - 1}); "
+                           f"the file is corrupt or not CIFAR-10: download it again")
+
+
+def create_dataset(data_dir, training, batch_size, repeat_num=1, num_parallel_workers=DEFAULT_WORKERS,
+                   num_shards=None, shard_id=None, num_samples=None):
+    """The CIFAR-10 pipeline: augmented and shuffled when `training`, in file order otherwise.
+
+    num_samples: training draws that many images at random each epoch; evaluation takes
+    the first num_samples images of the test file.
+    """
+    check_data_dir(data_dir, training)
+    data = ds.Cifar10Dataset(data_dir, usage="train" if training else "test", num_samples=num_samples,
+                             shuffle=training, num_parallel_workers=num_parallel_workers,
+                             num_shards=num_shards, shard_id=shard_id)
+    image_ops = []
+    if training:
+        image_ops += [vision.RandomCrop(IMAGE_SIZE, padding=4), vision.RandomHorizontalFlip()]
+    image_ops += [vision.Rescale(1.0 / 255.0, 0.0), vision.Normalize(CIFAR10_MEAN, CIFAR10_STD), vision.HWC2CHW()]
+    data = data.map(image_ops, input_columns="image", num_parallel_workers=num_parallel_workers)
+    data = data.map(transforms.TypeCast(ms.int32), input_columns="label", num_parallel_workers=num_parallel_workers)
+    data = data.batch(batch_size, drop_remainder=training)
+    return data.repeat(repeat_num)
+
+
+def class_names(data_dir):
+    """Names from the folder's batches.meta.txt when present, else the class indices."""
+    path = os.path.join(data_dir, META_FILE)
+    if os.path.isfile(path):
+        with open(path) as f:
+            names = [line.strip() for line in f if line.strip()]
+        if len(names) == NUM_CLASSES:
+            return names
+    return [str(i) for i in range(NUM_CLASSES)]
+
+
+# --- synthetic data -----------------------------------------------------------------------
+
+def synthetic_images(labels, rng):
+    """Class-dependent images: a class colour plus a class-oriented stripe pattern, with noise.
+
+    Each class has its own tint and stripe frequency/orientation; the stripe phase is random
+    per image, so a random crop or flip keeps the class evident but no pixel position is.
+    """
+    n = len(labels)
+    class_rng = np.random.default_rng(1234)  # the same classes for every seed, so train and test agree
+    tints = class_rng.uniform(-1, 1, size=(NUM_CLASSES, 3, 1, 1))
+    freqs = class_rng.uniform(1, 4, size=(NUM_CLASSES, 2)) * class_rng.choice([-1, 1], size=(NUM_CLASSES, 2))
+    yy, xx = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE] / IMAGE_SIZE
+    phase = rng.uniform(0, 2 * np.pi, size=(n, 1, 1))
+    stripes = np.sin(2 * np.pi * (freqs[labels, 0, None, None] * xx + freqs[labels, 1, None, None] * yy) + phase)
+    images = 128 + 45 * tints[labels] + 45 * stripes[:, None] + rng.normal(0, 35, size=(n, 3, IMAGE_SIZE, IMAGE_SIZE))
+    return np.clip(np.round(images), 0, 255).astype(np.uint8)
+
+
+def write_records(path, labels, images):
+    """Write a CIFAR-10 binary file (label byte, then the R, G, B planes), atomically."""
+    records = np.empty((len(labels), RECORD_BYTES), dtype=np.uint8)
+    records[:, 0] = labels
+    records[:, 1:] = images.reshape(len(labels), -1)
+    tmp = path + ".part"
+    records.tofile(tmp)
+    os.replace(tmp, path)
+
+
+def write_synthetic(data_dir, seed=0):
+    """Write a learnable CIFAR-format set: data_batch_1.bin and test_batch.bin, 10,000 images each."""
+    existing = split_files(data_dir, True) + split_files(data_dir, False)
+    if existing:
+        raise DatasetError(f"{data_dir} already holds CIFAR files ({os.path.basename(existing[0])}); "
+                           "choose an empty or new folder")
+    os.makedirs(data_dir, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for name in ("data_batch_1.bin", TEST_FILE):
+        labels = rng.permutation(np.arange(RECORDS_PER_FILE) % NUM_CLASSES).astype(np.uint8)
+        write_records(os.path.join(data_dir, name), labels, synthetic_images(labels, rng))
+    with open(os.path.join(data_dir, META_FILE), "w") as f:
+        f.write("".join(f"synthetic_{i}\n" for i in range(NUM_CLASSES)))
+    with open(os.path.join(data_dir, SYNTHETIC_MARKER), "w") as f:
+        f.write("SYNTHETIC data written by `python preprocess.py --synthetic`, not CIFAR-10.\n"
+                "Class-dependent colours and stripes plus noise: learnable, for trying the commands offline.\n")
+
+
+def is_synthetic(data_dir):
+    return os.path.exists(os.path.join(data_dir, SYNTHETIC_MARKER))
+
+
+# --- download ------------------------------------------------------------------------------
+
+def download(data_dir=DEFAULT_DATA_DIR, url=CIFAR10_URL, md5=CIFAR10_MD5):
+    """Fetch, verify and extract the CIFAR-10 binary archive so that `data_dir` holds its files.
+
+    Everything happens in a hidden temporary folder beside `data_dir`, which is renamed into
+    place only when complete and checked; any failure (or Ctrl-C) removes it.
+    """
+    if os.path.exists(data_dir):
+        try:
+            check_data_dir(data_dir, True)
+            check_data_dir(data_dir, False)
+        except DatasetError as e:
+            raise DatasetError(f"{data_dir} exists but is not a complete CIFAR-10 folder ({e}); "
+                               "remove it or pick another -data folder") from None
+        print(f"{data_dir} already holds CIFAR-10; nothing to do")
+        return data_dir
+    parent = os.path.dirname(os.path.abspath(data_dir))
+    os.makedirs(parent, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=parent, prefix=".cifar10-download-") as tmp:
+        archive = os.path.join(tmp, "cifar-10-binary.tar.gz")
+        fetch(url, archive, md5)
+        extracted = os.path.join(tmp, "extracted")
+        extract(archive, extracted)
+        source = os.path.join(extracted, ARCHIVE_FOLDER)
+        if not os.path.isdir(source):
+            raise DatasetError(f"the archive from {url} has no {ARCHIVE_FOLDER}/ folder; is it CIFAR-10 (binary version)?")
+        check_data_dir(source, True)
+        check_data_dir(source, False)
+        os.rename(source, data_dir)
+    print(f"CIFAR-10 is ready in {data_dir}")
+    return data_dir
+
+
+def fetch(url, path, md5, chunk=1 << 20):
+    """Stream `url` to `path`, printing progress to stderr and checking the MD5 digest."""
+    digest = hashlib.md5()
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(path, "wb") as out:
+            total = int(response.headers.get("Content-Length") or 0)
+            step = total // 10 if total else 16 << 20  # report every 10 %, or every 16 MB of an unknown size
+            done, next_report = 0, 0
+            while block := response.read(chunk):
+                out.write(block)
+                digest.update(block)
+                done += len(block)
+                if done >= next_report or done == total:
+                    next_report = done + step
+                    size = f"{done / 1e6:.1f}/{total / 1e6:.1f} MB" if total else f"{done / 1e6:.1f} MB"
+                    print(f"downloading {url}: {size}", file=sys.stderr)
+    except (urllib.error.URLError, OSError) as e:
+        raise DatasetError(f"download of {url} failed ({getattr(e, 'reason', e)}); check the network "
+                           "or give a mirror with --url") from None
+    if total and done != total:
+        raise DatasetError(f"download of {url} stopped after {done} of {total} bytes; run it again")
+    if digest.hexdigest() != md5:
+        raise DatasetError(f"checksum mismatch for {url}: MD5 {digest.hexdigest()}, expected {md5}; "
+                           "the file is corrupt or not the CIFAR-10 binary archive: run again or use another --url")
+
+
+def extract(archive, target):
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            tar.extractall(target, filter="data")  # refuses members that would land outside target
+    except (tarfile.TarError, OSError) as e:
+        raise DatasetError(f"cannot extract {archive}: {e}") from None
+
+
+# --- command line --------------------------------------------------------------------------
+
+def get_args_parser():
+    parser = cli.ArgumentParser(prog="preprocess.py", description="Get CIFAR-10, or write a synthetic stand-in.")
+    action = parser.add_mutually_exclusive_group(required=True)
+    action.add_argument("--download", action="store_true", help="download and extract CIFAR-10 into -data")
+    action.add_argument("--synthetic", metavar="DIR", help="write a learnable synthetic CIFAR-format set into DIR")
+    parser.add_argument("-data", "--data_dir", default=DEFAULT_DATA_DIR,
+                        help=f"where --download puts the data set (default {DEFAULT_DATA_DIR})")
+    parser.add_argument("--url", default=CIFAR10_URL, help="archive URL, e.g. a mirror (default: the official one)")
+    parser.add_argument("--md5", default=CIFAR10_MD5, help="expected MD5 of the archive (default: the official one)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed of --synthetic")
+    return parser
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    try:
+        if args.download:
+            return download(args.data_dir, args.url, args.md5)
+        write_synthetic(args.synthetic, args.seed)
+    except DatasetError as e:
+        cli.fail(str(e))
+    except OSError as e:
+        cli.fail(f"cannot write {e.filename}: {e.strerror}; choose another folder")
+    print(f"wrote synthetic CIFAR-format data to {args.synthetic} (data_batch_1.bin, {TEST_FILE})")
+    return args.synthetic
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""The input pipeline, the data-folder checks, the synthetic set and the download."""
+import hashlib
+import http.server
+import io
+import os
+import tarfile
+import threading
+
+import numpy as np
+import pytest
+
+import preprocess
+from preprocess import CIFAR10_MEAN, CIFAR10_STD, DatasetError
+
+
+def first_batch(dataset):
+    images, labels = next(dataset.create_tuple_iterator(num_epochs=1))
+    return images.asnumpy(), labels.asnumpy()
+
+
+def test_training_pipeline_shapes_and_types(synthetic_dir):
+    dataset = preprocess.create_dataset(synthetic_dir, training=True, batch_size=16, num_samples=40)
+    assert dataset.get_dataset_size() == 2  # 40 // 16: the remainder is dropped when training
+    images, labels = first_batch(dataset)
+    assert images.shape == (16, 3, 32, 32) and images.dtype == np.float32
+    assert labels.shape == (16,) and labels.dtype == np.int32
+    assert labels.min() >= 0 and labels.max() < preprocess.NUM_CLASSES
+
+
+def test_eval_pipeline_is_normalized_and_in_file_order(synthetic_dir):
+    dataset = preprocess.create_dataset(synthetic_dir, training=False, batch_size=32, num_samples=70)
+    assert dataset.get_dataset_size() == 3  # the last, partial batch is kept for evaluation
+    images, labels = first_batch(dataset)
+    raw = np.fromfile(os.path.join(synthetic_dir, "test_batch.bin"), np.uint8,
+                      count=32 * preprocess.RECORD_BYTES).reshape(32, -1)
+    assert (labels == raw[:, 0]).all()
+    pixels = raw[:, 1:].reshape(32, 3, 32, 32) / 255.0
+    expected = (pixels - np.array(CIFAR10_MEAN)[:, None, None]) / np.array(CIFAR10_STD)[:, None, None]
+    np.testing.assert_allclose(images, expected, atol=1e-5)
+
+
+def test_training_draws_different_samples_each_epoch(synthetic_dir):
+    dataset = preprocess.create_dataset(synthetic_dir, training=True, batch_size=32, num_samples=32)
+    epochs = [[labels.asnumpy() for _, labels in dataset.create_tuple_iterator(num_epochs=1)] for _ in range(2)]
+    assert not np.array_equal(epochs[0][0], epochs[1][0])
+
+
+def test_synthetic_refuses_to_overwrite(synthetic_dir):
+    with pytest.raises(DatasetError, match="already holds CIFAR files"):
+        preprocess.write_synthetic(synthetic_dir)
+
+
+def test_missing_folder_is_named(tmp_path):
+    with pytest.raises(DatasetError, match="does not exist.*preprocess.py --download"):
+        preprocess.check_data_dir(str(tmp_path / "nope"), training=True)
+
+
+def test_empty_folder_is_named(tmp_path):
+    with pytest.raises(DatasetError, match=r"no data_batch_\*.bin"):
+        preprocess.check_data_dir(str(tmp_path), training=True)
+    with pytest.raises(DatasetError, match="no test_batch.bin"):
+        preprocess.check_data_dir(str(tmp_path), training=False)
+
+
+def test_truncated_file_says_its_size(tmp_path):
+    (tmp_path / "data_batch_1.bin").write_bytes(bytes(preprocess.RECORD_BYTES * 300))
+    with pytest.raises(DatasetError, match=r"921900 bytes \(300.00 records of 3073 bytes\)"):
+        preprocess.check_data_dir(str(tmp_path), training=True)
+
+
+def test_bad_label_is_named(tmp_path):
+    records = np.zeros((preprocess.RECORDS_PER_FILE, preprocess.RECORD_BYTES), np.uint8)
+    records[17, 0] = 12
+    records.tofile(tmp_path / "test_batch.bin")
+    with pytest.raises(DatasetError, match="record 17 has label 12"):
+        preprocess.check_data_dir(str(tmp_path), training=False)
+
+
+def test_class_names_from_meta_file(synthetic_dir, tmp_path):
+    assert preprocess.class_names(synthetic_dir)[3] == "synthetic_3"
+    assert preprocess.class_names(str(tmp_path)) == [str(i) for i in range(10)]
+
+
+# --- download, against a server on 127.0.0.1 that serves an archive built here --------------
+
+def cifar_archive(members=("data_batch_1.bin", "test_batch.bin"), folder=preprocess.ARCHIVE_FOLDER):
+    """A .tar.gz laid out like the official one (zero images, label 0: small once compressed)."""
+    buffer = io.BytesIO()
+    content = bytes(preprocess.FILE_BYTES)
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name in members:
+            info = tarfile.TarInfo(f"{folder}/{name}" if folder else name)
+            info.size = len(content)
+            tar.addfile(info, io.BytesIO(content))
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def archive():
+    return cifar_archive()
+
+
+@pytest.fixture
+def serve():
+    """serve(payload) -> URL of that payload on a loopback HTTP server, shut down after the test."""
+    servers = []
+
+    def start(payload):
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                if self.path != "/cifar.tar.gz":
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args):
+                pass
+
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}/cifar.tar.gz"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def test_download_verifies_and_extracts(tmp_path, serve, archive, capsys):
+    target = str(tmp_path / "cifar")
+    url = serve(archive)
+    preprocess.main(["--download", "-data", target, "--url", url, "--md5", hashlib.md5(archive).hexdigest()])
+    assert sorted(os.listdir(target)) == ["data_batch_1.bin", "test_batch.bin"]
+    assert os.listdir(tmp_path) == ["cifar"]  # no archive or temporary folder left behind
+    assert "downloading" in capsys.readouterr().err
+    preprocess.check_data_dir(target, training=True)
+
+
+def test_download_rejects_wrong_checksum_and_leaves_nothing(tmp_path, serve, archive, capsys):
+    target = str(tmp_path / "cifar")
+    with pytest.raises(SystemExit) as exit_info:
+        preprocess.main(["--download", "-data", target, "--url", serve(archive)])  # the official MD5
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("error: checksum mismatch") and preprocess.CIFAR10_MD5 in error
+    assert os.listdir(tmp_path) == []
+
+
+def test_download_refuses_members_outside_the_target(tmp_path, serve):
+    evil = cifar_archive(members=("../../escaped.bin",), folder="")
+    with pytest.raises(DatasetError, match="cannot extract"):
+        preprocess.download(str(tmp_path / "sub" / "cifar"), serve(evil), hashlib.md5(evil).hexdigest())
+    assert not (tmp_path / "escaped.bin").exists() and os.listdir(tmp_path / "sub") == []
+
+
+def test_download_reports_http_errors(tmp_path, serve, archive):
+    url = serve(archive).replace("cifar.tar.gz", "missing.tar.gz")
+    with pytest.raises(DatasetError, match="download of .* failed.*--url"):
+        preprocess.download(str(tmp_path / "cifar"), url)
+    assert os.listdir(tmp_path) == []

@@ -1,0 +1,118 @@
+"""Fake quantization: int8 weights per channel, straight-through gradients, observers."""
+import numpy as np
+import mindspore as ms
+import mindspore.nn as nn
+import mindspore.ops as ops
+import pytest
+
+import quant
+from quant import ActQuant, QuantConfig, fake_quant_activation, fake_quant_weight, quantize
+from resnetv2 import resnet18
+
+rng = np.random.default_rng(0)
+
+
+def tensor(*shape, scale=1.0):
+    return ms.Tensor((rng.normal(size=shape) * scale).astype(np.float32))
+
+
+def test_weights_take_at_most_255_symmetric_levels_per_channel():
+    weight = tensor(16, 8, 3, 3)
+    quantized = fake_quant_weight(weight, bits=8).asnumpy()
+    original = weight.asnumpy()
+    for channel, values in enumerate(quantized):
+        scale = np.abs(original[channel]).max() / 127
+        levels = np.round(values / scale)
+        assert len(np.unique(values)) <= 255
+        np.testing.assert_allclose(levels * scale, values, rtol=1e-5, atol=1e-7)  # on the integer grid
+        assert np.abs(levels).max() == 127                                       # symmetric, full range
+        assert np.abs(values - original[channel]).max() <= scale / 2 + 1e-6       # round to nearest
+
+
+def test_weight_gradient_is_straight_through():
+    weight = tensor(4, 3, 3, 3)
+    grad = ms.grad(lambda w: (fake_quant_weight(w, 8) * 3.0).sum())(weight)
+    np.testing.assert_allclose(grad.asnumpy(), 3.0)
+
+
+def test_activation_quantization_to_256_levels_with_exact_zero():
+    x = ms.Tensor(np.linspace(-1.0, 3.0, 2000, dtype=np.float32))
+    out = fake_quant_activation(x, ms.Tensor(-1.0), ms.Tensor(3.0), bits=8).asnumpy()
+    assert len(np.unique(out)) <= 256
+    assert np.abs(out - x.asnumpy()).max() <= 4.0 / 255 / 2 + 1e-6
+    zero = fake_quant_activation(ms.Tensor(np.zeros(3, np.float32)), ms.Tensor(-1.0), ms.Tensor(3.0), 8)
+    assert (zero.asnumpy() == 0).all()
+
+
+def test_activation_gradient_passes_inside_range_only():
+    x = ms.Tensor(np.array([-2.0, -0.5, 0.0, 0.7, 1.9, 5.0], np.float32))
+    low, high = ms.Tensor(-1.0), ms.Tensor(2.0)
+    grad = ms.grad(lambda v: fake_quant_activation(v, low, high, 8).sum())(x).asnumpy()
+    np.testing.assert_array_equal(grad, [0, 1, 1, 1, 1, 0])
+
+
+def observer_state(cell):
+    return cell.min_val.asnumpy().item(), cell.max_val.asnumpy().item(), cell.steps.asnumpy().item()
+
+
+def test_observers_move_in_training_only():
+    act = ActQuant(QuantConfig(ema_decay=0.5))
+    act.set_train(True)
+    act(ms.Tensor(np.array([-1.0, 2.0], np.float32)))
+    assert observer_state(act) == (-1.0, 2.0, 1)          # the first batch sets the range
+    act(ms.Tensor(np.array([-3.0, 4.0], np.float32)))
+    assert observer_state(act) == (-2.0, 3.0, 2)          # then a moving average
+    act.set_train(False)
+    act(ms.Tensor(np.array([-30.0, 40.0], np.float32)))
+    assert observer_state(act) == (-2.0, 3.0, 2)          # frozen in eval
+
+
+def test_quant_delay_passes_activations_through():
+    act = ActQuant(QuantConfig(quant_delay=2))
+    act.set_train(True)
+    x = ms.Tensor(np.linspace(-1, 1, 1001, dtype=np.float32))
+    first, second, third = (act(x).asnumpy() for _ in range(3))
+    np.testing.assert_array_equal(first, x.asnumpy())
+    np.testing.assert_array_equal(second, x.asnumpy())
+    assert len(np.unique(third)) <= 256 and not np.array_equal(third, x.asnumpy())
+
+
+def test_quantize_wraps_every_conv_and_dense_and_keeps_weights():
+    float_net = resnet18()
+    weights = {p.name: p.asnumpy().copy() for p in float_net.get_parameters()}
+    net = quantize(float_net)
+    layers = [cell for _, cell in net.cells_and_names() if isinstance(cell, (nn.Conv2d, nn.Dense))]
+    assert len(layers) == 21  # 20 convolutions (17 3x3, 3 shortcut 1x1) and the classifier
+    assert all(type(cell) in (quant.QuantConv2d, quant.QuantDense) for cell in layers)
+    params = {p.name: p.asnumpy() for p in net.get_parameters()}
+    assert all(np.array_equal(params[name], value) for name, value in weights.items())
+    added = sorted(set(params) - set(weights))
+    assert len(added) == 21 * 4 and all(".input_quant." in name for name in added)
+    assert [p.name for p in net.trainable_params()] == [n for n in weights if "moving_" not in n]
+    assert quant.is_qat_checkpoint(params) and not quant.is_qat_checkpoint(weights)
+
+    reference = resnet18()
+    ms.load_param_into_net(reference, {name: ms.Parameter(value, name=name) for name, value in weights.items()})
+    reference.set_train(False)
+    net.set_train(False)  # observers never trained: activations are not quantized yet, weights are
+    x = tensor(2, 3, 32, 32)
+    difference = np.abs(net(x).asnumpy() - reference(x).asnumpy()).max()
+    assert 0 < difference < 0.2
+
+
+def test_dense_with_activation_is_refused():
+    with pytest.raises(ValueError, match="fused activation"):
+        quantize(nn.SequentialCell([nn.Dense(4, 4, activation="relu")]))
+
+
+def test_quantized_network_trains_a_step():
+    net = quantize(resnet18())
+    loss = nn.SoftmaxCrossEntropyWithLogits(sparse=True, reduction="mean")
+    step = nn.TrainOneStepCell(nn.WithLossCell(net, loss), nn.Adam(net.trainable_params(), 1e-3))
+    step.set_train()
+    before = net.fc.weight.asnumpy().copy()
+    value = step(tensor(4, 3, 32, 32), ms.Tensor(np.arange(4, dtype=np.int32)))
+    assert np.isfinite(value.asnumpy())
+    assert not np.array_equal(before, net.fc.weight.asnumpy())
+    assert net.conv1.input_quant.steps.asnumpy() == 1 and net.fc.input_quant.max_val.asnumpy() > 0
+    assert ops.isfinite(net.conv1.input_quant.min_val).asnumpy()
