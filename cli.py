@@ -2,7 +2,7 @@
 
 - `fail(message)`: the one way a script reports bad input: one `error:` line on
   stderr, exit code 2, no traceback.
-- `ArgumentParser`: argparse with that same one-line error format.
+- `ArgumentParser`: argparse with that same one-line error format, and defaults in -h.
 - `setup_device(name)`: picks CPU or GPU and sets MindSpore's context.
 
 Import this module before MindSpore: it quiets MindSpore's log (GLOG_v), which is
@@ -31,7 +31,18 @@ def fail(message):
     raise SystemExit(2)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, except where there is none (the help says what happens then)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 class ArgumentParser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message):
         fail(f"{message} (see: python {self.prog} -h)")
 

@@ -9,7 +9,7 @@ last line of stdout is {"accuracy": fraction, "correct": n, "total": n, ...}.
 """
 import cli  # noqa: F401  (first: quiets MindSpore's log before it loads)
 
-import argparse
+import glob
 import json
 import os
 
@@ -20,11 +20,13 @@ import preprocess
 import quant
 from resnetv2 import resnet18
 
+DEFAULT_CHECKPOINT_DIR = "checkpoints"  # train.py's default save directory
+
 
 def get_args_parser():
-    parser = cli.ArgumentParser(prog="eval.py", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("-loc", "--check_point", required=True, help="Model checkpoint file")
+    parser = cli.ArgumentParser(prog="eval.py", description=__doc__.split("\n")[0])
+    parser.add_argument("-loc", "--check_point", default=None,
+                        help=f"Model checkpoint file (default: the newest .ckpt in {DEFAULT_CHECKPOINT_DIR}/)")
     parser.add_argument("-data", "--data_dir", default=preprocess.DEFAULT_DATA_DIR,
                         help="CIFAR-10 binary folder holding test_batch.bin")
     parser.add_argument("-bsize", "--batchsize", type=cli.positive_int, default=100, help="batch size")
@@ -38,6 +40,7 @@ def get_args_parser():
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
+    args.check_point = args.check_point or newest_checkpoint(DEFAULT_CHECKPOINT_DIR)
     cli.setup_device(args.device)
     net, qat = load_network(args.check_point)
     try:
@@ -55,6 +58,13 @@ def main(argv=None):
         print(json.dumps({"accuracy": accuracy, "correct": correct, "total": total, "qat": qat,
                           "check_point": args.check_point}))
     return accuracy
+
+
+def newest_checkpoint(folder):
+    paths = glob.glob(os.path.join(folder, "*.ckpt"))
+    if not paths:
+        cli.fail(f"no checkpoint given and no .ckpt in {folder}/; give one with -loc (train.py prints its path)")
+    return max(paths, key=os.path.getmtime)
 
 
 def load_network(path):

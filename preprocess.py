@@ -12,6 +12,7 @@ import cli  # noqa: F401  (first: quiets MindSpore's log before it loads)
 
 import glob
 import hashlib
+import http.client
 import os
 import sys
 import tarfile
@@ -58,11 +59,16 @@ def split_files(data_dir, training):
 def check_data_dir(data_dir, training):
     """Raise DatasetError naming what is wrong with the split's files; return the files."""
     fix = f"run `python preprocess.py --download -data {data_dir}` (or --synthetic {data_dir} for test data)"
-    if not os.path.isdir(data_dir):
+    if not os.path.exists(data_dir):
         raise DatasetError(f"data folder {data_dir} does not exist; {fix}")
+    if not os.path.isdir(data_dir):
+        raise DatasetError(f"data folder {data_dir} is a file; give the folder holding the .bin files with -data")
     files = split_files(data_dir, training)
     if not files:
         wanted = TRAIN_PATTERN if training else TEST_FILE
+        inner = os.path.join(data_dir, ARCHIVE_FOLDER)
+        if os.path.isdir(inner):  # the parent of the extracted folder was given
+            fix = f"did you mean -data {inner}?"
         raise DatasetError(f"no {wanted} in data folder {data_dir}; {fix}")
     for path in files:
         check_file(path)
@@ -215,7 +221,7 @@ def fetch(url, path, md5, chunk=1 << 20):
                     next_report = done + step
                     size = f"{done / 1e6:.1f}/{total / 1e6:.1f} MB" if total else f"{done / 1e6:.1f} MB"
                     print(f"downloading {url}: {size}", file=sys.stderr)
-    except (urllib.error.URLError, OSError) as e:
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
         raise DatasetError(f"download of {url} failed ({getattr(e, 'reason', e)}); check the network "
                            "or give a mirror with --url") from None
     if total and done != total:
@@ -258,6 +264,10 @@ def main(argv=None):
         cli.fail(str(e))
     except OSError as e:
         cli.fail(f"cannot write {e.filename}: {e.strerror}; choose another folder")
+    except KeyboardInterrupt:
+        # download() has removed its temporary folder; write_records() leaves at most a *.part file.
+        print("interrupted: no data was completed", file=sys.stderr)
+        raise SystemExit(130)
     print(f"wrote synthetic CIFAR-format data to {args.synthetic} (data_batch_1.bin, {TEST_FILE})")
     return args.synthetic
 

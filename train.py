@@ -44,8 +44,7 @@ OPTIMIZERS = {"adam": adam, "momentum": momentum, "sgd": sgd}
 
 
 def get_args_parser():
-    parser = cli.ArgumentParser(prog="train.py", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = cli.ArgumentParser(prog="train.py", description=__doc__.split("\n")[0])
     # The seed's flags, both spellings, as in its usage text.
     parser.add_argument("-bsize", "--batchsize", type=cli.positive_int, default=32,
                         help="batch size (per device)")
@@ -158,9 +157,13 @@ class Progress(Callback):
         cb = run_context.original_args()
         step = (cb.cur_step_num - 1) % self.steps_per_epoch + 1
         self.losses.append(float(cb.net_outputs.asnumpy()))
+        now = time.time()
+        if cb.cur_step_num == 1:  # keep graph compilation out of the images/s figures
+            print(f"first step done in {now - self.window_start:.1f} s (includes graph compilation)", flush=True)
+            self.window_start = now
+            return
         self.window_steps += 1
         if step % self.every == 0 or step == self.steps_per_epoch:
-            now = time.time()
             speed = self.window_steps * self.batch_size / (now - self.window_start)
             print(f"epoch {cb.cur_epoch_num}/{cb.epoch_num} step {step}/{self.steps_per_epoch} "
                   f"loss {self.losses[-1]:.4f} {speed:.1f} images/s", flush=True)

@@ -55,6 +55,12 @@ def test_missing_folder_is_named(tmp_path):
         preprocess.check_data_dir(str(tmp_path / "nope"), training=True)
 
 
+def test_parent_of_the_data_folder_gets_a_hint(tmp_path):
+    (tmp_path / preprocess.ARCHIVE_FOLDER).mkdir()
+    with pytest.raises(DatasetError, match=f"did you mean -data .*{preprocess.ARCHIVE_FOLDER}"):
+        preprocess.check_data_dir(str(tmp_path), training=True)
+
+
 def test_empty_folder_is_named(tmp_path):
     with pytest.raises(DatasetError, match=r"no data_batch_\*.bin"):
         preprocess.check_data_dir(str(tmp_path), training=True)
@@ -105,14 +111,14 @@ def serve():
     """serve(payload) -> URL of that payload on a loopback HTTP server, shut down after the test."""
     servers = []
 
-    def start(payload):
+    def start(payload, claimed_length=None):
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):
                 if self.path != "/cifar.tar.gz":
                     self.send_error(404)
                     return
                 self.send_response(200)
-                self.send_header("Content-Length", str(len(payload)))
+                self.send_header("Content-Length", str(claimed_length or len(payload)))
                 self.end_headers()
                 self.wfile.write(payload)
 
@@ -161,4 +167,11 @@ def test_download_reports_http_errors(tmp_path, serve, archive):
     url = serve(archive).replace("cifar.tar.gz", "missing.tar.gz")
     with pytest.raises(DatasetError, match="download of .* failed.*--url"):
         preprocess.download(str(tmp_path / "cifar"), url)
+    assert os.listdir(tmp_path) == []
+
+
+def test_interrupted_download_leaves_nothing(tmp_path, serve, archive):
+    url = serve(archive[: len(archive) // 2], claimed_length=len(archive))  # the connection drops halfway
+    with pytest.raises(DatasetError, match="download of .*(failed|stopped after)"):
+        preprocess.download(str(tmp_path / "cifar"), url, hashlib.md5(archive).hexdigest())
     assert os.listdir(tmp_path) == []

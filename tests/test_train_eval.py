@@ -198,6 +198,16 @@ def test_eval_refuses_bad_checkpoints(which, fragments, tmp_path, synthetic_dir,
     expect_error(evaluate.main, ["-loc", paths[which], "-data", synthetic_dir], capsys, *fragments)
 
 
+def test_eval_defaults_to_the_newest_checkpoint(trained, synthetic_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    expect_error(evaluate.main, ["-data", synthetic_dir], capsys, "no checkpoint given and no .ckpt in checkpoints/")
+    path, _ = trained
+    os.mkdir("checkpoints")
+    os.symlink(path, os.path.join("checkpoints", "latest.ckpt"))
+    evaluate.main(["-data", synthetic_dir, "--num_samples", "5"])
+    assert "checkpoints/latest.ckpt" in capsys.readouterr().out
+
+
 def test_eval_needs_the_test_file(trained, tmp_path, capsys):
     path, _ = trained
     expect_error(evaluate.main, ["-loc", path, "-data", str(tmp_path)], capsys, "no test_batch.bin")
