@@ -1,11 +1,14 @@
-"""Evaluate a ResNet-18 checkpoint (QAT or float32) on the CIFAR-10 test split.
+"""Evaluate a ResNet-18 model on the CIFAR-10 test split: a checkpoint, a MindIR graph or an int8 file.
 
     python eval.py -loc checkpoints/resnet18_qat-40_1562.ckpt
     python eval.py -loc CKPT -data data/demo --num_samples 1000 --json
+    python eval.py -loc checkpoints/resnet18_qat-40_1562.int8.npz     # integer-only inference (int8.py)
+    python eval.py -loc checkpoints/resnet18_qat-40_1562.mindir
 
-Whether the checkpoint is a QAT model is read from the checkpoint itself (its observer
-parameters); the network must match it exactly. Prints the accuracy; with --json the
-last line of stdout is {"accuracy": fraction, "correct": n, "total": n, ...}.
+The format follows the file name (.ckpt, .mindir, .npz). Whether a checkpoint is a QAT
+model is read from the checkpoint itself (its observer parameters); the network must
+match it exactly. Prints the accuracy; with --json the last line of stdout is
+{"accuracy": fraction, "correct": n, "total": n, ...}.
 """
 import cli  # noqa: F401  (first: quiets MindSpore's log before it loads)
 
@@ -14,8 +17,11 @@ import json
 import os
 
 import mindspore as ms
+import mindspore.nn as nn
 import numpy as np
+from mindspore.train import mind_ir_pb2
 
+import int8
 import preprocess
 import quant
 from resnetv2 import resnet18
@@ -35,6 +41,8 @@ def get_args_parser():
     parser.add_argument("--num_samples", type=cli.positive_int, default=None,
                         help="evaluate the first N test images, in file order (default: all)")
     parser.add_argument("--json", action="store_true", help="end with one JSON line of the results")
+    parser.add_argument("--save_predictions", metavar="PATH", default=None,
+                        help="write the predicted labels, in dataset order, to PATH (.npy)")
     return parser
 
 
@@ -42,22 +50,67 @@ def main(argv=None):
     args = get_args_parser().parse_args(argv)
     args.check_point = args.check_point or newest_checkpoint(DEFAULT_CHECKPOINT_DIR)
     cli.setup_device(args.device)
-    net, qat = load_network(args.check_point)
+    model, kind, batch_size = load_model(args.check_point)
     try:
-        dataset = preprocess.create_dataset(args.data_dir, training=False, batch_size=args.batchsize,
+        dataset = preprocess.create_dataset(args.data_dir, training=False, batch_size=batch_size or args.batchsize,
                                             num_samples=args.num_samples)
     except preprocess.DatasetError as e:
         cli.fail(str(e))
 
-    predictions, labels = predict(net, dataset)
+    predictions, labels = predict(model, dataset, batch_size)
     correct, total = int((predictions == labels).sum()), len(labels)
     accuracy = correct / total
-    kind = "QAT (int8 fake-quant)" if qat else "float32"
     print(f"accuracy: {100 * accuracy:.2f}% ({correct}/{total}) of {kind} {args.check_point} on {args.data_dir}")
+    if args.save_predictions:
+        save_predictions(args.save_predictions, predictions)
     if args.json:
-        print(json.dumps({"accuracy": accuracy, "correct": correct, "total": total, "qat": qat,
+        print(json.dumps({"accuracy": accuracy, "correct": correct, "total": total, "model": kind,
                           "check_point": args.check_point}))
     return accuracy
+
+
+def load_model(path):
+    """(model, description, fixed batch size or None) for a .ckpt, .mindir or int8 .npz file."""
+    check_file(path)
+    if path.endswith(".mindir"):
+        return load_mindir(path)
+    if path.endswith(".npz"):
+        try:
+            return int8.load(path), "int8 (integer inference)", None
+        except ValueError as e:
+            cli.fail(f"{path} is not an int8 model written by export.py ({e})")
+    net, config = load_network(path)
+    return net, "float32" if config is None else "QAT (int8 fake-quant)", None
+
+
+def check_file(path):
+    if not os.path.exists(path):
+        cli.fail(f"model file {path} does not exist; give a .ckpt file written by train.py with -loc")
+    if not os.path.isfile(path):
+        cli.fail(f"model file {path} is not a file; give a .ckpt file written by train.py with -loc")
+    if os.path.getsize(path) == 0:
+        cli.fail(f"model file {path} is an empty file; give a .ckpt file written by train.py with -loc")
+
+
+def load_mindir(path):
+    """A MindIR graph and the batch size fixed in it (other batch sizes would run, but wrongly)."""
+    proto = mind_ir_pb2.ModelProto()
+    try:
+        with open(path, "rb") as f:
+            proto.ParseFromString(f.read())
+        batch_size = int(proto.graph.input[0].tensor[0].dims[0])
+        graph = nn.GraphCell(ms.load(path))
+    except Exception as e:  # protobuf and MindSpore raise several kinds of errors for a foreign file
+        cli.fail(f"{path} is not a MindIR file written by export.py ({type(e).__name__})")
+    return graph, "MindIR", batch_size
+
+
+def save_predictions(path, predictions):
+    try:
+        with open(path, "wb") as f:
+            np.save(f, predictions.astype(np.int32))
+    except OSError as e:
+        cli.fail(f"cannot write predictions to {path} ({e.strerror}); give a writable --save_predictions path")
 
 
 def newest_checkpoint(folder):
@@ -68,13 +121,8 @@ def newest_checkpoint(folder):
 
 
 def load_network(path):
-    """Build the network the checkpoint was trained as (QAT or float) and load it strictly."""
-    if not os.path.exists(path):
-        cli.fail(f"checkpoint {path} does not exist; give a .ckpt file written by train.py with -loc")
-    if not os.path.isfile(path):
-        cli.fail(f"checkpoint {path} is not a file; give a .ckpt file written by train.py with -loc")
-    if os.path.getsize(path) == 0:
-        cli.fail(f"checkpoint {path} is an empty file; give a .ckpt file written by train.py with -loc")
+    """The network a checkpoint was trained as (QAT or float), loaded strictly, in eval mode; and its QuantConfig."""
+    check_file(path)
     try:
         params = ms.load_checkpoint(path)
     except (ValueError, RuntimeError, TypeError, OSError) as e:
@@ -82,17 +130,17 @@ def load_network(path):
         cli.fail(f"{path} is not a readable MindSpore checkpoint ({reason}); give a .ckpt file written by train.py")
     if not params:
         cli.fail(f"{path} holds no parameters; give a .ckpt file written by train.py")
-    qat = quant.is_qat_checkpoint(params)
+    config = quant.config_from_checkpoint(params)
     net = resnet18(preprocess.NUM_CLASSES)
-    if qat:
-        net = quant.quantize(net)
+    if config is not None:
+        net = quant.quantize(net, config)
     mismatch = describe_mismatch(net, params)
     if mismatch:
-        cli.fail(f"{path} does not match ResNet-18 ({'QAT' if qat else 'float32'}): {mismatch}; "
+        cli.fail(f"{path} does not match ResNet-18 ({'float32' if config is None else 'QAT'}): {mismatch}; "
                  "give a checkpoint written by train.py")
     ms.load_param_into_net(net, params, strict_load=True)
     net.set_train(False)
-    return net, qat
+    return net, config
 
 
 def describe_mismatch(net, params):
@@ -115,14 +163,23 @@ def describe_mismatch(net, params):
     return "; ".join(problems)
 
 
-def predict(net, dataset):
-    """Predicted and true labels of the whole dataset, in dataset order."""
-    predictions, labels = [], []
-    for images, batch_labels in dataset.create_tuple_iterator(num_epochs=1):
-        predictions.append(net(images).argmax(axis=1).asnumpy())
-        labels.append(batch_labels.asnumpy())
-    return np.concatenate(predictions), np.concatenate(labels)
+def predict(model, dataset, fixed_batch=None):
+    """Predicted and true labels of the whole dataset, in dataset order.
 
+    model: a network or MindIR GraphCell (a last, short batch is padded to `fixed_batch`), or an int8 model.
+    """
+    predictions, labels = [], []
+    for images, batch_labels in dataset.create_tuple_iterator(num_epochs=1, output_numpy=True):
+        count = len(images)
+        if isinstance(model, dict):
+            logits = int8.run(model, images)
+        else:
+            if fixed_batch and count < fixed_batch:
+                images = np.concatenate([images, np.zeros((fixed_batch - count,) + images.shape[1:], images.dtype)])
+            logits = model(ms.Tensor(images)).asnumpy()
+        predictions.append(logits[:count].argmax(axis=1))
+        labels.append(batch_labels)
+    return np.concatenate(predictions), np.concatenate(labels)
 
 if __name__ == "__main__":
     main()

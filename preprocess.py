@@ -135,7 +135,7 @@ def synthetic_images(labels, rng):
     yy, xx = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE] / IMAGE_SIZE
     phase = rng.uniform(0, 2 * np.pi, size=(n, 1, 1))
     stripes = np.sin(2 * np.pi * (freqs[labels, 0, None, None] * xx + freqs[labels, 1, None, None] * yy) + phase)
-    images = 128 + 45 * tints[labels] + 45 * stripes[:, None] + rng.normal(0, 35, size=(n, 3, IMAGE_SIZE, IMAGE_SIZE))
+    images = 128 + 70 * tints[labels] + 35 * stripes[:, None] + rng.normal(0, 25, size=(n, 3, IMAGE_SIZE, IMAGE_SIZE))
     return np.clip(np.round(images), 0, 255).astype(np.uint8)
 
 

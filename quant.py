@@ -4,21 +4,30 @@
     >>> from quant import quantize, QuantConfig
     >>> net = quantize(resnet18(), QuantConfig(quant_delay=100))
 
-Every nn.Conv2d and nn.Dense is replaced by a subclass that fake-quantizes
-- its weights: int8, symmetric, one scale per output channel (range [-127, 127]);
-- its input activations: 8-bit, asymmetric, per tensor, with the range tracked by
-  min/max observers (exponential moving average while training, frozen in eval).
+The transform simulates, in training, what an integer-only runtime computes (Jacob et al.
+2018, "Quantization and Training of Neural Networks for Efficient Integer-Arithmetic-Only
+Inference"): every tensor that flows between layers is 8-bit, every layer computes in
+integers. It replaces
+- each `ConvBN` (conv, BatchNorm, optional ReLU) by `QuantConvBN`: weights fake-quantized to
+  int8, symmetric, one scale per output channel (range [-127, 127]); the output (after ReLU)
+  fake-quantized to 8 bits, asymmetric, per tensor. The first one also quantizes the
+  network's input. With `bn_fold`, BatchNorm is folded into the weights before they are
+  quantized, in training too (the paper's section 3.2; batch statistics as in Krishnamoorthi
+  2018, arXiv 1806.08342, section 3.2, until BatchNorm is frozen);
+- each `ResidualAdd` by `QuantAdd`: its output fake-quantized;
+- each `nn.Dense` by `QuantDense`: its input (the pooled features) fake-quantized, weights
+  per output row.
+Activation ranges come from min/max observers: an exponential moving average while training,
+frozen in eval. Observers and counters are non-trainable Parameters, so they are in every
+checkpoint, and a checkpoint says by its parameter names how it was quantized
+(`config_from_checkpoint`). Rounding uses the straight-through estimator: the gradient of
+fake-quant is 1 inside the quantization range and 0 outside (as TensorFlow's
+FakeQuantWithMinMaxVars).
 
-Why our own fake-quant: `mindspore.compression` (the API the 2021 seed used) is gone
-since MindSpore 2.0, Golden Stick's SimQAT is GPU-only, and the FakeQuant* primitives
-have no CPU kernels. This module uses only standard ops (round, clip, min/max,
-stop_gradient, assign), so the same model trains in GRAPH_MODE on CPU and GPU.
-Rounding uses the straight-through estimator: the gradient of fake-quant is 1 inside
-the quantization range and 0 outside (as TensorFlow's FakeQuantWithMinMaxVars).
-
-The observers are non-trainable Parameters, so they are saved in every checkpoint and
-restored by `load_checkpoint`, and a checkpoint tells by its parameter names whether
-it is a QAT model (see `is_qat_checkpoint`).
+Why our own fake-quant: `mindspore.compression` (the API the 2021 seed used) is gone since
+MindSpore 2.0, Golden Stick's SimQAT is GPU-only, and the FakeQuant* primitives have no CPU
+kernels. This module uses only standard ops (round, clip, min/max, stop_gradient, assign),
+so the same model trains in GRAPH_MODE on CPU and GPU.
 """
 from dataclasses import dataclass
 
@@ -27,8 +36,11 @@ import mindspore.nn as nn
 import mindspore.ops as ops
 from mindspore import Parameter, Tensor
 
-# Suffix of the parameters that only a quantized network has; used to tell QAT checkpoints apart.
-OBSERVER_SUFFIX = ".input_quant.steps"
+from resnetv2 import ConvBN, ResidualAdd
+
+# Suffixes of parameters that only quantized networks have: they tell checkpoints apart.
+OBSERVER_SUFFIX = "_quant.steps"
+FOLD_SUFFIX = ".freeze_bn_step"
 EPS = 1e-8
 
 
@@ -39,32 +51,45 @@ class QuantConfig:
     act_bits: int = 8           # asymmetric, per tensor
     ema_decay: float = 0.99     # observer moving average; high enough to smooth batches, low enough for short runs
     quant_delay: int = 0        # training steps before activations are quantized (observers warm up meanwhile)
+    bn_fold: bool = False       # fold BatchNorm into the weights before quantizing them, in training too
+    freeze_bn: int = -1         # with bn_fold: the training step from which BatchNorm uses its moving statistics (-1: never)
+
+
+def weight_scale(weight, bits):
+    """Per-output-channel (axis 0) scale of symmetric quantization to [-(2^(bits-1) - 1), 2^(bits-1) - 1]."""
+    qmax = 2 ** (bits - 1) - 1
+    reduce_axes = tuple(range(1, weight.ndim))
+    amax = ops.amax(ops.abs(weight), reduce_axes, keepdims=True)
+    return ops.maximum(amax, EPS) / qmax
 
 
 def fake_quant_weight(weight, bits):
-    """Symmetric per-output-channel fake quantization (axis 0) with the straight-through estimator."""
-    qmax = 2 ** (bits - 1) - 1
-    reduce_axes = tuple(range(1, weight.ndim))
-    amax = ops.stop_gradient(ops.amax(ops.abs(weight), reduce_axes, keepdims=True))
-    scale = ops.maximum(amax, EPS) / qmax
-    quantized = ops.round(weight / scale) * scale  # |weight| <= amax, so no clip is needed
+    """Symmetric per-output-channel fake quantization with the straight-through estimator."""
+    scale = ops.stop_gradient(weight_scale(weight, bits))
+    quantized = ops.round(weight / scale) * scale  # |weight| <= max |weight|, so no clip is needed
     return weight + ops.stop_gradient(quantized - weight)
 
 
-def fake_quant_activation(x, low, high, bits):
-    """Asymmetric per-tensor fake quantization of x to the observed range [low, high].
+def activation_qparams(low, high, bits):
+    """Scale and zero point of asymmetric quantization of [low, high] to [0, 2^bits - 1].
 
-    The range is widened to hold 0 and nudged so that 0 is exactly representable (zero
-    padding and ReLU outputs stay exact). Gradient: 1 inside the range, 0 outside.
+    The range is widened to hold 0 and the zero point is an integer, so that 0 is exactly
+    representable (zero padding and ReLU outputs stay exact).
     """
     levels = 2 ** bits - 1
     low = ops.minimum(low, 0.0)
     high = ops.maximum(high, 0.0)
     scale = ops.maximum((high - low) / levels, EPS)
-    zero_point = ops.round(-low / scale)
-    low = -zero_point * scale
-    high = (levels - zero_point) * scale
-    clipped = ops.clamp(x, low, high)
+    return scale, ops.round(-low / scale)
+
+
+def fake_quant_activation(x, low, high, bits):
+    """Asymmetric per-tensor fake quantization of x to the observed range [low, high].
+
+    Gradient: 1 inside the (nudged) range, 0 outside.
+    """
+    scale, zero_point = activation_qparams(low, high, bits)
+    clipped = ops.clamp(x, -zero_point * scale, (2 ** bits - 1 - zero_point) * scale)
     quantized = ops.round(clipped / scale) * scale
     return clipped + ops.stop_gradient(quantized - clipped)
 
@@ -104,23 +129,77 @@ class ActQuant(nn.Cell):
         return low, high
 
 
-class QuantConv2d(nn.Conv2d):
-    """nn.Conv2d with fake-quantized input and per-channel fake-quantized weights."""
+class QuantConvBN(nn.Cell):
+    """ConvBN with int8 per-channel weights and an 8-bit output; keeps the float cell's parameter names."""
 
-    def __init__(self, conv, config):
-        super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
-                         pad_mode=conv.pad_mode, padding=conv.padding, dilation=conv.dilation,
-                         group=conv.group, has_bias=conv.has_bias, weight_init=conv.weight.value(),
-                         bias_init=conv.bias.value() if conv.has_bias else None, data_format=conv.data_format, dtype=conv.weight.dtype)
+    def __init__(self, unit, config, quantize_input=False):
+        super().__init__()
+        self.conv = unit.conv
+        self.bn = unit.bn
+        self.relu = unit.relu
         self.weight_bits = config.weight_bits
-        self.input_quant = ActQuant(config)
+        self.input_quant = ActQuant(config) if quantize_input else None
+        self.output_quant = ActQuant(config)
+        self.bn_fold = config.bn_fold
+        if self.bn_fold:
+            self.freeze_bn_step = Parameter(Tensor(config.freeze_bn, ms.int32), name="freeze_bn_step",
+                                            requires_grad=False)
+            self.steps = Parameter(Tensor(0, ms.int32), name="steps", requires_grad=False)
 
     def construct(self, x):
-        x = self.input_quant(x)
-        output = self.conv2d(x, fake_quant_weight(self.weight, self.weight_bits))
-        if self.has_bias:
-            output = self.bias_add(output, self.bias)
-        return output
+        if self.input_quant is not None:
+            x = self.input_quant(x)
+        if self.bn_fold:
+            x = self._folded(x)
+        else:
+            x = self.bn(self.conv.conv2d(x, fake_quant_weight(self.conv.weight, self.weight_bits)))
+        if self.relu:
+            x = ops.relu(x)
+        return self.output_quant(x)
+
+    def folded_weight_and_bias(self):
+        """Conv weight and bias with BatchNorm's moving statistics folded in (what inference runs)."""
+        bn = self.bn
+        sigma = ops.sqrt(bn.moving_variance + bn.eps)
+        weight = self.conv.weight * (bn.gamma / sigma).reshape(-1, 1, 1, 1)
+        return weight, bn.beta - bn.gamma * bn.moving_mean / sigma
+
+    def _folded(self, x):
+        weight, bias = self.folded_weight_and_bias()
+        y = self.conv.conv2d(x, fake_quant_weight(weight, self.weight_bits))
+        if not self.training:
+            return y + bias.reshape(1, -1, 1, 1)
+        # Until BatchNorm is frozen, normalize with the batch's statistics, as BatchNorm does. As in
+        # PyTorch's QAT ConvBn2d, the quantized output is unscaled and batch-normalized: one convolution,
+        # and the gradient is BatchNorm's. Frozen, this is exactly the inference above.
+        bn = self.bn
+        sigma = ops.sqrt(bn.moving_variance + bn.eps)
+        raw = y * (sigma / bn.gamma).reshape(1, -1, 1, 1)
+        batch_mean = raw.mean(axis=(0, 2, 3))
+        batch_var = raw.var(axis=(0, 2, 3))
+        frozen = ops.logical_and(self.freeze_bn_step >= 0, self.steps >= self.freeze_bn_step)
+        mean = ops.where(frozen, bn.moving_mean, batch_mean)
+        var = ops.where(frozen, bn.moving_variance, batch_var)
+        out = (raw - mean.reshape(1, -1, 1, 1)) * (bn.gamma / ops.sqrt(var + bn.eps)).reshape(1, -1, 1, 1)
+        # BatchNorm's moving averages (bn.momentum is the batch's weight, unbiased variance), until frozen.
+        rate = bn.momentum * (1.0 - frozen.astype(ms.float32))
+        count = raw.size // raw.shape[1]
+        batch_var = ops.stop_gradient(batch_var) * count / max(count - 1, 1)
+        ops.assign(bn.moving_mean, bn.moving_mean + rate * (ops.stop_gradient(batch_mean) - bn.moving_mean))
+        ops.assign(bn.moving_variance, bn.moving_variance + rate * (batch_var - bn.moving_variance))
+        ops.assign_add(self.steps, ops.ones((), ms.int32))
+        return out + bn.beta.reshape(1, -1, 1, 1)
+
+
+class QuantAdd(nn.Cell):
+    """ResidualAdd with an 8-bit output."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.output_quant = ActQuant(config)
+
+    def construct(self, branch, shortcut):
+        return self.output_quant(ops.relu(branch + shortcut))
 
 
 class QuantDense(nn.Dense):
@@ -142,20 +221,23 @@ class QuantDense(nn.Dense):
         return x
 
 
-QUANTIZED = {nn.Conv2d: QuantConv2d, nn.Dense: QuantDense}
-
-
 def quantize(net, config=QuantConfig()):
-    """Replace, in place, every nn.Conv2d and nn.Dense of `net` by its QAT version; return `net`.
+    """Replace, in place, the ConvBN, ResidualAdd and nn.Dense cells of `net` by QAT versions; return `net`.
 
-    The float weights are carried over, so a float checkpoint can be loaded first and fine-tuned.
-    Parameter names stay those of the float network, plus
-    `<layer>.input_quant.{min_val,max_val,steps,quant_delay}`.
+    The float weights are carried over and parameter names stay those of the float network (plus
+    observers, `<cell>.{input,output}_quant.{min_val,max_val,steps,quant_delay}`), so a float
+    checkpoint can be loaded into the result and fine-tuned.
     """
+    first = True
     for _, parent in list(net.cells_and_names()):
         for child_name, child in list(parent.name_cells().items()):
-            if type(child) in QUANTIZED:  # exact type: never wrap an already quantized layer
-                _replace_child(parent, child_name, QUANTIZED[type(child)](child, config))
+            if type(child) is ConvBN:  # exact types: never wrap an already quantized cell
+                _replace_child(parent, child_name, QuantConvBN(child, config, quantize_input=first))
+                first = False
+            elif type(child) is ResidualAdd:
+                _replace_child(parent, child_name, QuantAdd(config))
+            elif type(child) is nn.Dense:
+                _replace_child(parent, child_name, QuantDense(child, config))
     # Replacing a child renames its parameters relative to the parent only; give them full names.
     for name, param in net.parameters_and_names():
         param.name = name
@@ -169,5 +251,10 @@ def _replace_child(parent, name, cell):
         setattr(parent, name, cell)
 
 
-def is_qat_checkpoint(param_names):
-    return any(name.endswith(OBSERVER_SUFFIX) for name in param_names)
+def config_from_checkpoint(param_names):
+    """The QuantConfig a checkpoint was trained with (its counters and delays come from the
+    checkpoint itself when loaded), or None for a float checkpoint."""
+    names = list(param_names)
+    if not any(name.endswith(OBSERVER_SUFFIX) for name in names):
+        return None
+    return QuantConfig(bn_fold=any(name.endswith(FOLD_SUFFIX) for name in names))

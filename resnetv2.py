@@ -6,17 +6,38 @@ of data, training or quantization; `quant.quantize(net)` turns it into a QAT mod
 
     >>> from resnetv2 import resnet18
     >>> net = resnet18(num_classes=10)      # 11,173,962 trainable parameters
+
+Convolutions come with their BatchNorm (and ReLU) as one `ConvBN` cell and residual joins
+are `ResidualAdd` cells, so that a quantizer can fold BatchNorm and place its observers
+without tracing the graph.
 """
 import mindspore.nn as nn
 import mindspore.ops as ops
 
 
-def conv3x3(in_channels, out_channels, stride=1):
-    return nn.Conv2d(in_channels, out_channels, 3, stride=stride, pad_mode="pad", padding=1, has_bias=False)
+class ConvBN(nn.Cell):
+    """Convolution, BatchNorm and an optional ReLU: the unit an int8 runtime executes as one fused layer."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, relu=True):
+        super().__init__()
+        padding = kernel_size // 2
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride,
+                              pad_mode="pad" if padding else "valid", padding=padding, has_bias=False)
+        self.bn = nn.BatchNorm2d(out_channels)
+        self.relu = relu
+
+    def construct(self, x):
+        x = self.bn(self.conv(x))
+        if self.relu:
+            x = ops.relu(x)
+        return x
 
 
-def conv1x1(in_channels, out_channels, stride=1):
-    return nn.Conv2d(in_channels, out_channels, 1, stride=stride, has_bias=False)
+class ResidualAdd(nn.Cell):
+    """The join of a residual block: ReLU(branch + shortcut). A cell, so that it can be quantized."""
+
+    def construct(self, branch, shortcut):
+        return ops.relu(branch + shortcut)
 
 
 class BasicBlock(nn.Cell):
@@ -26,17 +47,13 @@ class BasicBlock(nn.Cell):
     def __init__(self, in_channels, channels, stride=1):
         super().__init__()
         out_channels = channels * self.expansion
-        self.conv1 = conv3x3(in_channels, channels, stride)
-        self.bn1 = nn.BatchNorm2d(channels)
-        self.conv2 = conv3x3(channels, out_channels)
-        self.bn2 = nn.BatchNorm2d(out_channels)
-        self.relu = nn.ReLU()
+        self.conv1 = ConvBN(in_channels, channels, 3, stride)
+        self.conv2 = ConvBN(channels, out_channels, 3, relu=False)
         self.shortcut = shortcut(in_channels, out_channels, stride)
+        self.add = ResidualAdd()
 
     def construct(self, x):
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + self.shortcut(x))
+        return self.add(self.conv2(self.conv1(x)), self.shortcut(x))
 
 
 class Bottleneck(nn.Cell):
@@ -46,36 +63,28 @@ class Bottleneck(nn.Cell):
     def __init__(self, in_channels, channels, stride=1):
         super().__init__()
         out_channels = channels * self.expansion
-        self.conv1 = conv1x1(in_channels, channels)
-        self.bn1 = nn.BatchNorm2d(channels)
-        self.conv2 = conv3x3(channels, channels, stride)
-        self.bn2 = nn.BatchNorm2d(channels)
-        self.conv3 = conv1x1(channels, out_channels)
-        self.bn3 = nn.BatchNorm2d(out_channels)
-        self.relu = nn.ReLU()
+        self.conv1 = ConvBN(in_channels, channels, 1)
+        self.conv2 = ConvBN(channels, channels, 3, stride)
+        self.conv3 = ConvBN(channels, out_channels, 1, relu=False)
         self.shortcut = shortcut(in_channels, out_channels, stride)
+        self.add = ResidualAdd()
 
     def construct(self, x):
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return self.relu(out + self.shortcut(x))
+        return self.add(self.conv3(self.conv2(self.conv1(x))), self.shortcut(x))
 
 
 def shortcut(in_channels, out_channels, stride):
     """Identity when shapes match, else a strided 1x1 projection with BatchNorm."""
     if stride == 1 and in_channels == out_channels:
         return nn.Identity()
-    return nn.SequentialCell([conv1x1(in_channels, out_channels, stride), nn.BatchNorm2d(out_channels)])
+    return ConvBN(in_channels, out_channels, 1, stride, relu=False)
 
 
 class ResNet(nn.Cell):
     def __init__(self, block, num_blocks, num_classes=10):
         super().__init__()
         self.in_channels = 64
-        self.conv1 = conv3x3(3, 64)
-        self.bn1 = nn.BatchNorm2d(64)
-        self.relu = nn.ReLU()
+        self.conv1 = ConvBN(3, 64, 3)
         self.layer1 = self._make_layer(block, 64, num_blocks[0], stride=1)
         self.layer2 = self._make_layer(block, 128, num_blocks[1], stride=2)
         self.layer3 = self._make_layer(block, 256, num_blocks[2], stride=2)
@@ -90,7 +99,7 @@ class ResNet(nn.Cell):
         return nn.SequentialCell(layers)
 
     def construct(self, x):
-        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.conv1(x)
         out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
         out = ops.mean(out, axis=(2, 3))  # global average pool
         return self.fc(out)

@@ -68,6 +68,12 @@ def get_args_parser():
                         help="quantization-aware training (int8 weights and activations); --no-qat trains float32")
     parser.add_argument("--quant_delay", type=cli.non_negative_int, default=QuantConfig.quant_delay,
                         help="training steps before activations are quantized")
+    parser.add_argument("--bn_fold", action=argparse.BooleanOptionalAction, default=False,
+                        help="QAT with BatchNorm folded into the quantized weights, as the int8 model runs "
+                             "(about 2x slower per step: a second convolution measures batch statistics)")
+    parser.add_argument("--freeze_bn", type=cli.non_negative_int, default=None, metavar="EPOCHS",
+                        help="with --bn_fold: after EPOCHS epochs BatchNorm stops updating its statistics "
+                             "and normalizes with them (default: never)")
     parser.add_argument("--seed", type=int, default=1, help="random seed (weights, data order, augmentation)")
     parser.add_argument("--num_samples", type=cli.positive_int, default=None,
                         help="use N training images per epoch, drawn at random each epoch (default: all)")
@@ -75,7 +81,12 @@ def get_args_parser():
 
 
 def main(argv=None):
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    if (args.bn_fold or args.freeze_bn is not None) and not args.qat:
+        parser.error("--bn_fold and --freeze_bn need QAT; drop --no-qat")
+    if args.freeze_bn is not None and not args.bn_fold:
+        parser.error("--freeze_bn needs --bn_fold")
     check_save_dir(args.savedir)
     args.device = cli.setup_device(args.device)
     ms.set_seed(args.seed)
@@ -91,7 +102,8 @@ def main(argv=None):
 
     net = resnet18(preprocess.NUM_CLASSES)
     if args.qat:
-        net = quantize(net, QuantConfig(quant_delay=args.quant_delay))
+        freeze_step = -1 if args.freeze_bn is None else args.freeze_bn * steps_per_epoch
+        net = quantize(net, QuantConfig(quant_delay=args.quant_delay, bn_fold=args.bn_fold, freeze_bn=freeze_step))
     loss = nn.SoftmaxCrossEntropyWithLogits(sparse=True, reduction="mean")
     model = Model(net, loss_fn=loss, optimizer=make_optimizer(net, args))
     checkpoints = ModelCheckpoint(prefix="resnet18_qat" if args.qat else "resnet18", directory=args.savedir,

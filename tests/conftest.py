@@ -1,5 +1,7 @@
 """Shared fixtures: CIFAR-format files written by the tests themselves (no download, no GPU)."""
 import os
+import subprocess
+import sys
 
 # Before MindSpore runs a convolution (see cli.py): the fast oneDNN kernels, and a quiet log.
 os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
@@ -8,6 +10,8 @@ os.environ.setdefault("GLOG_v", "3")
 import pytest  # noqa: E402
 
 import preprocess  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="session")
@@ -18,7 +22,42 @@ def synthetic_dir(tmp_path_factory):
     return path
 
 
+def train_in_subprocess(*argv):
+    """Run train.py in its own process and return the checkpoint it printed.
+
+    Training runs in a child process because MindSpore keeps the memory pool of every network
+    trained in a process (ms_memory_recycle returns little of it): a dozen in-process runs
+    exhaust 24 GB.
+    """
+    result = subprocess.run([sys.executable, "train.py", *argv], cwd=ROOT, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("checkpoint: ")]
+    return lines[-1][len("checkpoint: "):]
+
+
+@pytest.fixture(scope="session")
+def trained(synthetic_dir, tmp_path_factory):
+    """A QAT model trained 4 short epochs on the learnable synthetic set: (checkpoint, save dir)."""
+    savedir = str(tmp_path_factory.mktemp("qat"))
+    path = train_in_subprocess("-data", synthetic_dir, "-dir", savedir, "-e", "4", "-bsize", "32",
+                               "--num_samples", "384")
+    return path, savedir
+
+
 def snapshot(folder):
     """Names, sizes and modification times of everything in a folder, to prove nothing changed."""
     return {name: (os.stat(os.path.join(folder, name)).st_size, os.stat(os.path.join(folder, name)).st_mtime_ns)
             for name in sorted(os.listdir(folder))}
+
+
+@pytest.fixture(autouse=True)
+def release_memory():
+    """Free what MindSpore caches for each compiled network: the suite builds dozens in one process."""
+    yield
+    import gc
+
+    import mindspore as ms
+
+    gc.collect()
+    ms.ms_memory_recycle()

@@ -1,0 +1,154 @@
+"""export.py and the int8 reference inference: MindIR and int8 files against the QAT checkpoint."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+import eval as evaluate
+import export
+import int8
+from conftest import snapshot, train_in_subprocess
+
+FLOAT32_BYTES = 4 * 11_173_962
+SAMPLES = "500"
+
+
+def predictions(path, data, tmp_path, capsys):
+    out = str(tmp_path / (os.path.basename(path) + ".npy"))
+    evaluate.main(["-loc", path, "-data", data, "--num_samples", SAMPLES, "--json", "--save_predictions", out])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    return np.load(out), result
+
+
+@pytest.fixture(scope="module")
+def checkpoint_predictions(trained, synthetic_dir, tmp_path_factory):
+    path, _ = trained
+    out = str(tmp_path_factory.mktemp("pred") / "ckpt.npy")
+    evaluate.main(["-loc", path, "-data", synthetic_dir, "--num_samples", SAMPLES, "--save_predictions", out])
+    return np.load(out)
+
+
+def test_mindir_predicts_as_the_checkpoint(trained, synthetic_dir, checkpoint_predictions, tmp_path, capsys):
+    path = export.main(["-loc", trained[0], "--format", "mindir", "--batch", "64", "-o", str(tmp_path / "m.mindir")])
+    assert "% of the 44.7 MB of float32 parameters" in capsys.readouterr().out
+    predicted, result = predictions(path, synthetic_dir, tmp_path, capsys)
+    assert result["model"] == "MindIR" and result["total"] == 500  # 500 = 7 x 64 + a padded batch of 52
+    assert (predicted == checkpoint_predictions).mean() >= 0.999
+
+
+def test_int8_file_is_small_integer_and_agrees(trained, synthetic_dir, checkpoint_predictions, tmp_path, capsys):
+    path = export.main(["-loc", trained[0], "--format", "int8", "-o", str(tmp_path / "m.int8.npz")])
+    assert os.path.getsize(path) <= 0.27 * FLOAT32_BYTES
+    model = int8.load(path)
+    arrays, graph = model["arrays"], model["header"]["graph"]
+    assert [node["op"] for node in graph].count("conv") == 20 and not any("bn" in name for name in arrays)
+    for node in graph:
+        if "weight" in node:
+            weight = arrays[node["weight"]]
+            assert weight.dtype == np.int8 and np.abs(weight).max() <= 127
+            assert arrays[node["weight_scale"]].shape == (weight.shape[0],)
+            assert arrays[node["bias"]].dtype == np.int32
+
+    predicted, result = predictions(path, synthetic_dir, tmp_path, capsys)
+    assert result["model"] == "int8 (integer inference)"
+    assert (predicted == checkpoint_predictions).mean() >= 0.99
+    labels = np.fromfile(os.path.join(synthetic_dir, "test_batch.bin"), np.uint8).reshape(-1, 3073)[:500, 0]
+    assert abs((predicted == labels).mean() - (checkpoint_predictions == labels).mean()) <= 0.005
+
+
+def test_requantize_rounds_like_real_arithmetic():
+    rng = np.random.default_rng(0)
+    values = rng.integers(-2 ** 27, 2 ** 27, size=1000).astype(np.int64)
+    multipliers = rng.uniform(1e-6, 0.9, size=1000)
+    expected = np.floor(values * multipliers + 0.5)
+    assert np.abs(int8.requantize(values, multipliers) - expected).max() <= 1
+    assert (int8.requantize(values, multipliers) == expected).mean() > 0.99
+    m0, shift = int8.quantize_multiplier(multipliers)
+    assert ((m0 >= 2 ** 30) & (m0 < 2 ** 31)).all()
+    np.testing.assert_allclose(m0 * 2.0 ** (shift - 31), multipliers, rtol=1e-9)
+
+
+def test_integer_convolution_is_exact():
+    rng = np.random.default_rng(1)
+    q = rng.integers(0, 256, size=(2, 64, 6, 6)).astype(np.uint8)
+    weight = rng.integers(-127, 128, size=(8, 64, 3, 3)).astype(np.int8)
+    bias = rng.integers(-1000, 1000, size=8).astype(np.int64)
+    acc = int8.conv(q, 17, weight, bias, stride=2, padding=1)
+    padded = np.pad(q.astype(np.int64) - 17, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    expected = np.zeros((2, 8, 3, 3), np.int64)
+    for i in range(3):
+        for j in range(3):
+            patch = padded[:, :, 2 * i:2 * i + 3, 2 * j:2 * j + 3]
+            expected[:, :, i, j] = np.einsum("nckl,ockl->no", patch, weight.astype(np.int64)) + bias
+    np.testing.assert_array_equal(acc, expected)
+
+
+# --- bad input -------------------------------------------------------------------------------
+
+def expect_error(argv, capsys, fragment):
+    with pytest.raises(SystemExit) as exit_info:
+        export.main(argv)
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], lines
+
+
+def test_export_rejects_bad_input(trained, tmp_path, capsys):
+    ckpt, _ = trained
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"\x00" * 1000)
+    before = snapshot(tmp_path)
+    expect_error(["-loc", str(tmp_path / "none.ckpt")], capsys, "does not exist")
+    expect_error(["-loc", str(garbage), "-o", str(tmp_path / "x.npz")], capsys, "not a readable MindSpore checkpoint")
+    expect_error(["-loc", str(tmp_path / "model.mindir")], capsys, "is not a .ckpt file")
+    expect_error(["-loc", ckpt, "--format", "onnx"], capsys, "invalid choice: 'onnx'")
+    expect_error(["-loc", ckpt, "-o", str(tmp_path / "missing" / "x.npz")], capsys, "does not exist")
+    expect_error(["-loc", ckpt, "-o", str(tmp_path)], capsys, "is a folder")
+    expect_error(["-loc", ckpt, "-o", str(garbage / "x.npz")], capsys, "does not exist")
+    assert snapshot(tmp_path) == before  # no partial or temporary file left behind
+
+
+def test_int8_export_needs_a_qat_checkpoint(tmp_path, capsys):
+    import mindspore as ms
+    from resnetv2 import resnet18
+
+    path = str(tmp_path / "float.ckpt")
+    ms.save_checkpoint(resnet18(), path)
+    expect_error(["-loc", path, "--format", "int8"], capsys, "float32 checkpoint; int8 export needs a QAT one")
+    assert os.listdir(tmp_path) == ["float.ckpt"]
+
+
+def test_int8_export_needs_quantized_activations(tmp_path, capsys):
+    import mindspore as ms
+    from quant import quantize
+    from resnetv2 import resnet18
+
+    path = str(tmp_path / "untrained_qat.ckpt")
+    ms.save_checkpoint(quantize(resnet18()), path)
+    expect_error(["-loc", path, "--format", "int8"], capsys, "activations are not quantized yet")
+    assert os.listdir(tmp_path) == ["untrained_qat.ckpt"]
+
+
+def test_eval_rejects_foreign_npz_and_mindir(synthetic_dir, tmp_path, capsys):
+    foreign = tmp_path / "weights.npz"
+    np.savez(foreign, a=np.zeros(3))
+    bogus = tmp_path / "bogus.mindir"
+    bogus.write_bytes(b"not a graph" * 10)
+    for path, fragment in ((foreign, "is not an int8 model written by export.py"),
+                           (bogus, "is not a MindIR file written by export.py")):
+        with pytest.raises(SystemExit):
+            evaluate.main(["-loc", str(path), "-data", synthetic_dir])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and fragment in lines[0], lines
+
+
+def test_bn_fold_training_learns_and_exports(synthetic_dir, tmp_path, capsys):
+    ckpt = train_in_subprocess("-data", synthetic_dir, "-dir", str(tmp_path), "-e", "3", "-bsize", "32",
+                               "--num_samples", "384", "--bn_fold")
+    checkpoint_predicted, result = predictions(ckpt, synthetic_dir, tmp_path, capsys)
+    assert result["accuracy"] > 0.5, f"BN-folded QAT should learn the synthetic set, got {result['accuracy']}"
+    path = export.main(["-loc", ckpt, "--format", "int8"])
+    assert path == ckpt[: -len(".ckpt")] + ".int8.npz"
+    predicted, _ = predictions(path, synthetic_dir, tmp_path, capsys)
+    assert (predicted == checkpoint_predicted).mean() >= 0.99
