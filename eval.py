@@ -60,12 +60,18 @@ def main(argv=None):
     predictions, labels = predict(model, dataset, batch_size)
     correct, total = int((predictions == labels).sum()), len(labels)
     accuracy = correct / total
+    names = preprocess.class_names(args.data_dir)
+    confusion = confusion_matrix(labels, predictions, len(names))
+    print(format_per_class(names, confusion))
     print(f"accuracy: {100 * accuracy:.2f}% ({correct}/{total}) of {kind} {args.check_point} on {args.data_dir}")
     if args.save_predictions:
         save_predictions(args.save_predictions, predictions)
     if args.json:
+        per_class = {name: (int(row[i]) / int(row.sum()) if row.sum() else None)
+                     for i, (name, row) in enumerate(zip(names, confusion))}
         print(json.dumps({"accuracy": accuracy, "correct": correct, "total": total, "model": kind,
-                          "check_point": args.check_point}))
+                          "check_point": args.check_point, "per_class": per_class,
+                          "confusion": confusion.tolist()}))
     return accuracy
 
 
@@ -103,6 +109,25 @@ def load_mindir(path):
     except Exception as e:  # protobuf and MindSpore raise several kinds of errors for a foreign file
         cli.fail(f"{path} is not a MindIR file written by export.py ({type(e).__name__})")
     return graph, "MindIR", batch_size
+
+
+def confusion_matrix(labels, predictions, num_classes):
+    """counts[true, predicted]."""
+    return np.bincount(labels * num_classes + predictions, minlength=num_classes ** 2).reshape(num_classes, -1)
+
+
+def format_per_class(names, confusion):
+    """Per-class accuracy, then the confusion matrix (rows: true class, columns: predicted class)."""
+    width = max(len(name) for name in names)
+    lines = [f"{'class':<{width}}  accuracy  correct/total"]
+    for i, (name, row) in enumerate(zip(names, confusion)):
+        share = f"{100 * row[i] / row.sum():7.2f}%" if row.sum() else "       -"
+        lines.append(f"{name:<{width}}  {share}  {row[i]}/{row.sum()}")
+    cell = max(5, len(str(confusion.max())) + 1)
+    lines.append("confusion matrix (rows: true class, columns: predicted class, in the order above):")
+    lines.append(" " * 4 + "".join(f"{i:>{cell}}" for i in range(len(names))))
+    lines += [f"{i:>4}" + "".join(f"{count:>{cell}}" for count in row) for i, row in enumerate(confusion)]
+    return "\n".join(lines)
 
 
 def save_predictions(path, predictions):

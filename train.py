@@ -5,13 +5,15 @@
     python train.py -data data/demo -e 2 --num_samples 1024      # a quick trial on synthetic data
 
 Writes `<prefix>-<epoch>_<step>.ckpt` after every epoch into the save directory (-dir,
-default checkpoints/), `args.json` with the resolved arguments, and prints the final
-checkpoint's path; `python eval.py -loc <that path>` evaluates it.
+default checkpoints/), `args.json` with the resolved arguments, appends one line per epoch
+to `metrics.jsonl`, and prints the final checkpoint's path; `python eval.py -loc <that path>`
+evaluates it.
 """
 import cli  # noqa: F401  (first: quiets MindSpore's log before it loads)
 
 import argparse
 import json
+import math
 import os
 import tempfile
 import time
@@ -19,28 +21,33 @@ import time
 import mindspore as ms
 import mindspore.dataset as ds
 import mindspore.nn as nn
+import numpy as np
 from mindspore.train import Callback, CheckpointConfig, Model, ModelCheckpoint
 
+import eval as evaluate
 import preprocess
 from quant import QuantConfig, quantize
 from resnetv2 import resnet18
 
-LOG_EVERY = 50  # steps between progress lines, besides the one at each epoch's end
+METRICS_FILE = "metrics.jsonl"
+BEST_FILE = "best.ckpt"
+VALIDATION_BATCH = 100
 
 
-def adam(groups, args):
-    return nn.Adam(groups, learning_rate=args.learningRate)
+def adam(groups, lr, args):
+    return nn.Adam(groups, learning_rate=lr)
 
 
-def momentum(groups, args):
-    return nn.Momentum(groups, learning_rate=args.learningRate, momentum=args.momentum)
+def momentum(groups, lr, args):
+    return nn.Momentum(groups, learning_rate=lr, momentum=args.momentum)
 
 
-def sgd(groups, args):
-    return nn.SGD(groups, learning_rate=args.learningRate, momentum=args.momentum, nesterov=args.momentum > 0)
+def sgd(groups, lr, args):
+    return nn.SGD(groups, learning_rate=lr, momentum=args.momentum, nesterov=args.momentum > 0)
 
 
 OPTIMIZERS = {"adam": adam, "momentum": momentum, "sgd": sgd}
+SCHEDULES = ("constant", "cosine", "onecycle")
 
 
 def get_args_parser():
@@ -74,6 +81,21 @@ def get_args_parser():
     parser.add_argument("--freeze_bn", type=cli.non_negative_int, default=None, metavar="EPOCHS",
                         help="with --bn_fold: after EPOCHS epochs BatchNorm stops updating its statistics "
                              "and normalizes with them (default: never)")
+    parser.add_argument("--lr_schedule", choices=SCHEDULES, default="constant",
+                        help="learning rate over the run: constant, cosine (to 0), or onecycle")
+    parser.add_argument("--warmup_epochs", type=cli.non_negative_float, default=0.0,
+                        help="epochs of linear learning-rate warmup (onecycle: of its rising phase)")
+    parser.add_argument("--label_smoothing", type=cli.unit_interval, default=0.0,
+                        help="label smoothing of the cross-entropy loss, in [0, 1)")
+    parser.add_argument("--eval_every", type=cli.non_negative_int, default=None, metavar="N",
+                        help="validate on the test split every N epochs and keep best.ckpt; 0: never "
+                             "(default: 1 when the data folder has test_batch.bin, else 0)")
+    parser.add_argument("--val_samples", type=cli.positive_int, default=None, metavar="N",
+                        help="validate on the first N test images (default: all)")
+    parser.add_argument("--keep", type=cli.positive_int, default=5, metavar="N",
+                        help="keep the newest N per-epoch checkpoints (best.ckpt is kept besides)")
+    parser.add_argument("--log_every", type=cli.positive_int, default=50, metavar="N",
+                        help="print a progress line every N steps (and at the end of each epoch)")
     parser.add_argument("--seed", type=int, default=1, help="random seed (weights, data order, augmentation)")
     parser.add_argument("--num_samples", type=cli.positive_int, default=None,
                         help="use N training images per epoch, drawn at random each epoch (default: all)")
@@ -93,6 +115,7 @@ def main(argv=None):
     ds.config.set_seed(args.seed)
     dataset = load_data(args)
     steps_per_epoch = dataset.get_dataset_size()
+    validation = load_validation_data(args)
 
     print("arguments: " + json.dumps(vars(args), sort_keys=True))
     if preprocess.is_synthetic(args.data_dir):
@@ -104,12 +127,14 @@ def main(argv=None):
     if args.qat:
         freeze_step = -1 if args.freeze_bn is None else args.freeze_bn * steps_per_epoch
         net = quantize(net, QuantConfig(quant_delay=args.quant_delay, bn_fold=args.bn_fold, freeze_bn=freeze_step))
-    loss = nn.SoftmaxCrossEntropyWithLogits(sparse=True, reduction="mean")
-    model = Model(net, loss_fn=loss, optimizer=make_optimizer(net, args))
+    model = Model(net, loss_fn=make_loss(args), optimizer=make_optimizer(net, args, steps_per_epoch))
     checkpoints = ModelCheckpoint(prefix="resnet18_qat" if args.qat else "resnet18", directory=args.savedir,
                                   config=CheckpointConfig(save_checkpoint_steps=steps_per_epoch,
+                                                          keep_checkpoint_max=args.keep,
                                                           append_info=["epoch_num", "step_num"]))
-    progress = Progress(args.batchsize, steps_per_epoch)
+    validate = Validator(net, validation, args.eval_every, args.savedir) if validation else None
+    progress = Progress(args.batchsize, steps_per_epoch, args.log_every, os.path.join(args.savedir, METRICS_FILE),
+                        validate)
     model.train(args.epoch, dataset, callbacks=[progress, checkpoints], dataset_sink_mode=False)
 
     path = checkpoints.latest_ckpt_file_name
@@ -142,51 +167,178 @@ def load_data(args):
     return dataset
 
 
-def make_optimizer(net, args):
+def load_validation_data(args):
+    """The test split for validation during training, or None when --eval_every is 0 or there is none."""
+    has_test = os.path.exists(os.path.join(args.data_dir, preprocess.TEST_FILE))
+    if args.eval_every is None:
+        args.eval_every = 1 if has_test else 0
+    if not args.eval_every:
+        return None
+    try:
+        return preprocess.create_dataset(args.data_dir, training=False, batch_size=VALIDATION_BATCH,
+                                         num_samples=args.val_samples)
+    except preprocess.DatasetError as e:
+        cli.fail(f"{e} (for --eval_every; --eval_every 0 trains without validation)")
+
+
+class Validator:
+    """Accuracy on the test split every `every` epochs (and after the last); keeps the best network as best.ckpt."""
+
+    def __init__(self, net, dataset, every, savedir):
+        self.net, self.dataset, self.every = net, dataset, every
+        self.path = os.path.join(savedir, BEST_FILE)
+        self.best = previous_best(self.path)  # an earlier run's better model in this folder is kept
+
+    def __call__(self, epoch, last):
+        if epoch % self.every and not last:
+            return None
+        self.net.set_train(False)
+        predictions, labels = evaluate.predict(self.net, self.dataset)
+        self.net.set_train(True)
+        accuracy = float((predictions == labels).mean())
+        better = self.best is None or accuracy > self.best
+        print(f"validation accuracy {100 * accuracy:.2f}% on {len(labels)} test images"
+              + (f" (best so far: {self.path})" if better else f" (best: {100 * self.best:.2f}%)"), flush=True)
+        if better:
+            self.best = accuracy
+            save_atomically(self.net, self.path, {"epoch_num": epoch, "val_accuracy": accuracy})
+        return accuracy
+
+
+def previous_best(path):
+    if not os.path.exists(path):
+        return None
+    try:
+        return float(ms.load_checkpoint(path, choice_func=lambda name: name == "val_accuracy")["val_accuracy"].asnumpy())
+    except (ValueError, RuntimeError, KeyError, OSError):
+        print(f"warning: {path} is unreadable or has no val_accuracy; this run's best model will replace it")
+        return None
+
+
+def save_atomically(net, path, append_dict):
+    """Write a checkpoint under a temporary name in the same folder, then rename it into place."""
+    tmp = f"{path}.tmp-{os.getpid()}.ckpt"
+    try:
+        ms.save_checkpoint(net, tmp, append_dict=append_dict)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def make_optimizer(net, args, steps_per_epoch):
     """Weight decay on conv and dense weights only, not on BatchNorm's gamma/beta or biases."""
     params = net.trainable_params()
     decayed = [p for p in params if p.name.endswith(".weight")]
     others = [p for p in params if not p.name.endswith(".weight")]
     groups = [{"params": decayed, "weight_decay": args.weightDecay}, {"params": others, "weight_decay": 0.0}]
-    return OPTIMIZERS[args.optimizer](groups, args)
+    return OPTIMIZERS[args.optimizer](groups, learning_rates(args, steps_per_epoch), args)
+
+
+def learning_rates(args, steps_per_epoch):
+    """The learning rate: a float when constant, else one value per training step.
+
+    constant and cosine (to 0) start with a linear warmup of --warmup_epochs; onecycle rises
+    linearly from lr/25 to lr over --warmup_epochs (default 30 % of the run), then anneals to
+    lr/10^4 along a cosine (Smith & Topin 2019).
+    """
+    lr, total = args.learningRate, args.epoch * steps_per_epoch
+    if args.lr_schedule == "constant" and not args.warmup_epochs:
+        return lr
+    warmup = min(round(args.warmup_epochs * steps_per_epoch), total)
+    if args.lr_schedule == "onecycle" and not args.warmup_epochs:
+        warmup = round(0.3 * total)
+    rates = []
+    for step in range(total):
+        if step < warmup:
+            start = lr / 25 if args.lr_schedule == "onecycle" else 0.0
+            rates.append(start + (lr - start) * (step + 1) / warmup)
+            continue
+        cosine = 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
+        rates.append({"constant": lr, "cosine": lr * cosine, "onecycle": lr / 1e4 + (lr - lr / 1e4) * cosine}
+                     [args.lr_schedule])
+    return rates
+
+
+def make_loss(args):
+    if args.label_smoothing:
+        return nn.CrossEntropyLoss(reduction="mean", label_smoothing=args.label_smoothing)
+    return nn.SoftmaxCrossEntropyWithLogits(sparse=True, reduction="mean")  # the seed's loss
 
 
 class Progress(Callback):
-    """Prints epoch, step, loss and images/s every LOG_EVERY steps and at the end of each epoch."""
+    """Progress lines every `every` steps and per epoch; one JSON record per epoch appended to `metrics_path`,
+    with the validation accuracy when `validate(epoch, last)` gives one.
 
-    def __init__(self, batch_size, steps_per_epoch, every=LOG_EVERY):
+    A line: epoch and step (of the epoch and of the run), loss, learning rate, images/s, time
+    elapsed and the estimated time left. Images/s leave out the first step (graph compilation).
+    """
+
+    def __init__(self, batch_size, steps_per_epoch, every, metrics_path, validate=None):
         super().__init__()
+        self.validate = validate
         self.batch_size = batch_size
         self.steps_per_epoch = steps_per_epoch
         self.every = every
+        self.metrics_path = metrics_path
+
+    def on_train_begin(self, run_context):
+        self.start = time.time()
+        self.timed_start, self.timed_steps = None, 0  # measured from the end of the first step
 
     def on_train_epoch_begin(self, run_context):
-        self.epoch_start = self.window_start = time.time()
-        self.window_steps = 0
+        self.epoch_start = time.time()
+        self.epoch_timed_steps, self.epoch_timed_time = 0, 0.0
         self.losses = []
 
     def on_train_step_end(self, run_context):
         cb = run_context.original_args()
-        step = (cb.cur_step_num - 1) % self.steps_per_epoch + 1
         self.losses.append(float(cb.net_outputs.asnumpy()))
         now = time.time()
-        if cb.cur_step_num == 1:  # keep graph compilation out of the images/s figures
-            print(f"first step done in {now - self.window_start:.1f} s (includes graph compilation)", flush=True)
-            self.window_start = now
+        if self.timed_start is None:
+            print(f"first step done in {now - self.start:.1f} s (includes graph compilation)", flush=True)
+            self.timed_start = self.last = now
             return
-        self.window_steps += 1
+        self.timed_steps += 1
+        self.epoch_timed_steps += 1
+        self.epoch_timed_time += now - self.last
+        self.last = now
+        step = (cb.cur_step_num - 1) % self.steps_per_epoch + 1
         if step % self.every == 0 or step == self.steps_per_epoch:
-            speed = self.window_steps * self.batch_size / (now - self.window_start)
+            total = cb.epoch_num * self.steps_per_epoch
+            per_step = (now - self.timed_start) / self.timed_steps
             print(f"epoch {cb.cur_epoch_num}/{cb.epoch_num} step {step}/{self.steps_per_epoch} "
-                  f"loss {self.losses[-1]:.4f} {speed:.1f} images/s", flush=True)
-            self.window_start, self.window_steps = now, 0
+                  f"({cb.cur_step_num}/{total}) loss {self.losses[-1]:.4f} lr {learning_rate(cb):.3g} "
+                  f"{self.batch_size / per_step:.1f} images/s elapsed {clock(now - self.start)} "
+                  f"eta {clock(per_step * (total - cb.cur_step_num))}", flush=True)
 
     def on_train_epoch_end(self, run_context):
         cb = run_context.original_args()
-        mean_loss = sum(self.losses) / len(self.losses)
-        print(f"epoch {cb.cur_epoch_num}/{cb.epoch_num} done in {time.time() - self.epoch_start:.1f} s, "
-              f"mean loss {mean_loss:.4f}", flush=True)
+        now = time.time()
+        speed = self.epoch_timed_steps * self.batch_size / self.epoch_timed_time if self.epoch_timed_steps else None
+        record = {"epoch": cb.cur_epoch_num, "step": cb.cur_step_num, "loss": sum(self.losses) / len(self.losses),
+                  "lr": learning_rate(cb), "images_per_s": speed, "epoch_s": now - self.epoch_start,
+                  "elapsed_s": now - self.start, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        print(f"epoch {cb.cur_epoch_num}/{cb.epoch_num} done in {record['epoch_s']:.1f} s, "
+              f"mean loss {record['loss']:.4f}", flush=True)
+        if self.validate:
+            record["val_accuracy"] = self.validate(cb.cur_epoch_num, cb.cur_epoch_num == cb.epoch_num)
+        with open(self.metrics_path, "a") as f:  # append: an earlier run's records stay
+            f.write(json.dumps(record) + "\n")
 
+
+def learning_rate(cb):
+    """The optimizer's learning rate at the current step (a constant, or one value per step)."""
+    rate = cb.optimizer.learning_rate
+    rate = getattr(rate, "learning_rate", rate)  # a per-step schedule is a Cell holding the Parameter
+    rates = np.asarray(rate.asnumpy()).reshape(-1)
+    return float(rates[min(cb.cur_step_num - 1, rates.size - 1)])
+
+
+def clock(seconds):
+    minutes, seconds = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{seconds:02d}"
 
 if __name__ == "__main__":
     main()

@@ -41,7 +41,7 @@ def trained(synthetic_dir, tmp_path_factory):
     """A QAT model trained 4 short epochs on the learnable synthetic set: (checkpoint, save dir)."""
     savedir = str(tmp_path_factory.mktemp("qat"))
     path = train_in_subprocess("-data", synthetic_dir, "-dir", savedir, "-e", "4", "-bsize", "32",
-                               "--num_samples", "384")
+                               "--num_samples", "384", "--val_samples", "200")
     return path, savedir
 
 

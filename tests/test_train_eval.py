@@ -21,12 +21,29 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_train_writes_checkpoints_and_arguments(trained, synthetic_dir):
     path, savedir = trained
     assert os.path.basename(path) == "resnet18_qat-4_12.ckpt" and os.path.isfile(path)
-    assert sorted(f for f in os.listdir(savedir) if f.endswith(".ckpt")) == [
+    assert sorted(f for f in os.listdir(savedir) if f.endswith(".ckpt")) == ["best.ckpt"] + [
         f"resnet18_qat-{epoch}_12.ckpt" for epoch in range(1, 5)]
     with open(os.path.join(savedir, "args.json")) as f:
         args = json.load(f)
     assert args["epoch"] == 4 and args["qat"] is True and args["device"] == "CPU"
     assert args["data_dir"] == synthetic_dir and args["optimizer"] == "adam"
+    with open(os.path.join(savedir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    assert [r["epoch"] for r in records] == [1, 2, 3, 4] and records[-1]["step"] == 48
+    assert records[-1]["lr"] == pytest.approx(0.001) and records[-1]["images_per_s"] > 0
+    assert records[-1]["loss"] < records[0]["loss"]
+    accuracies = [r["val_accuracy"] for r in records]
+    assert all(0 <= a <= 1 for a in accuracies)
+
+
+def test_validation_keeps_the_best_network(trained, synthetic_dir):
+    _, savedir = trained
+    with open(os.path.join(savedir, "metrics.jsonl")) as f:
+        best = max(json.loads(line)["val_accuracy"] for line in f)
+    path = os.path.join(savedir, "best.ckpt")
+    accuracy = evaluate.main(["-loc", path, "-data", synthetic_dir, "--num_samples", "200"])
+    assert accuracy == pytest.approx(best)
+    assert float(ms.load_checkpoint(path)["val_accuracy"].asnumpy()) == pytest.approx(best)
 
 
 def test_training_learns_and_eval_reports_json(trained, synthetic_dir, capsys):
@@ -36,25 +53,42 @@ def test_training_learns_and_eval_reports_json(trained, synthetic_dir, capsys):
     assert result["total"] == 500 and result["model"] == "QAT (int8 fake-quant)"
     assert result["accuracy"] == accuracy == result["correct"] / 500
     assert accuracy > 0.5, f"4 short epochs on the learnable set should beat chance (0.1) by far, got {accuracy}"
+    confusion = np.array(result["confusion"])
+    assert confusion.shape == (10, 10) and confusion.sum() == 500 and np.trace(confusion) == result["correct"]
+    labels = np.fromfile(os.path.join(synthetic_dir, "test_batch.bin"), np.uint8).reshape(-1, 3073)[:500, 0]
+    np.testing.assert_array_equal(confusion.sum(axis=1), np.bincount(labels, minlength=10))
+    assert list(result["per_class"]) == [f"synthetic_{i}" for i in range(10)]
+    assert result["per_class"]["synthetic_3"] == confusion[3, 3] / confusion[3].sum()
 
 
 def test_float_training_and_eval(synthetic_dir, tmp_path, capsys):
-    path = train.main(["-data", synthetic_dir, "-dir", str(tmp_path), "-e", "1", "-bsize", "16",
-                       "--num_samples", "32", "--no-qat", "-opt", "momentum", "-lr", "0.01"])
-    assert os.path.basename(path) == "resnet18-1_2.ckpt"
+    path = train.main(["-data", synthetic_dir, "-dir", str(tmp_path), "-e", "2", "-bsize", "16",
+                       "--num_samples", "32", "--no-qat", "-opt", "momentum", "-lr", "0.01", "--eval_every", "0",
+                       "--lr_schedule", "cosine", "--warmup_epochs", "1", "--label_smoothing", "0.1"])
+    assert os.path.basename(path) == "resnet18-2_2.ckpt"
+    with open(tmp_path / "metrics.jsonl") as f:
+        rates = [json.loads(line)["lr"] for line in f]
+    assert rates == pytest.approx([0.01, 0.005])  # warmup 0.005, 0.01; cosine 0.01, 0.005
     assert f"checkpoint: {path}" in capsys.readouterr().out
     accuracy = evaluate.main(["-loc", path, "-data", synthetic_dir, "--num_samples", "10", "--json"])
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["model"] == "float32" and result["total"] == 10 and 0 <= accuracy <= 1
 
 
-def test_rerun_into_same_folder_keeps_earlier_checkpoints(trained, synthetic_dir):
+def test_rerun_into_same_folder_keeps_earlier_checkpoints_and_log(trained, synthetic_dir):
     _, savedir = trained
     before = snapshot(savedir)
-    path = train_in_subprocess("-data", synthetic_dir, "-dir", savedir, "-e", "1", "-bsize", "16", "--num_samples", "16")
+    with open(os.path.join(savedir, "metrics.jsonl")) as f:
+        log = f.readlines()
+    path = train_in_subprocess("-data", synthetic_dir, "-dir", savedir, "-e", "1", "-bsize", "16", "--num_samples", "16",
+                               "--val_samples", "20")
     assert os.path.basename(path) == "resnet18_qat_1-1_1.ckpt"
     after = snapshot(savedir)
-    assert all(after[name] == stamp for name, stamp in before.items() if name.endswith(".ckpt"))
+    assert all(after[name] == stamp for name, stamp in before.items() if name.endswith(".ckpt"))  # best.ckpt too:
+    # one step on 16 images does not beat the 4-epoch run's best model, which therefore stays.
+    with open(os.path.join(savedir, "metrics.jsonl")) as f:
+        appended = f.readlines()
+    assert appended[:len(log)] == log and len(appended) == len(log) + 1
 
 
 def test_qat_checkpoint_reloads_with_identical_logits(tmp_path):
@@ -138,10 +172,22 @@ def test_train_refuses_bad_data(kind, fragments, tmp_path, savedir, capsys):
     (["-bsize", "many"], "not a valid int: 'many'"),
     (["--device", "GPU"], "--device GPU: this MindSpore has no usable GPU backend"),
     (["-bsize", "64", "--num_samples", "32"], "batch size 64 is larger than 32 training images"),
+    (["--keep", "0"], "--keep: must be a positive integer"),
+    (["--eval_every", "-1"], "--eval_every: must be 0 or more"),
 ])
 def test_train_refuses_bad_flags(flags, fragment, synthetic_dir, savedir, capsys):
     before = snapshot(savedir)
     expect_error(train.main, ["-data", synthetic_dir, "-dir", savedir, "-e", "1"] + flags, capsys, fragment)
+    assert snapshot(savedir) == before
+
+
+def test_validation_needs_the_test_file(synthetic_dir, tmp_path, savedir, capsys):
+    data = tmp_path / "train_only"
+    data.mkdir()
+    os.symlink(os.path.join(synthetic_dir, "data_batch_1.bin"), data / "data_batch_1.bin")
+    before = snapshot(savedir)
+    expect_error(train.main, ["-data", str(data), "-dir", savedir, "--eval_every", "1"], capsys,
+                 "no test_batch.bin", "--eval_every 0 trains without validation")
     assert snapshot(savedir) == before
 
 
@@ -216,3 +262,30 @@ def test_scripts_fail_with_one_line_and_no_traceback(argv, tmp_path):
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: "), result.stderr
     assert "Traceback" not in result.stderr + result.stdout
+
+
+def schedule(*flags, steps_per_epoch=10):
+    return train.learning_rates(train.get_args_parser().parse_args(["-lr", "0.1", "-e", "5", *flags]), steps_per_epoch)
+
+
+def test_learning_rate_schedules():
+    assert schedule() == 0.1  # constant: a plain float, as the seed
+    warm = schedule("--warmup_epochs", "1")
+    assert len(warm) == 50 and warm[:10] == pytest.approx([0.01 * (i + 1) for i in range(10)]) and set(warm[10:]) == {0.1}
+    cosine = schedule("--lr_schedule", "cosine", "--warmup_epochs", "1")
+    assert cosine[9] == pytest.approx(0.1) and cosine[10] == pytest.approx(0.1)
+    assert all(a > b for a, b in zip(cosine[10:], cosine[11:])) and cosine[-1] < 0.001
+    onecycle = schedule("--lr_schedule", "onecycle")
+    assert onecycle[0] == pytest.approx(0.004 + 0.096 / 15) and max(onecycle) == pytest.approx(0.1)
+    assert onecycle.index(max(onecycle)) == 14 and onecycle[-1] < 0.001
+
+
+def test_label_smoothing_loss():
+    import mindspore.nn as nn
+
+    assert isinstance(train.make_loss(train.get_args_parser().parse_args([])), nn.SoftmaxCrossEntropyWithLogits)
+    loss = train.make_loss(train.get_args_parser().parse_args(["--label_smoothing", "0.2"]))
+    logits = np.array([[2.0, 0.5, -1.0]], np.float32)
+    log_p = logits - np.log(np.exp(logits).sum())
+    expected = -(0.8 * log_p[0, 0] + 0.2 * log_p[0].mean())
+    assert float(loss(ms.Tensor(logits), ms.Tensor(np.array([0], np.int32))).asnumpy()) == pytest.approx(expected, rel=1e-5)
