@@ -289,3 +289,13 @@ def test_label_smoothing_loss():
     log_p = logits - np.log(np.exp(logits).sum())
     expected = -(0.8 * log_p[0, 0] + 0.2 * log_p[0].mean())
     assert float(loss(ms.Tensor(logits), ms.Tensor(np.array([0], np.int32))).asnumpy()) == pytest.approx(expected, rel=1e-5)
+
+
+def test_seed_makes_cpu_training_repeatable(synthetic_dir, tmp_path):
+    losses = []
+    for run in ("a", "b"):
+        train_in_subprocess("-data", synthetic_dir, "-dir", str(tmp_path / run), "-e", "1", "-bsize", "16",
+                            "--num_samples", "48", "--eval_every", "0", "--seed", "7")
+        with open(tmp_path / run / "metrics.jsonl") as f:
+            losses.append(json.loads(f.readline())["loss"])
+    assert losses[0] == losses[1]
