@@ -89,13 +89,17 @@ def load_model(path):
     return net, "float32" if config is None else "QAT (int8 fake-quant)", None
 
 
-def check_file(path):
-    if not os.path.exists(path):
-        cli.fail(f"model file {path} does not exist; give a .ckpt file written by train.py with -loc")
-    if not os.path.isfile(path):
-        cli.fail(f"model file {path} is not a file; give a .ckpt file written by train.py with -loc")
-    if os.path.getsize(path) == 0:
-        cli.fail(f"model file {path} is an empty file; give a .ckpt file written by train.py with -loc")
+def check_file(path, flag="-loc"):
+    for problem, found in (("does not exist", not os.path.exists(path)), ("is not a file", not os.path.isfile(path)),
+                           ("is an empty file", os.path.isfile(path) and os.path.getsize(path) == 0)):
+        if found:
+            cli.fail(f"model file {path} {problem}; give a .ckpt file written by train.py with {flag}")
+
+
+def first_line(error):
+    """The first line of an exception's message (MindSpore's run to dozens of lines), or its type."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def load_mindir(path):
@@ -149,17 +153,20 @@ def load_network(path):
     """The network a checkpoint was trained as (QAT or float), loaded strictly, in eval mode; and its QuantConfig."""
     check_file(path)
     try:
-        params = ms.load_checkpoint(path)
+        params = read_checkpoint(path)
     except (ValueError, RuntimeError, TypeError, OSError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        cli.fail(f"{path} is not a readable MindSpore checkpoint ({reason}); give a .ckpt file written by train.py")
+        cli.fail(f"{path} is not a readable MindSpore checkpoint ({first_line(e)}); give a .ckpt file written by train.py")
     if not params:
         cli.fail(f"{path} holds no parameters; give a .ckpt file written by train.py")
     config = quant.config_from_checkpoint(params)
     net = resnet18(preprocess.NUM_CLASSES)
     if config is not None:
         net = quant.quantize(net, config)
-    mismatch = describe_mismatch(net, params)
+    own = {name: param.shape for name, param in net.parameters_and_names()}
+    # Besides the network's parameters a training checkpoint holds optimizer state: slots named
+    # `<slot>.<parameter>` (moment1.conv1.weight) and undotted scalars (global_step, epoch_num).
+    # Any other dotted name belongs to another network.
+    mismatch = describe_mismatch(own, params, ignored=lambda name: "." not in name or name.split(".", 1)[1] in own)
     if mismatch:
         cli.fail(f"{path} does not match ResNet-18 ({'float32' if config is None else 'QAT'}): {mismatch}; "
                  "give a checkpoint written by train.py")
@@ -168,19 +175,28 @@ def load_network(path):
     return net, config
 
 
-def describe_mismatch(net, params):
-    """'' when every network parameter is in the checkpoint with its shape, else what differs.
+def read_checkpoint(path, **options):
+    """ms.load_checkpoint, verifying the file's CRC32 when it has one (train.py writes one).
 
-    Besides the network's parameters a training checkpoint holds optimizer state: slots named
-    `<slot>.<parameter>` (moment1.conv1.weight) and undotted scalars (global_step, epoch_num).
-    Any other dotted name belongs to another network.
+    MindSpore reports a wrong CRC as a failed read ("may not have permission"); this says so.
     """
-    own = {name: param.shape for name, param in net.parameters_and_names()}
+    try:
+        return ms.load_checkpoint(path, crc_check=True, **options)
+    except ValueError as error:
+        try:
+            ms.load_checkpoint(path, **options)
+        except (ValueError, RuntimeError, TypeError, OSError):
+            raise error from None
+        raise ValueError("its CRC32 does not match its contents: the file is corrupt") from None
+
+
+def describe_mismatch(own, params, ignored):
+    """'' when every parameter of `own` ({name: shape}) is in the checkpoint with its shape and the
+    checkpoint holds nothing else but names that `ignored(name)` accepts; else what differs."""
     missing = [name for name in own if name not in params]
     reshaped = [f"{name} {tuple(params[name].shape)} instead of {tuple(shape)}"
                 for name, shape in own.items() if name in params and tuple(params[name].shape) != tuple(shape)]
-    unexpected = [name for name in params
-                  if name not in own and "." in name and name.split(".", 1)[1] not in own]
+    unexpected = [name for name in params if name not in own and not ignored(name)]
     problems = []
     for label, names in (("missing", missing), ("with another shape", reshaped), ("unexpected", unexpected)):
         if names:

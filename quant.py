@@ -108,6 +108,8 @@ class ActQuant(nn.Cell):
         self.steps = Parameter(Tensor(0, ms.int32), name="steps", requires_grad=False)
 
     def construct(self, x):
+        dtype = x.dtype  # float16 under mixed precision (--amp O2): observe and quantize in float32
+        x = x.astype(ms.float32)
         if self.training:
             low, high = self._observe(ops.stop_gradient(x))
             # Step k (0-based) is quantized when k >= quant_delay.
@@ -118,7 +120,7 @@ class ActQuant(nn.Cell):
             # After n training steps, eval matches the last of them: quantized when n > quant_delay.
             active = self.steps > self.quant_delay
         quantized = fake_quant_activation(x, low, high, self.bits)
-        return ops.where(active, quantized, x)
+        return ops.where(active, quantized, x).astype(dtype)
 
     def _observe(self, x):
         first = self.steps == 0
@@ -152,7 +154,7 @@ class QuantConvBN(nn.Cell):
         if self.bn_fold:
             x = self._folded(x)
         else:
-            x = self.bn(self.conv.conv2d(x, fake_quant_weight(self.conv.weight, self.weight_bits)))
+            x = self.bn(self.conv.conv2d(x, fake_quant_weight(self.conv.weight, self.weight_bits).astype(x.dtype)))
         if self.relu:
             x = ops.relu(x)
         return self.output_quant(x)
@@ -215,7 +217,7 @@ class QuantDense(nn.Dense):
 
     def construct(self, x):
         x = self.input_quant(x)
-        x = self.matmul(x, fake_quant_weight(self.weight, self.weight_bits))
+        x = self.matmul(x, fake_quant_weight(self.weight, self.weight_bits).astype(x.dtype))
         if self.has_bias:
             x = self.bias_add(x, self.bias)
         return x

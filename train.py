@@ -15,6 +15,8 @@ import argparse
 import json
 import math
 import os
+import re
+import shutil
 import tempfile
 import time
 
@@ -22,14 +24,17 @@ import mindspore as ms
 import mindspore.dataset as ds
 import mindspore.nn as nn
 import numpy as np
-from mindspore.train import Callback, CheckpointConfig, Model, ModelCheckpoint
+from mindspore.train import Callback, Model
 
 import eval as evaluate
 import preprocess
+import quant
 from quant import QuantConfig, quantize
 from resnetv2 import resnet18
 
 METRICS_FILE = "metrics.jsonl"
+CHECKPOINT_NAME = re.compile(r"^(?P<prefix>.+)-(?P<epoch>\d+)_(?P<step>\d+)\.ckpt$")
+RUN_RECORDS = ("epoch_num", "step_num", "steps_per_epoch", "learning_rate")  # besides the network and optimizer
 BEST_FILE = "best.ckpt"
 VALIDATION_BATCH = 100
 
@@ -96,6 +101,13 @@ def get_args_parser():
                         help="keep the newest N per-epoch checkpoints (best.ckpt is kept besides)")
     parser.add_argument("--log_every", type=cli.positive_int, default=50, metavar="N",
                         help="print a progress line every N steps (and at the end of each epoch)")
+    parser.add_argument("--resume", metavar="CKPT", default=None,
+                        help="continue a run from a checkpoint it saved (network, optimizer, QAT observers, "
+                             "step count and schedule) up to -e epochs in all; auto: the newest loadable "
+                             "checkpoint in the save directory (none: start from the beginning)")
+    parser.add_argument("--amp", choices=("O0", "O1", "O2"), default="O0",
+                        help="mixed precision (MindSpore AMP levels), GPU only: O2 float16 except BatchNorm "
+                             "and the QAT observers, with dynamic loss scaling; O1 float network only")
     parser.add_argument("--seed", type=int, default=1, help="random seed (weights, data order, augmentation)")
     parser.add_argument("--num_samples", type=cli.positive_int, default=None,
                         help="use N training images per epoch, drawn at random each epoch (default: all)")
@@ -111,11 +123,23 @@ def main(argv=None):
         parser.error("--freeze_bn needs --bn_fold")
     check_save_dir(args.savedir)
     args.device = cli.setup_device(args.device)
+    check_amp(args)
     ms.set_seed(args.seed)
     ds.config.set_seed(args.seed)
     dataset = load_data(args)
     steps_per_epoch = dataset.get_dataset_size()
     validation = load_validation_data(args)
+
+    net = build_network(args, steps_per_epoch)
+    optimizer = make_optimizer(net, args, steps_per_epoch)
+    train_net = build_train_network(net, optimizer, args)
+    resumed = find_resume_checkpoint(args.resume, args.savedir) if args.resume else None
+    start_step = resume(train_net, resumed, steps_per_epoch, args) if resumed else 0
+    if start_step:
+        # Replay the data pipeline up to the resumed step, so that data order and augmentation
+        # continue as in an uninterrupted run (fast recovery would re-seed, not replay).
+        ds.config.set_fast_recovery(False)
+        dataset.set_init_step(start_step)
 
     print("arguments: " + json.dumps(vars(args), sort_keys=True))
     if preprocess.is_synthetic(args.data_dir):
@@ -123,23 +147,54 @@ def main(argv=None):
     with open(os.path.join(args.savedir, "args.json"), "w") as f:
         json.dump(vars(args), f, indent=2, sort_keys=True)
 
+    base = "resnet18_qat" if args.qat else "resnet18"
+    checkpoints = Checkpointer(train_net, args.savedir, checkpoint_prefix(args.savedir, base, resumed),
+                               steps_per_epoch, args.keep, start_step)
+    validate = Validator(net, validation, args.eval_every, args.savedir) if validation else None
+    progress = Progress(args.batchsize, steps_per_epoch, args.epoch, start_step, args.log_every,
+                        os.path.join(args.savedir, METRICS_FILE), optimizer, validate)
+    Model(train_net).train(args.epoch, dataset, callbacks=[progress, checkpoints], dataset_sink_mode=False,
+                           initial_epoch=start_step // steps_per_epoch)
+
+    print(f"checkpoint: {checkpoints.latest}")
+    return checkpoints.latest
+
+
+def build_network(args, steps_per_epoch):
     net = resnet18(preprocess.NUM_CLASSES)
     if args.qat:
         freeze_step = -1 if args.freeze_bn is None else args.freeze_bn * steps_per_epoch
         net = quantize(net, QuantConfig(quant_delay=args.quant_delay, bn_fold=args.bn_fold, freeze_bn=freeze_step))
-    model = Model(net, loss_fn=make_loss(args), optimizer=make_optimizer(net, args, steps_per_epoch))
-    checkpoints = ModelCheckpoint(prefix="resnet18_qat" if args.qat else "resnet18", directory=args.savedir,
-                                  config=CheckpointConfig(save_checkpoint_steps=steps_per_epoch,
-                                                          keep_checkpoint_max=args.keep,
-                                                          append_info=["epoch_num", "step_num"]))
-    validate = Validator(net, validation, args.eval_every, args.savedir) if validation else None
-    progress = Progress(args.batchsize, steps_per_epoch, args.log_every, os.path.join(args.savedir, METRICS_FILE),
-                        validate)
-    model.train(args.epoch, dataset, callbacks=[progress, checkpoints], dataset_sink_mode=False)
+    return net
 
-    path = checkpoints.latest_ckpt_file_name
-    print(f"checkpoint: {path}")
-    return path
+
+def check_amp(args):
+    """--amp O1/O2 only where it can help and where it works with the network."""
+    if args.amp == "O0":
+        return
+    if args.device == "CPU":
+        cli.fail(f"--amp {args.amp} needs a GPU: on CPU MindSpore's float16 kernels make a training step "
+                 "about 1.8x slower than float32; drop --amp")
+    if args.amp == "O1" and args.qat:
+        cli.fail("--amp O1 rewrites the network's Python code and cannot rewrite the QAT cells; "
+                 "use --amp O2 (or --no-qat)")
+    if args.bn_fold:
+        cli.fail("--bn_fold trains in float32 only; drop --amp or --bn_fold")
+
+
+def build_train_network(net, optimizer, args):
+    """One training step (loss, gradients, optimizer update) as a Cell, in mixed precision with --amp.
+
+    O2 keeps BatchNorm and the QAT observers in float32 and scales the loss, dynamically on GPU
+    (MindSpore's default). CPU, where main() refuses --amp as slower but the tests build it,
+    only takes a fixed scale.
+    """
+    if args.amp == "O0":
+        return nn.TrainOneStepCell(nn.WithLossCell(net, make_loss(args)), optimizer)
+    options = {}
+    if ms.get_context("device_target") == "CPU":
+        options["loss_scale_manager"] = ms.FixedLossScaleManager(1024.0, drop_overflow_update=False)
+    return ms.amp.build_train_network(net, optimizer, make_loss(args), level=args.amp, **options)
 
 
 def check_save_dir(path):
@@ -209,21 +264,140 @@ def previous_best(path):
     if not os.path.exists(path):
         return None
     try:
-        return float(ms.load_checkpoint(path, choice_func=lambda name: name == "val_accuracy")["val_accuracy"].asnumpy())
+        params = evaluate.read_checkpoint(path, choice_func=lambda name: name == "val_accuracy")
+        return float(params["val_accuracy"].asnumpy())
     except (ValueError, RuntimeError, KeyError, OSError):
         print(f"warning: {path} is unreadable or has no val_accuracy; this run's best model will replace it")
         return None
 
 
+class Checkpointer(Callback):
+    """After every epoch, the training state as <prefix>-<epoch>_<step of the epoch>.ckpt, keeping the newest `keep`.
+
+    The training state is everything --resume needs: the network with its QAT observers, the
+    optimizer's moments and step count (hence the learning-rate schedule's position), and
+    epoch_num, step_num and steps_per_epoch.
+    """
+
+    def __init__(self, train_net, savedir, prefix, steps_per_epoch, keep, first_step):
+        super().__init__()
+        self.train_net, self.savedir, self.prefix = train_net, savedir, prefix
+        self.steps_per_epoch, self.keep, self.first_step = steps_per_epoch, keep, first_step
+        self.latest = None
+
+    def on_train_step_end(self, run_context):
+        step = self.first_step + run_context.original_args().cur_step_num
+        if step % self.steps_per_epoch == 0:
+            self.save(step)
+
+    def save(self, step):
+        epoch, step_in_epoch = (step - 1) // self.steps_per_epoch + 1, (step - 1) % self.steps_per_epoch + 1
+        path = os.path.join(self.savedir, f"{self.prefix}-{epoch}_{step_in_epoch}.ckpt")
+        save_atomically(self.train_net, path,
+                        {"epoch_num": epoch, "step_num": step, "steps_per_epoch": self.steps_per_epoch})
+        self.latest = path
+        for name in checkpoint_series(self.savedir, self.prefix)[:-self.keep]:
+            os.remove(os.path.join(self.savedir, name))
+
+
+def checkpoint_series(savedir, prefix):
+    """The names of <prefix>-<epoch>_<step>.ckpt files in savedir, oldest first."""
+    series = [(int(m["epoch"]), int(m["step"]), name) for name in os.listdir(savedir)
+              for m in [CHECKPOINT_NAME.match(name)] if m and m["prefix"] == prefix]
+    return [name for _, _, name in sorted(series)]
+
+
+def checkpoint_prefix(savedir, base, resumed=None):
+    """The file-name prefix of this run's checkpoints.
+
+    A run resumed from the newest checkpoint of a series in the save directory continues that
+    series. Otherwise, as MindSpore's ModelCheckpoint does, a folder that already holds
+    <base>-* files gets base_1, base_2, ...: an earlier run's checkpoints are never overwritten.
+    """
+    if resumed:
+        folder, name = os.path.split(os.path.abspath(resumed[0]))
+        match = CHECKPOINT_NAME.match(name)
+        if match and folder == os.path.abspath(savedir) and checkpoint_series(savedir, match["prefix"])[-1] == name:
+            return match["prefix"]
+    names, prefix, n = os.listdir(savedir), base, 0
+    while any(name.startswith(prefix + "-") for name in names):
+        n += 1
+        prefix = f"{base}_{n}"
+    return prefix
+
+
+def find_resume_checkpoint(spec, savedir):
+    """(path, parameters) of --resume PATH, or with `auto` of the newest loadable training checkpoint in savedir.
+
+    `auto` skips, with a warning, checkpoints that do not load; with none to resume it returns None
+    and training starts from the beginning.
+    """
+    if spec != "auto":
+        evaluate.check_file(spec, "--resume")
+        try:
+            return spec, evaluate.read_checkpoint(spec)
+        except (ValueError, RuntimeError, TypeError, OSError) as e:
+            cli.fail(f"--resume {spec} is not a readable MindSpore checkpoint ({evaluate.first_line(e)}); "
+                     "give a checkpoint written by train.py")
+    paths = [os.path.join(savedir, name) for name in os.listdir(savedir) if CHECKPOINT_NAME.match(name)]
+    for path in sorted(paths, key=os.path.getmtime, reverse=True):
+        try:
+            return path, evaluate.read_checkpoint(path)
+        except (ValueError, RuntimeError, TypeError, OSError) as e:
+            print(f"warning: --resume auto skips {path}: it does not load ({evaluate.first_line(e)})", flush=True)
+    print(f"note: --resume auto found no checkpoint to resume in {savedir}; training from the start", flush=True)
+    return None
+
+
+def resume(train_net, resumed, steps_per_epoch, args):
+    """Load the training state of a checkpoint into train_net after checking that it is this run's; return its step."""
+    path, params = resumed
+    if "step_num" not in params or "steps_per_epoch" not in params:
+        cli.fail(f"--resume {path} holds no training state (best.ckpt and exported models keep only the network); "
+                 "resume from a periodic checkpoint, <prefix>-<epoch>_<step>.ckpt")
+    config = quant.config_from_checkpoint(params)
+    trained_as = "float32" if config is None else "QAT with --bn_fold" if config.bn_fold else "QAT"
+    this_run = "float32" if not args.qat else "QAT with --bn_fold" if args.bn_fold else "QAT"
+    if trained_as != this_run:
+        cli.fail(f"--resume {path} was trained as {trained_as}, but this run trains {this_run}; "
+                 "resume with the checkpoint's settings (see args.json beside it)")
+    own = {p.name: p.shape for p in train_net.get_parameters() if p.name != "learning_rate"}
+    mismatch = evaluate.describe_mismatch(own, params, ignored=lambda name: name in RUN_RECORDS)
+    if mismatch:
+        cli.fail(f"--resume {path} does not match this run's network and optimizer: {mismatch}; resume with the "
+                 "checkpoint's -opt and settings (see args.json beside it)")
+    step, saved_steps = int(params["step_num"].asnumpy()), int(params["steps_per_epoch"].asnumpy())
+    if saved_steps != steps_per_epoch:
+        cli.fail(f"--resume {path} was trained with {saved_steps} steps per epoch, this run has {steps_per_epoch}; "
+                 "resume with the checkpoint's -bsize, -repeatNum and --num_samples")
+    if step >= args.epoch * steps_per_epoch:
+        cli.fail(f"--resume {path} has already trained {step // steps_per_epoch} epochs; ask for more with -e")
+    ms.load_param_into_net(train_net, {name: params[name] for name in own}, strict_load=True)
+    print(f"resuming from {path}: epoch {step // steps_per_epoch}, step {step}", flush=True)
+    return step
+
+
 def save_atomically(net, path, append_dict):
-    """Write a checkpoint under a temporary name in the same folder, then rename it into place."""
-    tmp = f"{path}.tmp-{os.getpid()}.ckpt"
+    """Write a checkpoint into a hidden folder beside `path`, flush it to disk, then rename it into place.
+
+    A crash leaves the previous file or the complete new one, never a partial file named .ckpt.
+    The file carries a CRC32 of its contents, which --resume and eval.py verify.
+    """
+    folder = os.path.join(os.path.dirname(path) or ".", f".partial-{os.getpid()}")
+    tmp = os.path.join(folder, os.path.basename(path))
     try:
-        ms.save_checkpoint(net, tmp, append_dict=append_dict)
+        os.makedirs(folder, exist_ok=True)
+        ms.save_checkpoint(net, tmp, append_dict=append_dict, crc_check=True)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+        directory = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def make_optimizer(net, args, steps_per_epoch):
@@ -270,30 +444,33 @@ class Progress(Callback):
     """Progress lines every `every` steps and per epoch; one JSON record per epoch appended to `metrics_path`,
     with the validation accuracy when `validate(epoch, last)` gives one.
 
-    A line: epoch and step (of the epoch and of the run), loss, learning rate, images/s, time
-    elapsed and the estimated time left. Images/s leave out the first step (graph compilation).
+    A line: epoch and step (of the epoch and of the run), loss, learning rate, images/s of the
+    epoch's training steps (leaving out the run's first step, the graph compilation, and the
+    validation), time elapsed and the estimated time left.
+    Steps count from the start of the run, also when it was resumed at `first_step`.
     """
 
-    def __init__(self, batch_size, steps_per_epoch, every, metrics_path, validate=None):
+    def __init__(self, batch_size, steps_per_epoch, epochs, first_step, every, metrics_path, optimizer,
+                 validate=None):
         super().__init__()
-        self.validate = validate
-        self.batch_size = batch_size
-        self.steps_per_epoch = steps_per_epoch
-        self.every = every
-        self.metrics_path = metrics_path
+        self.batch_size, self.steps_per_epoch, self.epochs = batch_size, steps_per_epoch, epochs
+        self.first_step, self.every, self.metrics_path = first_step, every, metrics_path
+        self.optimizer, self.validate = optimizer, validate
+        self.total = epochs * steps_per_epoch
 
     def on_train_begin(self, run_context):
         self.start = time.time()
         self.timed_start, self.timed_steps = None, 0  # measured from the end of the first step
 
     def on_train_epoch_begin(self, run_context):
-        self.epoch_start = time.time()
+        self.epoch_start = self.last = time.time()  # the last epoch's validation and save are not a step's time
         self.epoch_timed_steps, self.epoch_timed_time = 0, 0.0
         self.losses = []
 
     def on_train_step_end(self, run_context):
         cb = run_context.original_args()
-        self.losses.append(float(cb.net_outputs.asnumpy()))
+        outputs = cb.net_outputs  # the loss; with --amp O2 (loss, overflow, loss scale)
+        self.losses.append(float((outputs[0] if isinstance(outputs, (tuple, list)) else outputs).asnumpy()))
         now = time.time()
         if self.timed_start is None:
             print(f"first step done in {now - self.start:.1f} s (includes graph compilation)", flush=True)
@@ -303,36 +480,39 @@ class Progress(Callback):
         self.epoch_timed_steps += 1
         self.epoch_timed_time += now - self.last
         self.last = now
-        step = (cb.cur_step_num - 1) % self.steps_per_epoch + 1
-        if step % self.every == 0 or step == self.steps_per_epoch:
-            total = cb.epoch_num * self.steps_per_epoch
-            per_step = (now - self.timed_start) / self.timed_steps
-            print(f"epoch {cb.cur_epoch_num}/{cb.epoch_num} step {step}/{self.steps_per_epoch} "
-                  f"({cb.cur_step_num}/{total}) loss {self.losses[-1]:.4f} lr {learning_rate(cb):.3g} "
-                  f"{self.batch_size / per_step:.1f} images/s elapsed {clock(now - self.start)} "
-                  f"eta {clock(per_step * (total - cb.cur_step_num))}", flush=True)
+        step = self.first_step + cb.cur_step_num
+        step_in_epoch = (step - 1) % self.steps_per_epoch + 1
+        if step_in_epoch % self.every == 0 or step_in_epoch == self.steps_per_epoch:
+            speed = self.epoch_timed_steps * self.batch_size / self.epoch_timed_time if self.epoch_timed_steps else 0
+            wall_per_step = (now - self.timed_start) / self.timed_steps  # with validations and saves, for the ETA
+            print(f"epoch {cb.cur_epoch_num}/{self.epochs} step {step_in_epoch}/{self.steps_per_epoch} "
+                  f"({step}/{self.total}) loss {self.losses[-1]:.4f} lr {learning_rate(self.optimizer, step):.3g} "
+                  f"{speed:.1f} images/s elapsed {clock(now - self.start)} "
+                  f"eta {clock(wall_per_step * (self.total - step))}", flush=True)
 
     def on_train_epoch_end(self, run_context):
         cb = run_context.original_args()
         now = time.time()
+        step = self.first_step + cb.cur_step_num
         speed = self.epoch_timed_steps * self.batch_size / self.epoch_timed_time if self.epoch_timed_steps else None
-        record = {"epoch": cb.cur_epoch_num, "step": cb.cur_step_num, "loss": sum(self.losses) / len(self.losses),
-                  "lr": learning_rate(cb), "images_per_s": speed, "epoch_s": now - self.epoch_start,
+        record = {"epoch": cb.cur_epoch_num, "step": step, "loss": sum(self.losses) / len(self.losses),
+                  "lr": learning_rate(self.optimizer, step), "images_per_s": speed, "epoch_s": now - self.epoch_start,
                   "elapsed_s": now - self.start, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        print(f"epoch {cb.cur_epoch_num}/{cb.epoch_num} done in {record['epoch_s']:.1f} s, "
+        print(f"epoch {cb.cur_epoch_num}/{self.epochs} done in {record['epoch_s']:.1f} s, "
               f"mean loss {record['loss']:.4f}", flush=True)
         if self.validate:
-            record["val_accuracy"] = self.validate(cb.cur_epoch_num, cb.cur_epoch_num == cb.epoch_num)
+            record["val_accuracy"] = self.validate(cb.cur_epoch_num, cb.cur_epoch_num == self.epochs)
+            record["val_s"] = time.time() - now
         with open(self.metrics_path, "a") as f:  # append: an earlier run's records stay
             f.write(json.dumps(record) + "\n")
 
 
-def learning_rate(cb):
-    """The optimizer's learning rate at the current step (a constant, or one value per step)."""
-    rate = cb.optimizer.learning_rate
+def learning_rate(optimizer, step):
+    """The optimizer's learning rate at a step (1-based) of the run (a constant, or one value per step)."""
+    rate = optimizer.learning_rate
     rate = getattr(rate, "learning_rate", rate)  # a per-step schedule is a Cell holding the Parameter
     rates = np.asarray(rate.asnumpy()).reshape(-1)
-    return float(rates[min(cb.cur_step_num - 1, rates.size - 1)])
+    return float(rates[min(step - 1, rates.size - 1)])
 
 
 def clock(seconds):

@@ -22,8 +22,8 @@ def synthetic_dir(tmp_path_factory):
     return path
 
 
-def train_in_subprocess(*argv):
-    """Run train.py in its own process and return the checkpoint it printed.
+def train_in_subprocess(*argv, output=False):
+    """Run train.py in its own process and return the checkpoint it printed (and its stdout with output=True).
 
     Training runs in a child process because MindSpore keeps the memory pool of every network
     trained in a process (ms_memory_recycle returns little of it): a dozen in-process runs
@@ -33,7 +33,8 @@ def train_in_subprocess(*argv):
                             timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [line for line in result.stdout.splitlines() if line.startswith("checkpoint: ")]
-    return lines[-1][len("checkpoint: "):]
+    path = lines[-1][len("checkpoint: "):]
+    return (path, result.stdout) if output else path
 
 
 @pytest.fixture(scope="session")

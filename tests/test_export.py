@@ -144,10 +144,11 @@ def test_eval_rejects_foreign_npz_and_mindir(synthetic_dir, tmp_path, capsys):
 
 
 def test_bn_fold_training_learns_and_exports(synthetic_dir, tmp_path, capsys):
-    ckpt = train_in_subprocess("-data", synthetic_dir, "-dir", str(tmp_path), "-e", "3", "-bsize", "32",
+    ckpt = train_in_subprocess("-data", synthetic_dir, "-dir", str(tmp_path), "-e", "2", "-bsize", "32",
                                "--num_samples", "384", "--bn_fold", "--eval_every", "0")
     checkpoint_predicted, result = predictions(ckpt, synthetic_dir, tmp_path, capsys)
-    assert result["accuracy"] > 0.5, f"BN-folded QAT should learn the synthetic set, got {result['accuracy']}"
+    # 2 short epochs (24 steps) reached 60 % here, 3 epochs 79 %; chance is 10 %.
+    assert result["accuracy"] > 0.35, f"BN-folded QAT should learn the synthetic set, got {result['accuracy']}"
     path = export.main(["-loc", ckpt, "--format", "int8"])
     assert path == ckpt[: -len(".ckpt")] + ".int8.npz"
     predicted, _ = predictions(path, synthetic_dir, tmp_path, capsys)

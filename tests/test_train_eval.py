@@ -174,6 +174,8 @@ def test_train_refuses_bad_data(kind, fragments, tmp_path, savedir, capsys):
     (["-bsize", "64", "--num_samples", "32"], "batch size 64 is larger than 32 training images"),
     (["--keep", "0"], "--keep: must be a positive integer"),
     (["--eval_every", "-1"], "--eval_every: must be 0 or more"),
+    (["--amp", "O2"], "--amp O2 needs a GPU"),
+    (["--amp", "O3"], "--amp: invalid choice: 'O3'"),
 ])
 def test_train_refuses_bad_flags(flags, fragment, synthetic_dir, savedir, capsys):
     before = snapshot(savedir)
@@ -217,7 +219,13 @@ def foreign_checkpoints(tmp_path):
     garbage = tmp_path / "garbage.ckpt"
     garbage.write_bytes(np.random.default_rng(0).bytes(4096))
     (tmp_path / "empty.ckpt").write_bytes(b"")
-    return {"wide": wide, "tiny": tiny, "garbage": str(garbage), "empty": str(tmp_path / "empty.ckpt")}
+    flipped = tmp_path / "flipped.ckpt"
+    ms.save_checkpoint(nn.Dense(300, 300), str(flipped), crc_check=True)
+    data = bytearray(flipped.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit of a weight: only the CRC tells
+    flipped.write_bytes(bytes(data))
+    return {"wide": wide, "tiny": tiny, "garbage": str(garbage), "empty": str(tmp_path / "empty.ckpt"),
+            "flipped": str(flipped)}
 
 
 @pytest.mark.parametrize("which, fragments", [
@@ -225,6 +233,7 @@ def foreign_checkpoints(tmp_path):
     ("folder", ["is not a file"]),
     ("empty", ["is an empty file"]),
     ("garbage", ["is not a readable MindSpore checkpoint"]),
+    ("flipped", ["is not a readable MindSpore checkpoint (its CRC32 does not match its contents"]),
     ("wide", ["does not match ResNet-18 (float32)", "fc.weight (100, 512) instead of (10, 512)"]),
     ("tiny", ["does not match ResNet-18 (float32)", "parameters missing (e.g. conv1.conv.weight",
               "parameters unexpected (e.g. 0.weight"]),
@@ -299,3 +308,16 @@ def test_seed_makes_cpu_training_repeatable(synthetic_dir, tmp_path):
         with open(tmp_path / run / "metrics.jsonl") as f:
             losses.append(json.loads(f.readline())["loss"])
     assert losses[0] == losses[1]
+
+
+def test_mixed_precision_trains_the_qat_network_in_float16():
+    """--amp O2 (refused on CPU, where it is slower) builds a float16 QAT step; run one step here to check it."""
+    args = train.get_args_parser().parse_args(["--amp", "O2"])
+    net = train.build_network(args, steps_per_epoch=1)
+    step = train.build_train_network(net, train.make_optimizer(net, args, 1), args)
+    step.set_train()
+    rng = np.random.default_rng(0)
+    loss = step(ms.Tensor(rng.normal(size=(4, 3, 32, 32)).astype(np.float32)), ms.Tensor(np.arange(4, dtype=np.int32)))
+    assert np.isfinite(float(loss.asnumpy()))
+    assert net.conv1.output_quant.max_val.dtype == ms.float32 and net.fc.weight.dtype == ms.float32
+    assert int(net.conv1.output_quant.steps.asnumpy()) == 1
