@@ -25,10 +25,10 @@ DEVICES = ("auto", "CPU", "GPU")
 ONEDNN_ISA = "AVX2"
 
 
-def fail(message):
-    """Report bad input the way every script does, and exit with status 2."""
+def fail(message, code=2):
+    """Report a problem the way every script does: one `error:` line, exit status 2 (bad input) or `code`."""
     print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)
+    raise SystemExit(code)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

@@ -9,7 +9,14 @@ default checkpoints/), `args.json` with the resolved arguments, appends one line
 to `metrics.jsonl`, and prints the final checkpoint's path; `python eval.py -loc <that path>`
 evaluates it.
 """
-import cli  # noqa: F401  (first: quiets MindSpore's log before it loads)
+import signal
+
+if __name__ == "__main__":
+    # Before MindSpore starts threads, which inherit this mask: Ctrl-C stays pending until Guard
+    # takes it between steps. (MindSpore's graph runtime would turn SIGINT into SIGTERM.)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+
+import cli  # noqa: F401,E402  (first: quiets MindSpore's log before it loads)
 
 import argparse
 import json
@@ -17,6 +24,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 
@@ -33,7 +41,8 @@ from quant import QuantConfig, quantize
 from resnetv2 import resnet18
 
 METRICS_FILE = "metrics.jsonl"
-CHECKPOINT_NAME = re.compile(r"^(?P<prefix>.+)-(?P<epoch>\d+)_(?P<step>\d+)\.ckpt$")
+CHECKPOINT_NAME = re.compile(r"^(?P<prefix>.+)-(?P<epoch>\d+)_(?P<step>\d+)(?P<interrupt>-interrupt)?\.ckpt$")
+EXIT_SAVE_FAILED, EXIT_DIVERGED = 1, 3  # and 2 for bad input, 128 + the signal when interrupted
 RUN_RECORDS = ("epoch_num", "step_num", "steps_per_epoch", "learning_rate")  # besides the network and optimizer
 BEST_FILE = "best.ckpt"
 VALIDATION_BATCH = 100
@@ -101,6 +110,9 @@ def get_args_parser():
                         help="keep the newest N per-epoch checkpoints (best.ckpt is kept besides)")
     parser.add_argument("--log_every", type=cli.positive_int, default=50, metavar="N",
                         help="print a progress line every N steps (and at the end of each epoch)")
+    parser.add_argument("--save_steps", type=cli.non_negative_int, default=0, metavar="N",
+                        help="also save a checkpoint every N steps, so that a crash loses less than an epoch; "
+                             "0: after each epoch only")
     parser.add_argument("--resume", metavar="CKPT", default=None,
                         help="continue a run from a checkpoint it saved (network, optimizer, QAT observers, "
                              "step count and schedule) up to -e epochs in all; auto: the newest loadable "
@@ -148,16 +160,40 @@ def main(argv=None):
         json.dump(vars(args), f, indent=2, sort_keys=True)
 
     base = "resnet18_qat" if args.qat else "resnet18"
+    remove_stale_partials(args.savedir)
+    guard = Guard(start_step)
     checkpoints = Checkpointer(train_net, args.savedir, checkpoint_prefix(args.savedir, base, resumed),
-                               steps_per_epoch, args.keep, start_step)
+                               steps_per_epoch, args.save_steps, args.keep, start_step, guard)
+    checkpoints.latest = resumed[0] if resumed else None
     validate = Validator(net, validation, args.eval_every, args.savedir) if validation else None
     progress = Progress(args.batchsize, steps_per_epoch, args.epoch, start_step, args.log_every,
-                        os.path.join(args.savedir, METRICS_FILE), optimizer, validate)
-    Model(train_net).train(args.epoch, dataset, callbacks=[progress, checkpoints], dataset_sink_mode=False,
-                           initial_epoch=start_step // steps_per_epoch)
-
+                        os.path.join(args.savedir, METRICS_FILE), optimizer, guard, validate)
+    Model(train_net).train(args.epoch, dataset, callbacks=[guard, progress, checkpoints],
+                           dataset_sink_mode=False, initial_epoch=start_step // steps_per_epoch)
+    report_stop(guard, checkpoints, steps_per_epoch, validate)
     print(f"checkpoint: {checkpoints.latest}")
     return checkpoints.latest
+
+
+def report_stop(guard, checkpoints, steps_per_epoch, validate=None):
+    """Exit as the documented code says when training did not run to the end."""
+    last = checkpoints.latest or "none (train again from the start)"
+    failure = checkpoints.failure or (validate.failure if validate else None)
+    if failure:
+        path, reason = failure
+        cli.fail(f"could not save checkpoint {path} ({reason}); training stopped; the last checkpoint saved, {last}, "
+                 "is intact; free space or fix the save folder, then continue with --resume auto",
+                 code=EXIT_SAVE_FAILED)
+    if guard.diverged is not None:
+        step, what = guard.diverged
+        cli.fail(f"training diverged at step {step} (epoch {(step - 1) // steps_per_epoch + 1}): {what}; it stopped "
+                 f"and saved nothing from that state; the last good checkpoint is {last}; lower -lr "
+                 "(or add --warmup_epochs) and continue with --resume auto", code=EXIT_DIVERGED)
+    if guard.signal is not None:
+        name = signal.Signals(guard.signal).name
+        print(f"interrupted by {name}; checkpoint: {checkpoints.latest}", flush=True)
+        print("to continue, run the same command with --resume auto", flush=True)
+        raise SystemExit(128 + guard.signal)
 
 
 def build_network(args, steps_per_epoch):
@@ -195,6 +231,24 @@ def build_train_network(net, optimizer, args):
     if ms.get_context("device_target") == "CPU":
         options["loss_scale_manager"] = ms.FixedLossScaleManager(1024.0, drop_overflow_update=False)
     return ms.amp.build_train_network(net, optimizer, make_loss(args), level=args.amp, **options)
+
+
+def remove_stale_partials(savedir):
+    """Remove the temporary folders of checkpoint saves cut short by a crash (their process is gone)."""
+    for name in os.listdir(savedir):
+        match = re.fullmatch(r"\.partial-(\d+)", name)
+        if match and not process_alive(int(match[1])):
+            shutil.rmtree(os.path.join(savedir, name), ignore_errors=True)
+
+
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def check_save_dir(path):
@@ -243,6 +297,7 @@ class Validator:
         self.net, self.dataset, self.every = net, dataset, every
         self.path = os.path.join(savedir, BEST_FILE)
         self.best = previous_best(self.path)  # an earlier run's better model in this folder is kept
+        self.failure = None  # (path, reason) when best.ckpt could not be written
 
     def __call__(self, epoch, last):
         if epoch % self.every and not last:
@@ -255,8 +310,11 @@ class Validator:
         print(f"validation accuracy {100 * accuracy:.2f}% on {len(labels)} test images"
               + (f" (best so far: {self.path})" if better else f" (best: {100 * self.best:.2f}%)"), flush=True)
         if better:
-            self.best = accuracy
-            save_atomically(self.net, self.path, {"epoch_num": epoch, "val_accuracy": accuracy})
+            try:
+                save_atomically(self.net, self.path, {"epoch_num": epoch, "val_accuracy": accuracy})
+                self.best = accuracy
+            except (OSError, RuntimeError) as e:
+                self.failure = (self.path, save_error(e))
         return accuracy
 
 
@@ -272,32 +330,103 @@ def previous_best(path):
 
 
 class Checkpointer(Callback):
-    """After every epoch, the training state as <prefix>-<epoch>_<step of the epoch>.ckpt, keeping the newest `keep`.
+    """The training state as <prefix>-<epoch>_<step of the epoch>.ckpt after every epoch, every `save_steps`
+    steps, and (named ...-interrupt.ckpt) when `guard` caught a signal; the newest `keep` are kept.
 
     The training state is everything --resume needs: the network with its QAT observers, the
     optimizer's moments and step count (hence the learning-rate schedule's position), and
-    epoch_num, step_num and steps_per_epoch.
+    epoch_num, step_num and steps_per_epoch. Nothing is saved once the loss has diverged. A
+    save that fails (disk full) stops training; `failure` says which file and why.
     """
 
-    def __init__(self, train_net, savedir, prefix, steps_per_epoch, keep, first_step):
+    def __init__(self, train_net, savedir, prefix, steps_per_epoch, save_steps, keep, first_step, guard):
         super().__init__()
         self.train_net, self.savedir, self.prefix = train_net, savedir, prefix
-        self.steps_per_epoch, self.keep, self.first_step = steps_per_epoch, keep, first_step
-        self.latest = None
+        self.steps_per_epoch, self.save_steps, self.keep = steps_per_epoch, save_steps, keep
+        self.first_step, self.guard = first_step, guard
+        self.latest, self.failure = None, None
 
     def on_train_step_end(self, run_context):
+        if self.guard.diverged is not None or self.failure:
+            return
         step = self.first_step + run_context.original_args().cur_step_num
-        if step % self.steps_per_epoch == 0:
-            self.save(step)
+        due = step % self.steps_per_epoch == 0 or (self.save_steps and step % self.save_steps == 0)
+        if not (due or self.guard.signal is not None):
+            return
+        if not all(np.isfinite(p.asnumpy()).all() for p in self.train_net.trainable_params()):
+            self.guard.diverged = (step, "the updated weights are not finite")
+        else:
+            self.save(step, interrupt=self.guard.signal is not None)
+        if self.failure or self.guard.diverged is not None:
+            run_context.request_stop()
 
-    def save(self, step):
+    def save(self, step, interrupt=False):
         epoch, step_in_epoch = (step - 1) // self.steps_per_epoch + 1, (step - 1) % self.steps_per_epoch + 1
-        path = os.path.join(self.savedir, f"{self.prefix}-{epoch}_{step_in_epoch}.ckpt")
-        save_atomically(self.train_net, path,
-                        {"epoch_num": epoch, "step_num": step, "steps_per_epoch": self.steps_per_epoch})
+        name = f"{self.prefix}-{epoch}_{step_in_epoch}{'-interrupt' if interrupt else ''}.ckpt"
+        path = os.path.join(self.savedir, name)
+        try:
+            save_atomically(self.train_net, path,
+                            {"epoch_num": epoch, "step_num": step, "steps_per_epoch": self.steps_per_epoch})
+        except (OSError, RuntimeError) as e:
+            self.failure = (path, save_error(e))
+            return
         self.latest = path
-        for name in checkpoint_series(self.savedir, self.prefix)[:-self.keep]:
-            os.remove(os.path.join(self.savedir, name))
+        for old in checkpoint_series(self.savedir, self.prefix)[:-self.keep]:
+            os.remove(os.path.join(self.savedir, old))
+
+
+class Guard(Callback):
+    """Stops training cleanly: at a non-finite loss, and after the current step on Ctrl-C or SIGTERM.
+
+    `diverged` is (step, what went wrong) once the loss was NaN or infinite (Checkpointer also
+    sets it when the weights are not finite); `signal` is the signal caught. SIGTERM has a handler;
+    a second one quits at once, without saving (checkpoints on disk stay whole: they are renamed
+    into place only when complete). SIGINT (Ctrl-C) is blocked when train.py runs as a script
+    and taken here from the pending signals after each step.
+    """
+
+    def __init__(self, first_step):
+        super().__init__()
+        self.first_step = first_step
+        self.diverged, self.signal = None, None
+
+    def on_train_begin(self, run_context):
+        self.previous = signal.signal(signal.SIGTERM, self.on_signal)
+
+    def on_train_end(self, run_context):
+        signal.signal(signal.SIGTERM, self.previous)
+        self.take_pending_sigint()
+
+    def on_signal(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.signal is not None:
+            print(f"\n{name} again: quitting without saving", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        self.signal = signum
+        print(f"\n{name}: stopping after this step and saving a checkpoint", flush=True)
+
+    def take_pending_sigint(self):
+        if signal.SIGINT in signal.sigpending():
+            signal.sigwait({signal.SIGINT})
+            self.on_signal(signal.SIGINT, None)
+
+    @property
+    def stopped(self):
+        return self.diverged is not None or self.signal is not None
+
+    def on_train_step_end(self, run_context):
+        cb = run_context.original_args()
+        loss = loss_value(cb.net_outputs)
+        if not math.isfinite(loss):
+            self.diverged = (self.first_step + cb.cur_step_num, f"the loss is {loss}")
+        self.take_pending_sigint()
+        if self.stopped:
+            run_context.request_stop()
+
+
+def loss_value(outputs):
+    """The loss of a training step's outputs: the loss, or with --amp O2 (loss, overflow, loss scale)."""
+    return float((outputs[0] if isinstance(outputs, (tuple, list)) else outputs).asnumpy())
 
 
 def checkpoint_series(savedir, prefix):
@@ -377,6 +506,11 @@ def resume(train_net, resumed, steps_per_epoch, args):
     return step
 
 
+def save_error(error):
+    """Why a save failed, in a few words ("No space left on device")."""
+    return error.strerror if isinstance(error, OSError) and error.strerror else evaluate.first_line(error)
+
+
 def save_atomically(net, path, append_dict):
     """Write a checkpoint into a hidden folder beside `path`, flush it to disk, then rename it into place.
 
@@ -450,12 +584,12 @@ class Progress(Callback):
     Steps count from the start of the run, also when it was resumed at `first_step`.
     """
 
-    def __init__(self, batch_size, steps_per_epoch, epochs, first_step, every, metrics_path, optimizer,
+    def __init__(self, batch_size, steps_per_epoch, epochs, first_step, every, metrics_path, optimizer, guard,
                  validate=None):
         super().__init__()
         self.batch_size, self.steps_per_epoch, self.epochs = batch_size, steps_per_epoch, epochs
         self.first_step, self.every, self.metrics_path = first_step, every, metrics_path
-        self.optimizer, self.validate = optimizer, validate
+        self.optimizer, self.guard, self.validate = optimizer, guard, validate
         self.total = epochs * steps_per_epoch
 
     def on_train_begin(self, run_context):
@@ -469,8 +603,7 @@ class Progress(Callback):
 
     def on_train_step_end(self, run_context):
         cb = run_context.original_args()
-        outputs = cb.net_outputs  # the loss; with --amp O2 (loss, overflow, loss scale)
-        self.losses.append(float((outputs[0] if isinstance(outputs, (tuple, list)) else outputs).asnumpy()))
+        self.losses.append(loss_value(cb.net_outputs))
         now = time.time()
         if self.timed_start is None:
             print(f"first step done in {now - self.start:.1f} s (includes graph compilation)", flush=True)
@@ -491,6 +624,8 @@ class Progress(Callback):
                   f"eta {clock(wall_per_step * (self.total - step))}", flush=True)
 
     def on_train_epoch_end(self, run_context):
+        if self.guard.stopped:  # an interrupted or diverged epoch is neither validated nor logged
+            return
         cb = run_context.original_args()
         now = time.time()
         step = self.first_step + cb.cur_step_num
@@ -503,6 +638,8 @@ class Progress(Callback):
         if self.validate:
             record["val_accuracy"] = self.validate(cb.cur_epoch_num, cb.cur_epoch_num == self.epochs)
             record["val_s"] = time.time() - now
+            if self.validate.failure:
+                run_context.request_stop()
         with open(self.metrics_path, "a") as f:  # append: an earlier run's records stay
             f.write(json.dumps(record) + "\n")
 

@@ -46,6 +46,21 @@ def trained(synthetic_dir, tmp_path_factory):
     return path, savedir
 
 
+# A short QAT run: 3 epochs of 4 steps, a checkpoint every 2 steps, a schedule that changes
+# every step and observers that start quantizing at step 1, so that a resumed run only matches
+# an uninterrupted one if everything is restored.
+SHORT_RUN = ["-bsize", "16", "--num_samples", "64", "-e", "3", "--save_steps", "2", "--keep", "20",
+             "--lr_schedule", "cosine", "--quant_delay", "1", "--seed", "3", "--val_samples", "20"]
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(synthetic_dir, tmp_path_factory):
+    """The save folder of SHORT_RUN run from start to end: resnet18_qat-<epoch>_<step>.ckpt for steps 2, 4, ... 12."""
+    folder = str(tmp_path_factory.mktemp("uninterrupted"))
+    train_in_subprocess("-data", synthetic_dir, "-dir", folder, *SHORT_RUN)
+    return folder
+
+
 def snapshot(folder):
     """Names, sizes and modification times of everything in a folder, to prove nothing changed."""
     return {name: (os.stat(os.path.join(folder, name)).st_size, os.stat(os.path.join(folder, name)).st_mtime_ns)

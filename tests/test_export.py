@@ -2,21 +2,23 @@
 import json
 import os
 
+import mindspore as ms
 import numpy as np
 import pytest
 
 import eval as evaluate
 import export
 import int8
+import quant
 from conftest import snapshot, train_in_subprocess
 
 FLOAT32_BYTES = 4 * 11_173_962
 SAMPLES = "500"
 
 
-def predictions(path, data, tmp_path, capsys):
+def predictions(path, data, tmp_path, capsys, samples=SAMPLES):
     out = str(tmp_path / (os.path.basename(path) + ".npy"))
-    evaluate.main(["-loc", path, "-data", data, "--num_samples", SAMPLES, "--json", "--save_predictions", out])
+    evaluate.main(["-loc", path, "-data", data, "--num_samples", samples, "--json", "--save_predictions", out])
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     return np.load(out), result
 
@@ -143,13 +145,19 @@ def test_eval_rejects_foreign_npz_and_mindir(synthetic_dir, tmp_path, capsys):
         assert len(lines) == 1 and fragment in lines[0], lines
 
 
-def test_bn_fold_training_learns_and_exports(synthetic_dir, tmp_path, capsys):
-    ckpt = train_in_subprocess("-data", synthetic_dir, "-dir", str(tmp_path), "-e", "2", "-bsize", "32",
-                               "--num_samples", "384", "--bn_fold", "--eval_every", "0")
-    checkpoint_predicted, result = predictions(ckpt, synthetic_dir, tmp_path, capsys)
-    # 2 short epochs (24 steps) reached 60 % here, 3 epochs 79 %; chance is 10 %.
-    assert result["accuracy"] > 0.35, f"BN-folded QAT should learn the synthetic set, got {result['accuracy']}"
+def test_bn_fold_training_exports_an_equivalent_int8_model(synthetic_dir, tmp_path, capsys):
+    """train.py --bn_fold end to end (4 steps), then its int8 export predicts as its checkpoint.
+
+    That BN-folded QAT learns is measured, not tested here (too slow for the suite: 1.7x the
+    QAT step): 24 steps of 32 reached 50-60 %, 36 steps 79 % on the synthetic set (chance 10 %).
+    """
+    ckpt = train_in_subprocess("-data", synthetic_dir, "-dir", str(tmp_path), "-e", "1", "-bsize", "16",
+                               "--num_samples", "64", "--bn_fold", "--eval_every", "0")
+    assert quant.config_from_checkpoint(ms.load_checkpoint(ckpt)).bn_fold
+    checkpoint_predicted, _ = predictions(ckpt, synthetic_dir, tmp_path, capsys, samples="200")
     path = export.main(["-loc", ckpt, "--format", "int8"])
     assert path == ckpt[: -len(".ckpt")] + ".int8.npz"
-    predicted, _ = predictions(path, synthetic_dir, tmp_path, capsys)
-    assert (predicted == checkpoint_predicted).mean() >= 0.99
+    predicted, _ = predictions(path, synthetic_dir, tmp_path, capsys, samples="200")
+    # Lower than the trained model's 99 %: after 4 steps many images are near-ties between classes,
+    # which one rounding step decides (96 % of 500 here).
+    assert (predicted == checkpoint_predicted).mean() >= 0.9
