@@ -502,7 +502,8 @@ def resume(train_net, resumed, steps_per_epoch, args):
     if step >= args.epoch * steps_per_epoch:
         cli.fail(f"--resume {path} has already trained {step // steps_per_epoch} epochs; ask for more with -e")
     ms.load_param_into_net(train_net, {name: params[name] for name in own}, strict_load=True)
-    print(f"resuming from {path}: epoch {step // steps_per_epoch}, step {step}", flush=True)
+    print(f"resuming from {path}: after step {step} of {args.epoch * steps_per_epoch} (epoch "
+          f"{(step - 1) // steps_per_epoch + 1}, step {(step - 1) % steps_per_epoch + 1} of {steps_per_epoch})", flush=True)
     return step
 
 

@@ -106,7 +106,7 @@ def test_killed_and_interrupted_runs_resume_to_the_uninterrupted_result(uninterr
     assert os.path.basename(path) == FINAL
     assert_same_parameters(path, os.path.join(uninterrupted, FINAL))
     state = ms.load_checkpoint(path)
-    assert int(state["global_step"].asnumpy()) == 12 and int(state["layer1.0.conv1.output_quant.steps"].asnumpy()) == 12
+    assert state["global_step"].asnumpy().item() == 12 and state["layer1.0.conv1.output_quant.steps"].asnumpy() == 12
     with open(os.path.join(folder, "metrics.jsonl")) as f, open(os.path.join(uninterrupted, "metrics.jsonl")) as g:
         last, expected = json.loads(f.readlines()[-1]), json.loads(g.readlines()[-1])
     assert (last["step"], last["lr"], last["val_accuracy"]) == (expected["step"], expected["lr"], expected["val_accuracy"])
