@@ -107,7 +107,7 @@ def get_args_parser():
     parser.add_argument("--val_samples", type=cli.positive_int, default=None, metavar="N",
                         help="validate on the first N test images (default: all)")
     parser.add_argument("--keep", type=cli.positive_int, default=5, metavar="N",
-                        help="keep the newest N per-epoch checkpoints (best.ckpt is kept besides)")
+                        help="keep the newest N periodic checkpoints (best.ckpt is kept besides)")
     parser.add_argument("--log_every", type=cli.positive_int, default=50, metavar="N",
                         help="print a progress line every N steps (and at the end of each epoch)")
     parser.add_argument("--save_steps", type=cli.non_negative_int, default=0, metavar="N",
@@ -636,11 +636,11 @@ class Progress(Callback):
                   "elapsed_s": now - self.start, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
         print(f"epoch {cb.cur_epoch_num}/{self.epochs} done in {record['epoch_s']:.1f} s, "
               f"mean loss {record['loss']:.4f}", flush=True)
-        if self.validate:
-            record["val_accuracy"] = self.validate(cb.cur_epoch_num, cb.cur_epoch_num == self.epochs)
-            record["val_s"] = time.time() - now
-            if self.validate.failure:
-                run_context.request_stop()
+        accuracy = self.validate(cb.cur_epoch_num, cb.cur_epoch_num == self.epochs) if self.validate else None
+        if accuracy is not None:
+            record.update(val_accuracy=accuracy, val_s=time.time() - now)
+        if self.validate and self.validate.failure:
+            run_context.request_stop()
         with open(self.metrics_path, "a") as f:  # append: an earlier run's records stay
             f.write(json.dumps(record) + "\n")
 

@@ -39,10 +39,11 @@ def train_in_subprocess(*argv, output=False):
 
 @pytest.fixture(scope="session")
 def trained(synthetic_dir, tmp_path_factory):
-    """A QAT model trained 4 short epochs on the learnable synthetic set: (checkpoint, save dir)."""
+    """A QAT model trained 4 short epochs on the learnable synthetic set, validated after epochs 2 and 4:
+    (checkpoint, save dir)."""
     savedir = str(tmp_path_factory.mktemp("qat"))
     path = train_in_subprocess("-data", synthetic_dir, "-dir", savedir, "-e", "4", "-bsize", "32",
-                               "--num_samples", "384", "--val_samples", "200")
+                               "--num_samples", "384", "--val_samples", "200", "--eval_every", "2")
     return path, savedir
 
 
@@ -50,7 +51,7 @@ def trained(synthetic_dir, tmp_path_factory):
 # every step and observers that start quantizing at step 1, so that a resumed run only matches
 # an uninterrupted one if everything is restored.
 SHORT_RUN = ["-bsize", "16", "--num_samples", "64", "-e", "3", "--save_steps", "2", "--keep", "20",
-             "--lr_schedule", "cosine", "--quant_delay", "1", "--seed", "3", "--val_samples", "20"]
+             "--lr_schedule", "cosine", "--quant_delay", "1", "--seed", "3", "--eval_every", "0"]
 
 
 @pytest.fixture(scope="session")
