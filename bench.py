@@ -1,83 +1,228 @@
-"""Benchmark: does validation during training (--eval_every) slow the training step?
+"""Benchmark train.py's default path: training, evaluation and data-pipeline speed, and memory.
 
-    python bench.py                      # QAT, batch 32, 8 steps per epoch, 4 epochs per run
-    python bench.py --batch 16 --steps 4 --json
+    python bench.py                      # batch 32, float and QAT, on the GPU if there is one
+    python bench.py --batch 128 --json   # ends with one JSON line of all figures
 
-Trains twice on synthetic CIFAR-format data it writes into a temporary folder, each run in a
-fresh train.py process: without validation (--eval_every 0) and validating after every epoch
-(--eval_every 1). It compares training images/s (train.py's per-epoch figure, which counts
-only training steps and leaves out the first one, the graph compilation) and the time per
-epoch, with the validation's. The first epoch is left out of the medians.
+On synthetic CIFAR-format files it writes into a temporary folder, it measures
+- training images/s, float32 and QAT, on the same batch, with train.py's network, optimizer
+  and training step (GRAPH_MODE); each run in a fresh process (--repeats runs of each,
+  alternating), so that each has its own peak memory; the median over all timed steps, after
+  one warm-up step that compiles the graph (its time is `first_step_s`);
+- evaluation images/s of the QAT checkpoint as eval.py runs it (weights quantized once), and of
+  the int8 reference (int8.py, NumPy) of its export;
+- data-pipeline images/s: the training pipeline (decode, augmentation, batching) alone;
+- with --validation, also the issue-4 figure: train.py's images/s with and without validating
+  after every epoch (--eval_every 1 vs 0).
 """
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 
 import cli
 import preprocess
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+EVAL_BATCH = 100
 
 
 def get_args_parser():
     parser = cli.ArgumentParser(prog="bench.py", description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=cli.DEVICES, default="auto", help="device to train on")
-    parser.add_argument("--batch", type=cli.positive_int, default=32, help="batch size")
-    parser.add_argument("--steps", type=cli.positive_int, default=8, help="training steps per epoch")
-    parser.add_argument("--epochs", type=cli.positive_int, default=4, help="epochs per run (the first is warm-up)")
-    parser.add_argument("--val_samples", type=cli.positive_int, default=500, help="validation images per epoch")
-    parser.add_argument("--qat", action=argparse.BooleanOptionalAction, default=True, help="QAT or float32")
+    parser.add_argument("--batch", type=cli.positive_int, default=32, help="training batch size")
+    parser.add_argument("--steps", type=cli.positive_int, default=8, help="timed training steps per run")
+    parser.add_argument("--repeats", type=cli.positive_int, default=2,
+                        help="training runs of each of float32 and QAT (fresh processes, alternating)")
+    parser.add_argument("--eval_images", type=cli.positive_int, default=500, help="images per evaluation pass")
+    parser.add_argument("--int8_images", type=cli.positive_int, default=200,
+                        help="images for the int8 reference (NumPy, slow)")
     parser.add_argument("--json", action="store_true", help="end with one JSON line of the results")
+    parser.add_argument("--validation", action="store_true",
+                        help="also time train.py with and without validation after every epoch")
+    parser.add_argument("--epochs", type=cli.positive_int, default=4,
+                        help="with --validation: epochs per train.py run (the first is warm-up)")
+    parser.add_argument("--val_samples", type=cli.positive_int, default=500,
+                        help="with --validation: validation images per epoch")
+    # Internal: one measurement in a fresh process.
+    parser.add_argument("--worker", choices=("float", "qat", "eval"), help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
     return parser
-
-
-def train_run(data, folder, args, eval_every):
-    """Per-epoch records (metrics.jsonl) of one train.py run."""
-    argv = [sys.executable, os.path.join(ROOT, "train.py"), "-data", data, "-dir", folder,
-            "-e", str(args.epochs), "-bsize", str(args.batch), "--num_samples", str(args.batch * args.steps),
-            "--eval_every", str(eval_every), "--val_samples", str(args.val_samples), "--device", args.device,
-            "--qat" if args.qat else "--no-qat"]
-    result = subprocess.run(argv, capture_output=True, text=True)
-    if result.returncode:
-        cli.fail(f"train.py failed: {result.stderr.strip().splitlines()[-1] if result.stderr.strip() else result.returncode}")
-    with open(os.path.join(folder, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def summary(records):
-    later = records[1:] or records  # the first epoch holds the graph compilation
-    speeds = [r["images_per_s"] for r in later]
-    return {"images_per_s": statistics.median(speeds), "images_per_s_range": [min(speeds), max(speeds)],
-            "epoch_s": statistics.median(r["epoch_s"] + r.get("val_s", 0.0) for r in later)}
 
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
+    if args.worker:
+        print(json.dumps(WORKERS[args.worker](args)))
+        return None
     with tempfile.TemporaryDirectory() as tmp:
-        data = os.path.join(tmp, "data")
-        preprocess.write_synthetic(data, seed=0)
-        plain = summary(train_run(data, os.path.join(tmp, "plain"), args, eval_every=0))
-        validating = summary(train_run(data, os.path.join(tmp, "validating"), args, eval_every=1))
-    results = {"model": "QAT" if args.qat else "float32", "batch": args.batch, "steps_per_epoch": args.steps,
-               "onednn_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", cli.ONEDNN_ISA),
-               "train_ips": plain["images_per_s"], "train_ips_range": plain["images_per_s_range"],
-               "train_ips_validating": validating["images_per_s"],
-               "train_ips_validating_range": validating["images_per_s_range"],
-               "validating_over_plain": validating["images_per_s"] / plain["images_per_s"],
-               "epoch_s": plain["epoch_s"], "epoch_s_validating": validating["epoch_s"],
-               "val_samples": args.val_samples}
-    print(f"training images/s ({results['model']}, batch {args.batch}): {results['train_ips']:.1f} without "
-          f"validation, {results['train_ips_validating']:.1f} with --eval_every 1 "
-          f"(ratio {results['validating_over_plain']:.3f})")
-    print(f"epoch time: {results['epoch_s']:.1f} s without validation, {results['epoch_s_validating']:.1f} s with "
-          f"{args.val_samples} validation images")
+        args.data = os.path.join(tmp, "data")
+        preprocess.write_synthetic(args.data, seed=0)
+        runs = {"float": [], "qat": []}
+        for repeat in range(args.repeats):
+            for kind in runs:
+                args.checkpoint = os.path.join(tmp, f"{kind}-{repeat}.ckpt")
+                runs[kind].append(worker(kind, args))
+        evaluation = worker("eval", args)  # the last QAT run's checkpoint
+        pipeline = pipeline_speed(args.data, args.batch)
+        validation = validation_cost(args, tmp) if args.validation else {}
+    results = summarize(args, runs, evaluation, pipeline)
+    results.update(validation)
+    report(results)
     if args.json:
         print(json.dumps(results))
     return results
+
+
+def worker(kind, args):
+    """Run one measurement in a fresh process (its own graph compilation and peak memory)."""
+    argv = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--data", args.data,
+            "--checkpoint", args.checkpoint, "--device", args.device, "--batch", str(args.batch),
+            "--steps", str(args.steps), "--eval_images", str(args.eval_images),
+            "--int8_images", str(args.int8_images)]
+    result = subprocess.run(argv, capture_output=True, text=True)
+    if result.returncode:
+        lines = result.stderr.strip().splitlines()
+        cli.fail(f"the {kind} measurement failed: {lines[-1] if lines else result.returncode}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def train_worker(args):
+    """Time train.py's training step on one fixed batch: the first step (graph compilation), then --steps."""
+    import mindspore as ms
+    import train
+
+    device = cli.setup_device(args.device)
+    flags = ["-bsize", str(args.batch), "--device", device, "--qat" if args.worker == "qat" else "--no-qat"]
+    train_args = train.get_args_parser().parse_args(flags)
+    dataset = preprocess.create_dataset(args.data, training=True, batch_size=args.batch, num_samples=args.batch)
+    images, labels = next(dataset.create_tuple_iterator(num_epochs=1))
+    start = time.perf_counter()
+    net = train.build_network(train_args, steps_per_epoch=1)
+    step = train.build_train_network(net, train.make_optimizer(net, train_args, steps_per_epoch=1), train_args)
+    step.set_train()
+    step(images, labels).asnumpy()
+    first_step_s = time.perf_counter() - start
+    times = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        step(images, labels).asnumpy()
+        times.append(time.perf_counter() - start)
+    ms.save_checkpoint(net, args.checkpoint)
+    return {"device": device, "first_step_s": first_step_s, "step_s": times, "peak_rss_mb": peak_rss_mb()}
+
+
+def eval_worker(args):
+    """Images/s of eval.py's forward pass on a checkpoint, and of the int8 reference of its export."""
+    import eval as evaluate
+    import export
+    import int8
+
+    cli.setup_device(args.device)
+    model, _, _ = evaluate.load_model(args.checkpoint)
+    dataset = preprocess.create_dataset(args.data, training=False, batch_size=EVAL_BATCH, num_samples=args.eval_images)
+    evaluate.predict(model, dataset)  # warm-up: graph compilation
+    eval_ips = statistics.median(timed_ips(evaluate.predict, model, dataset) for _ in range(3))
+    int8_path = args.checkpoint + ".npz"
+    int8.save(int8_path, *export.int8_model(model))
+    int8_model = int8.load(int8_path)
+    small = preprocess.create_dataset(args.data, training=False, batch_size=EVAL_BATCH, num_samples=args.int8_images)
+    return {"eval_ips": eval_ips, "int8_ips": timed_ips(evaluate.predict, int8_model, small)}
+
+
+def timed_ips(predict, model, dataset):
+    start = time.perf_counter()
+    predictions, _ = predict(model, dataset)
+    return len(predictions) / (time.perf_counter() - start)
+
+
+WORKERS = {"float": train_worker, "qat": train_worker, "eval": eval_worker}
+
+
+def peak_rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
+
+
+def pipeline_speed(data, batch, passes=3):
+    """Images/s of the training pipeline alone over one data file, median of `passes` after a warm-up pass."""
+    dataset = preprocess.create_dataset(data, training=True, batch_size=batch)
+    speeds = []
+    for _ in range(passes + 1):
+        start = time.perf_counter()
+        images = sum(len(batch_) for batch_, _ in dataset.create_tuple_iterator(num_epochs=1, output_numpy=True))
+        speeds.append(images / (time.perf_counter() - start))
+    return {"pipeline_ips": statistics.median(speeds[1:]), "pipeline_workers": preprocess.DEFAULT_WORKERS}
+
+
+def summarize(args, runs, evaluation, pipeline):
+    def speeds(kind):
+        steps = [s for run in runs[kind] for s in run["step_s"]]
+        return args.batch / statistics.median(steps), [args.batch / max(steps), args.batch / min(steps)]
+
+    float_ips, float_range = speeds("float")
+    qat_ips, qat_range = speeds("qat")
+    # Per repeat (float and QAT run back to back), the ratio of median step times: its spread is this machine's noise.
+    ratios = [statistics.median(q["step_s"]) / statistics.median(f["step_s"]) for f, q in zip(runs["float"], runs["qat"])]
+    return {"device": runs["qat"][0]["device"], "batch": args.batch, "steps": args.steps,
+            "repeats": args.repeats, "onednn_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", cli.ONEDNN_ISA),
+            "train_ips_float": float_ips, "train_ips_float_range": float_range,
+            "train_ips_qat": qat_ips, "train_ips_qat_range": qat_range,
+            "qat_over_float": float_ips / qat_ips, "qat_over_float_per_repeat": ratios,
+            "eval_ips": evaluation["eval_ips"], "eval_batch": EVAL_BATCH, "int8_ips": evaluation["int8_ips"],
+            **pipeline, "pipeline_over_train": pipeline["pipeline_ips"] / float_ips,
+            "first_step_s": statistics.median(run["first_step_s"] for run in runs["qat"]),
+            "first_step_s_float": statistics.median(run["first_step_s"] for run in runs["float"]),
+            "peak_rss_mb": max(run["peak_rss_mb"] for run in runs["float"]),
+            "peak_rss_mb_qat": max(run["peak_rss_mb"] for run in runs["qat"])}
+
+
+def report(r):
+    print(f"training on {r['device']}, batch {r['batch']}, {r['repeats']} x {r['steps']} steps: float32 {r['train_ips_float']:.1f} "
+          f"images/s, QAT {r['train_ips_qat']:.1f}; QAT step / float step {r['qat_over_float']:.3f} "
+          f"(per repeat {', '.join(f'{x:.3f}' for x in r['qat_over_float_per_repeat'])})")
+    print(f"first training step (graph compilation): QAT {r['first_step_s']:.1f} s, float32 {r['first_step_s_float']:.1f} s")
+    print(f"peak memory: float32 {r['peak_rss_mb']:.0f} MB, QAT {r['peak_rss_mb_qat']:.0f} MB "
+          f"({r['peak_rss_mb_qat'] / r['peak_rss_mb']:.2f}x)")
+    print(f"evaluation, batch {r['eval_batch']}: QAT checkpoint {r['eval_ips']:.1f} images/s, "
+          f"int8 reference {r['int8_ips']:.1f} images/s")
+    print(f"data pipeline ({r['pipeline_workers']} workers): {r['pipeline_ips']:.0f} images/s, "
+          f"{r['pipeline_over_train']:.0f}x what float32 training consumes")
+    if "validating_over_plain" in r:
+        print(f"train.py with validation after every epoch ({r['val_samples']} images): "
+              f"{r['train_ips_validating']:.1f} images/s against {r['train_ips']:.1f} without "
+              f"(ratio {r['validating_over_plain']:.3f})")
+    print(f"ONEDNN_MAX_CPU_ISA={r['onednn_isa']}")
+
+
+# --- --validation: the cost of validating during training (train.py's own figures) ----------------
+
+def validation_cost(args, tmp):
+    plain = train_run(args, os.path.join(tmp, "plain"), eval_every=0)
+    validating = train_run(args, os.path.join(tmp, "validating"), eval_every=1)
+    return {"train_ips": plain["images_per_s"], "train_ips_validating": validating["images_per_s"],
+            "validating_over_plain": validating["images_per_s"] / plain["images_per_s"],
+            "epoch_s": plain["epoch_s"], "epoch_s_validating": validating["epoch_s"], "val_samples": args.val_samples}
+
+
+def train_run(args, folder, eval_every):
+    """Median per-epoch figures (metrics.jsonl) of one QAT train.py run, leaving out the first epoch (compilation)."""
+    argv = [sys.executable, os.path.join(ROOT, "train.py"), "-data", args.data, "-dir", folder,
+            "-e", str(args.epochs), "-bsize", str(args.batch), "--num_samples", str(args.batch * args.steps),
+            "--eval_every", str(eval_every), "--val_samples", str(args.val_samples), "--device", args.device]
+    result = subprocess.run(argv, capture_output=True, text=True)
+    if result.returncode:
+        lines = result.stderr.strip().splitlines()
+        cli.fail(f"train.py failed: {lines[-1] if lines else result.returncode}")
+    with open(os.path.join(folder, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    later = records[1:] or records
+    return {"images_per_s": statistics.median(r["images_per_s"] for r in later),
+            "epoch_s": statistics.median(r["epoch_s"] + r.get("val_s", 0.0) for r in later)}
 
 
 if __name__ == "__main__":

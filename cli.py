@@ -89,8 +89,8 @@ def _parse(kind, text):
         raise argparse.ArgumentTypeError(f"not a valid {kind.__name__}: {text!r}") from None
 
 
-def setup_device(name="auto"):
-    """Resolve `auto`, check that the device exists, set GRAPH_MODE on it; return "CPU" or "GPU"."""
+def setup_device(name="auto", pynative=False):
+    """Resolve `auto`, check that the device exists, set GRAPH_MODE (or PYNATIVE_MODE) on it; return "CPU" or "GPU"."""
     gpu = ms.hal.is_available("GPU")
     if name == "GPU" and not gpu:
         fail("--device GPU: this MindSpore has no usable GPU backend (it needs an NVIDIA driver "
@@ -101,7 +101,7 @@ def setup_device(name="auto"):
             print("note: no GPU backend available, running on CPU")
     if name == "CPU":
         os.environ.setdefault("ONEDNN_MAX_CPU_ISA", ONEDNN_ISA)
-    ms.set_context(mode=ms.GRAPH_MODE)
+    ms.set_context(mode=ms.PYNATIVE_MODE if pynative else ms.GRAPH_MODE)
     # set_device refuses any call, even a same-target one, once kernels have run in this process
     # (a second main() in one process, as in the tests).
     if ms.get_context("device_target") != name:

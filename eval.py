@@ -86,7 +86,7 @@ def load_model(path):
         except ValueError as e:
             cli.fail(f"{path} is not an int8 model written by export.py ({e})")
     net, config = load_network(path)
-    return net, "float32" if config is None else "QAT (int8 fake-quant)", None
+    return quant.freeze(net), "float32" if config is None else "QAT (int8 fake-quant)", None
 
 
 def check_file(path, flag="-loc"):

@@ -132,14 +132,14 @@ class Int8Graph:
         if steps <= delay:
             cli.fail(f"{self.names[id(observer)]} has seen {steps} training steps, not more than its quant_delay "
                      f"{delay}: activations are not quantized yet; train longer or with a smaller --quant_delay")
-        scale, zero_point = quant.activation_qparams(observer.min_val.value(), observer.max_val.value(), 8)
+        scale, zero_point = quant.activation_qparams(observer.min_val.value(), observer.max_val.value(), 255)
         name = f"t{len(self.tensors)}"
         self.tensors[name] = {"scale": float(scale.asnumpy()), "zero_point": int(zero_point.asnumpy())}
         return name
 
     def _weights(self, name, weight, bias, input_scale):
         scale = quant.weight_scale(weight, 8)
-        self.arrays[f"{name}.weight"] = ms.ops.round(weight / scale).asnumpy().astype(np.int8)
+        self.arrays[f"{name}.weight"] = quant.weight_levels(weight, scale).asnumpy().astype(np.int8)
         scale = scale.asnumpy().reshape(-1).astype(np.float32)
         self.arrays[f"{name}.weight_scale"] = scale
         bias_scale = np.float64(input_scale) * scale.astype(np.float64)

@@ -120,6 +120,8 @@ def get_args_parser():
     parser.add_argument("--amp", choices=("O0", "O1", "O2"), default="O0",
                         help="mixed precision (MindSpore AMP levels), GPU only: O2 float16 except BatchNorm "
                              "and the QAT observers, with dynamic loss scaling; O1 float network only")
+    parser.add_argument("--pynative", action="store_true",
+                        help="run op by op (PYNATIVE_MODE) instead of as a compiled graph: slower, for debugging")
     parser.add_argument("--seed", type=int, default=1, help="random seed (weights, data order, augmentation)")
     parser.add_argument("--num_samples", type=cli.positive_int, default=None,
                         help="use N training images per epoch, drawn at random each epoch (default: all)")
@@ -134,7 +136,7 @@ def main(argv=None):
     if args.freeze_bn is not None and not args.bn_fold:
         parser.error("--freeze_bn needs --bn_fold")
     check_save_dir(args.savedir)
-    args.device = cli.setup_device(args.device)
+    args.device = cli.setup_device(args.device, pynative=args.pynative)
     check_amp(args)
     ms.set_seed(args.seed)
     ds.config.set_seed(args.seed)
@@ -221,7 +223,7 @@ def check_amp(args):
 def build_train_network(net, optimizer, args):
     """One training step (loss, gradients, optimizer update) as a Cell, in mixed precision with --amp.
 
-    O2 keeps BatchNorm and the QAT observers in float32 and scales the loss, dynamically on GPU
+    O2 keeps BatchNorm and the QAT quantizers in float32 and scales the loss, dynamically on GPU
     (MindSpore's default). CPU, where main() refuses --amp as slower but the tests build it,
     only takes a fixed scale.
     """
@@ -230,7 +232,13 @@ def build_train_network(net, optimizer, args):
     options = {}
     if ms.get_context("device_target") == "CPU":
         options["loss_scale_manager"] = ms.FixedLossScaleManager(1024.0, drop_overflow_update=False)
-    return ms.amp.build_train_network(net, optimizer, make_loss(args), level=args.amp, **options)
+    train_net = ms.amp.build_train_network(net, optimizer, make_loss(args), level=args.amp, **options)
+    # O2 marks every cell but BatchNorm float16; the quantizers compute in float32 (their rounding
+    # constant, 1.5 * 2^23, is beyond float16's range).
+    for _, cell in net.cells_and_names():
+        if isinstance(cell, (quant.ActQuant, quant.WeightQuant)):
+            cell.to_float(ms.float32)
+    return train_net
 
 
 def remove_stale_partials(savedir):

@@ -6,7 +6,7 @@ import mindspore.ops as ops
 import pytest
 
 import quant
-from quant import ActQuant, QuantConfig, fake_quant_activation, fake_quant_weight, quantize
+from quant import ActQuant, QuantConfig, WeightQuant, fake_quant_weight, quantize
 from resnetv2 import ConvBN, ResidualAdd, resnet18
 
 rng = np.random.default_rng(0)
@@ -14,6 +14,27 @@ rng = np.random.default_rng(0)
 
 def tensor(*shape, scale=1.0):
     return ms.Tensor((rng.normal(size=shape) * scale).astype(np.float32))
+
+
+def observed(low, high, relu=False):
+    """An ActQuant in eval mode whose observers hold [low, high] after one training step."""
+    act = ActQuant(QuantConfig(), relu=relu)
+    act.min_val.set_data(ms.Tensor(low, ms.float32))
+    act.max_val.set_data(ms.Tensor(high, ms.float32))
+    act.steps.set_data(ms.Tensor(1, ms.int32))
+    act.set_train(False)
+    return act
+
+
+def fake_quant_activation(x, low, high, relu=False):
+    return observed(low, high, relu)(x)
+
+
+def test_rounding_is_to_nearest_with_ties_to_even():
+    values = np.array([-254.5, -2.5, -1.5, -0.5, -0.49, 0.0, 0.5, 1.5, 2.5, 3.49, 126.5, 127.0, 4e6 + 0.5],
+                      np.float32)
+    rounded = quant.round_half_even(ms.Tensor(values), ms.Tensor(quant.ROUNDING, ms.float32)).asnumpy()
+    np.testing.assert_array_equal(rounded, np.round(values))
 
 
 def test_weights_take_at_most_255_symmetric_levels_per_channel():
@@ -31,8 +52,9 @@ def test_weights_take_at_most_255_symmetric_levels_per_channel():
 
 def test_weight_gradient_is_straight_through():
     weight = tensor(4, 3, 3, 3)
+    quantizer = WeightQuant(8)
     def loss(w):  # a named function: MindSpore's graph mode cannot parse inline lambdas
-        return (fake_quant_weight(w, 8) * 3.0).sum()
+        return (quantizer(w) * 3.0).sum()
 
     grad = ms.grad(loss)(weight)
     np.testing.assert_allclose(grad.asnumpy(), 3.0)
@@ -40,21 +62,33 @@ def test_weight_gradient_is_straight_through():
 
 def test_activation_quantization_to_256_levels_with_exact_zero():
     x = ms.Tensor(np.linspace(-1.0, 3.0, 2000, dtype=np.float32))
-    out = fake_quant_activation(x, ms.Tensor(-1.0), ms.Tensor(3.0), bits=8).asnumpy()
+    out = fake_quant_activation(x, -1.0, 3.0).asnumpy()
     assert len(np.unique(out)) <= 256
     assert np.abs(out - x.asnumpy()).max() <= 4.0 / 255 / 2 + 1e-6
-    zero = fake_quant_activation(ms.Tensor(np.zeros(3, np.float32)), ms.Tensor(-1.0), ms.Tensor(3.0), 8)
+    zero = fake_quant_activation(ms.Tensor(np.zeros(3, np.float32)), -1.0, 3.0)
     assert (zero.asnumpy() == 0).all()
 
 
 def test_activation_gradient_passes_inside_range_only():
     x = ms.Tensor(np.array([-2.0, -0.5, 0.0, 0.7, 1.9, 5.0], np.float32))
-    low, high = ms.Tensor(-1.0), ms.Tensor(2.0)
+    act = observed(-1.0, 2.0)
     def loss(v):
-        return fake_quant_activation(v, low, high, 8).sum()
+        return act(v).sum()
 
     grad = ms.grad(loss)(x).asnumpy()
     np.testing.assert_array_equal(grad, [0, 1, 1, 1, 1, 0])
+
+
+def test_relu_quantization_is_relu_then_quantization():
+    x = ms.Tensor(np.array([-2.0, -0.5, 0.0, 0.7, 1.9, 5.0], np.float32))
+    out = fake_quant_activation(x, 0.0, 2.0, relu=True).asnumpy()
+    scale = 2.0 / 255
+    np.testing.assert_allclose(out, np.round(np.clip(x.asnumpy(), 0, 2) / scale) * scale, rtol=1e-6)
+    act = observed(0.0, 2.0, relu=True)
+    def loss(v):
+        return act(v).sum()
+
+    np.testing.assert_array_equal(ms.grad(loss)(x).asnumpy(), [0, 0, 1, 1, 1, 0])
 
 
 def observer_state(cell):
@@ -153,8 +187,8 @@ def test_bn_fold_trains_and_freezes_batchnorm():
     assert quant.config_from_checkpoint([p.name for p in net.get_parameters()]).bn_fold
 
 
-def test_folded_inference_equals_unfolded():
-    """Per-channel symmetric quantization commutes with BatchNorm's per-channel scale: in eval the
+def test_folded_and_frozen_inference_equal_unfolded():
+    """Freezing the quantized weights for inference changes nothing. Per-channel symmetric quantization commutes with BatchNorm's per-channel scale: in eval the
     folded network computes what the unfolded one does (up to float rounding)."""
     ms.set_seed(0)
     unfolded = quantize(resnet18())
@@ -165,10 +199,14 @@ def test_folded_inference_equals_unfolded():
     params = {p.name: p for p in unfolded.get_parameters()}
     ms.load_param_into_net(folded, {name: ms.Parameter(params[name].value(), name=name)
                                     for name, _ in folded.parameters_and_names() if name in params})
-    unfolded.set_train(False)
-    folded.set_train(False)
+    frozen = quantize(resnet18())  # weights quantized once, for inference
+    ms.load_param_into_net(frozen, {name: ms.Parameter(param.value(), name=name) for name, param in params.items()})
+    quant.freeze(frozen)
+    for net in unfolded, folded, frozen:
+        net.set_train(False)
     x = tensor(4, 3, 32, 32)
     a, b = unfolded(x).asnumpy(), folded(x).asnumpy()
+    np.testing.assert_array_equal(frozen(x).asnumpy(), a)
     # Not equal: float rounding moves some values across an activation rounding boundary, and a
     # step of 1/255 of the range passes on to the next layers (max error 4-9 % of max |logit| and
     # mean error 1-4 % of mean |logit| over six seeds, correlation >= 0.999).
