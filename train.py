@@ -35,6 +35,7 @@ import numpy as np
 from mindspore.train import Callback, Model
 
 import eval as evaluate
+import parallel
 import preprocess
 import quant
 from quant import QuantConfig, quantize
@@ -68,7 +69,8 @@ def get_args_parser():
     parser = cli.ArgumentParser(prog="train.py", description=__doc__.split("\n")[0])
     # The seed's flags, both spellings, as in its usage text.
     parser.add_argument("-bsize", "--batchsize", type=cli.positive_int, default=32,
-                        help="batch size (per device)")
+                        help="batch size per device: under msrun, per worker (the global batch is "
+                             "workers x this)")
     parser.add_argument("-repeatNum", "--repeatNum", type=cli.positive_int, default=1,
                         help="repeat num: passes over the data in one epoch")
     parser.add_argument("-dir", "--savedir", default="checkpoints", help="save directory")
@@ -122,6 +124,12 @@ def get_args_parser():
                              "and the QAT observers, with dynamic loss scaling; O1 float network only")
     parser.add_argument("--pynative", action="store_true",
                         help="run op by op (PYNATIVE_MODE) instead of as a compiled graph: slower, for debugging")
+    parser.add_argument("--distributed", action="store_true",
+                        help="require data-parallel training under msrun, and fail if not started by msrun "
+                             "(under msrun train.py trains data-parallel without this flag too)")
+    parser.add_argument("--scale_lr", action="store_true",
+                        help="multiply -lr by the number of workers (linear scaling for the larger global "
+                             "batch); without it -lr is used as given")
     parser.add_argument("--seed", type=int, default=1, help="random seed (weights, data order, augmentation)")
     parser.add_argument("--num_samples", type=cli.positive_int, default=None,
                         help="use N training images per epoch, drawn at random each epoch (default: all)")
@@ -135,45 +143,64 @@ def main(argv=None):
         parser.error("--bn_fold and --freeze_bn need QAT; drop --no-qat")
     if args.freeze_bn is not None and not args.bn_fold:
         parser.error("--freeze_bn needs --bn_fold")
-    check_save_dir(args.savedir)
     args.device = cli.setup_device(args.device, pynative=args.pynative)
+    rank, args.workers = parallel.init(args.distributed)  # msrun's scheduler process ends in there
+    writer = rank == 0  # only the first worker writes into the save directory and prints progress
+    if writer:
+        check_save_dir(args.savedir)
     check_amp(args)
-    ms.set_seed(args.seed)
-    ds.config.set_seed(args.seed)
-    dataset = load_data(args)
+    ms.set_seed(args.seed)  # the same seed on every worker: the same initial weights
+    ds.config.set_seed(args.seed)  # and the same shuffle, of which each worker takes its own shard
+    dataset = load_data(args, rank)
     steps_per_epoch = dataset.get_dataset_size()
     validation = load_validation_data(args)
+    args.global_batch = args.batchsize * args.workers
+    scale_learning_rate(args, writer)
 
     net = build_network(args, steps_per_epoch)
     optimizer = make_optimizer(net, args, steps_per_epoch)
     train_net = build_train_network(net, optimizer, args)
+    if args.workers > 1:
+        train_net = parallel.DataParallelStep(train_net, net, args.workers)
     resumed = find_resume_checkpoint(args.resume, args.savedir) if args.resume else None
     start_step = resume(train_net, resumed, steps_per_epoch, args) if resumed else 0
+    parallel.check_same_step(start_step, args.workers)
     if start_step:
         # Replay the data pipeline up to the resumed step, so that data order and augmentation
         # continue as in an uninterrupted run (fast recovery would re-seed, not replay).
         ds.config.set_fast_recovery(False)
         dataset.set_init_step(start_step)
 
-    print("arguments: " + json.dumps(vars(args), sort_keys=True))
-    if preprocess.is_synthetic(args.data_dir):
-        print(f"note: {args.data_dir} holds synthetic data, not CIFAR-10")
-    with open(os.path.join(args.savedir, "args.json"), "w") as f:
-        json.dump(vars(args), f, indent=2, sort_keys=True)
-
     base = "resnet18_qat" if args.qat else "resnet18"
-    remove_stale_partials(args.savedir)
+    if writer:
+        print("arguments: " + json.dumps(vars(args), sort_keys=True))
+        if preprocess.is_synthetic(args.data_dir):
+            print(f"note: {args.data_dir} holds synthetic data, not CIFAR-10")
+        if args.workers > 1:
+            print(f"data parallel: {args.workers} workers, batch {args.batchsize} per worker, global batch "
+                  f"{args.global_batch}; each worker trains on its own 1/{args.workers} of every epoch", flush=True)
+        with open(os.path.join(args.savedir, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=2, sort_keys=True)
+        remove_stale_partials(args.savedir)
     guard = Guard(start_step)
-    checkpoints = Checkpointer(train_net, args.savedir, checkpoint_prefix(args.savedir, base, resumed),
-                               steps_per_epoch, args.save_steps, args.keep, start_step, guard)
+    prefix = checkpoint_prefix(args.savedir, base, resumed) if writer else None
+    checkpoints = Checkpointer(train_net, args.savedir, prefix,
+                               steps_per_epoch, args.save_steps, args.keep, start_step, guard, writer)
     checkpoints.latest = resumed[0] if resumed else None
-    validate = Validator(net, validation, args.eval_every, args.savedir) if validation else None
-    progress = Progress(args.batchsize, steps_per_epoch, args.epoch, start_step, args.log_every,
-                        os.path.join(args.savedir, METRICS_FILE), optimizer, guard, validate)
+    # Every worker validates (the same network on the same images: the same accuracy; a worker that
+    # waited for another's validation in its next all-reduce could time out); the first one reports it.
+    validate = Validator(net, validation, args.eval_every, args.savedir, writer) if validation else None
+    progress = Progress(args.global_batch, steps_per_epoch, args.epoch, start_step, args.log_every,
+                        os.path.join(args.savedir, METRICS_FILE), optimizer, guard, validate, writer)
     Model(train_net).train(args.epoch, dataset, callbacks=[guard, progress, checkpoints],
                            dataset_sink_mode=False, initial_epoch=start_step // steps_per_epoch)
+    if args.workers > 1:  # in each worker's own log: the workers' networks (and validations) must agree
+        validated = f", validation accuracy {100 * validate.last:.2f}%" if validate and validate.last is not None else ""
+        print(f"worker {rank} of {args.workers}: {dataset.get_dataset_size() * args.batchsize} training images "
+              f"per epoch, parameter checksum {parallel.checksum(net)}{validated}", flush=True)
     report_stop(guard, checkpoints, steps_per_epoch, validate)
-    print(f"checkpoint: {checkpoints.latest}")
+    if writer:
+        print(f"checkpoint: {checkpoints.latest}")
     return checkpoints.latest
 
 
@@ -271,17 +298,42 @@ def check_save_dir(path):
         cli.fail(f"cannot write to save directory {path} ({e.strerror}); give a writable folder with -dir")
 
 
-def load_data(args):
+def load_data(args, rank=0):
+    """The training pipeline; with several workers, this worker's shard: 1/workers of the images
+    of each epoch (of --num_samples, when given, which counts all workers' images)."""
+    workers = args.workers
+    if args.num_samples is not None and args.num_samples < workers:
+        cli.fail(f"--num_samples {args.num_samples} cannot be shared among {workers} workers; "
+                 f"give at least {workers * args.batchsize} (workers x -bsize)")
+    per_worker = None if args.num_samples is None else args.num_samples // workers
     try:
         dataset = preprocess.create_dataset(args.data_dir, training=True, batch_size=args.batchsize,
-                                            repeat_num=args.repeatNum, num_samples=args.num_samples)
+                                            repeat_num=args.repeatNum, num_samples=per_worker,
+                                            num_shards=workers if workers > 1 else None,
+                                            shard_id=rank if workers > 1 else None)
     except preprocess.DatasetError as e:
         cli.fail(str(e))
     if dataset.get_dataset_size() == 0:
         images = args.num_samples or "the"
+        if workers > 1:
+            cli.fail(f"{workers} workers x batch size {args.batchsize} is more than {images} training images per "
+                     "epoch: each worker gets less than one batch; use fewer workers, a lower -bsize or more "
+                     "--num_samples")
         cli.fail(f"batch size {args.batchsize} is larger than {images} training images per epoch; "
                  "lower -bsize or raise --num_samples")
     return dataset
+
+
+def scale_learning_rate(args, verbose):
+    """--scale_lr: -lr times the number of workers (Goyal et al. 2017's linear scaling rule); say what was done."""
+    if args.scale_lr:
+        base = args.learningRate
+        args.learningRate = base * args.workers
+        if verbose:
+            print(f"--scale_lr: learning rate {base:g} x {args.workers} worker(s) = {args.learningRate:g}")
+    elif args.workers > 1 and verbose:
+        print(f"note: learning rate {args.learningRate:g} is not scaled for the {args.workers}x larger global batch "
+              f"(--scale_lr multiplies it by {args.workers})")
 
 
 def load_validation_data(args):
@@ -301,11 +353,12 @@ def load_validation_data(args):
 class Validator:
     """Accuracy on the test split every `every` epochs (and after the last); keeps the best network as best.ckpt."""
 
-    def __init__(self, net, dataset, every, savedir):
-        self.net, self.dataset, self.every = net, dataset, every
+    def __init__(self, net, dataset, every, savedir, writer=True):
+        self.net, self.dataset, self.every, self.writer = net, dataset, every, writer
         self.path = os.path.join(savedir, BEST_FILE)
-        self.best = previous_best(self.path)  # an earlier run's better model in this folder is kept
+        self.best = previous_best(self.path) if writer else None  # an earlier run's better model here is kept
         self.failure = None  # (path, reason) when best.ckpt could not be written
+        self.last = None  # the latest accuracy
 
     def __call__(self, epoch, last):
         if epoch % self.every and not last:
@@ -313,7 +366,9 @@ class Validator:
         self.net.set_train(False)
         predictions, labels = evaluate.predict(self.net, self.dataset)
         self.net.set_train(True)
-        accuracy = float((predictions == labels).mean())
+        accuracy = self.last = float((predictions == labels).mean())
+        if not self.writer:
+            return accuracy
         better = self.best is None or accuracy > self.best
         print(f"validation accuracy {100 * accuracy:.2f}% on {len(labels)} test images"
               + (f" (best so far: {self.path})" if better else f" (best: {100 * self.best:.2f}%)"), flush=True)
@@ -344,14 +399,16 @@ class Checkpointer(Callback):
     The training state is everything --resume needs: the network with its QAT observers, the
     optimizer's moments and step count (hence the learning-rate schedule's position), and
     epoch_num, step_num and steps_per_epoch. Nothing is saved once the loss has diverged. A
-    save that fails (disk full) stops training; `failure` says which file and why.
+    save that fails (disk full) stops training; `failure` says which file and why. Only a
+    `writer` saves; the other workers of a data-parallel run check the weights as it does.
     """
 
-    def __init__(self, train_net, savedir, prefix, steps_per_epoch, save_steps, keep, first_step, guard):
+    def __init__(self, train_net, savedir, prefix, steps_per_epoch, save_steps, keep, first_step, guard,
+                 writer=True):
         super().__init__()
         self.train_net, self.savedir, self.prefix = train_net, savedir, prefix
         self.steps_per_epoch, self.save_steps, self.keep = steps_per_epoch, save_steps, keep
-        self.first_step, self.guard = first_step, guard
+        self.first_step, self.guard, self.writer = first_step, guard, writer
         self.latest, self.failure = None, None
 
     def on_train_step_end(self, run_context):
@@ -363,7 +420,7 @@ class Checkpointer(Callback):
             return
         if not all(np.isfinite(p.asnumpy()).all() for p in self.train_net.trainable_params()):
             self.guard.diverged = (step, "the updated weights are not finite")
-        else:
+        elif self.writer:
             self.save(step, interrupt=self.guard.signal is not None)
         if self.failure or self.guard.diverged is not None:
             run_context.request_stop()
@@ -476,7 +533,8 @@ def find_resume_checkpoint(spec, savedir):
         except (ValueError, RuntimeError, TypeError, OSError) as e:
             cli.fail(f"--resume {spec} is not a readable MindSpore checkpoint ({evaluate.first_line(e)}); "
                      "give a checkpoint written by train.py")
-    paths = [os.path.join(savedir, name) for name in os.listdir(savedir) if CHECKPOINT_NAME.match(name)]
+    names = os.listdir(savedir) if os.path.isdir(savedir) else []  # (a data-parallel worker on another host)
+    paths = [os.path.join(savedir, name) for name in names if CHECKPOINT_NAME.match(name)]
     for path in sorted(paths, key=os.path.getmtime, reverse=True):
         try:
             return path, evaluate.read_checkpoint(path)
@@ -506,7 +564,7 @@ def resume(train_net, resumed, steps_per_epoch, args):
     step, saved_steps = int(params["step_num"].asnumpy()), int(params["steps_per_epoch"].asnumpy())
     if saved_steps != steps_per_epoch:
         cli.fail(f"--resume {path} was trained with {saved_steps} steps per epoch, this run has {steps_per_epoch}; "
-                 "resume with the checkpoint's -bsize, -repeatNum and --num_samples")
+                 "resume with the checkpoint's -bsize, -repeatNum, --num_samples and number of workers")
     if step >= args.epoch * steps_per_epoch:
         cli.fail(f"--resume {path} has already trained {step // steps_per_epoch} epochs; ask for more with -e")
     ms.load_param_into_net(train_net, {name: params[name] for name in own}, strict_load=True)
@@ -591,14 +649,16 @@ class Progress(Callback):
     epoch's training steps (leaving out the run's first step, the graph compilation, and the
     validation), time elapsed and the estimated time left.
     Steps count from the start of the run, also when it was resumed at `first_step`.
+    `batch_size` is the global batch (all workers'). Only a `writer` prints and logs; the
+    other workers of a data-parallel run only validate along.
     """
 
     def __init__(self, batch_size, steps_per_epoch, epochs, first_step, every, metrics_path, optimizer, guard,
-                 validate=None):
+                 validate=None, writer=True):
         super().__init__()
         self.batch_size, self.steps_per_epoch, self.epochs = batch_size, steps_per_epoch, epochs
         self.first_step, self.every, self.metrics_path = first_step, every, metrics_path
-        self.optimizer, self.guard, self.validate = optimizer, guard, validate
+        self.optimizer, self.guard, self.validate, self.writer = optimizer, guard, validate, writer
         self.total = epochs * steps_per_epoch
 
     def on_train_begin(self, run_context):
@@ -611,6 +671,8 @@ class Progress(Callback):
         self.losses = []
 
     def on_train_step_end(self, run_context):
+        if not self.writer:
+            return
         cb = run_context.original_args()
         self.losses.append(loss_value(cb.net_outputs))
         now = time.time()
@@ -636,6 +698,10 @@ class Progress(Callback):
         if self.guard.stopped:  # an interrupted or diverged epoch is neither validated nor logged
             return
         cb = run_context.original_args()
+        if not self.writer:
+            if self.validate:
+                self.validate(cb.cur_epoch_num, cb.cur_epoch_num == self.epochs)
+            return
         now = time.time()
         step = self.first_step + cb.cur_step_num
         speed = self.epoch_timed_steps * self.batch_size / self.epoch_timed_time if self.epoch_timed_steps else None

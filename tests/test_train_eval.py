@@ -177,6 +177,7 @@ def test_train_refuses_bad_data(kind, fragments, tmp_path, savedir, capsys):
     (["--eval_every", "-1"], "--eval_every: must be 0 or more"),
     (["--amp", "O2"], "--amp O2 needs a GPU"),
     (["--amp", "O3"], "--amp: invalid choice: 'O3'"),
+    (["--distributed"], "--distributed: this process was not started by msrun (MS_ROLE"),
 ])
 def test_train_refuses_bad_flags(flags, fragment, synthetic_dir, savedir, capsys):
     before = snapshot(savedir)
