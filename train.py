@@ -3,6 +3,7 @@
     python train.py                                              # the seed's run: QAT, Adam, 40 epochs
     python train.py -bsize 128 -e 40 -opt momentum -lr 0.05      # the seed's flags
     python train.py -data data/demo -e 2 --num_samples 1024      # a quick trial on synthetic data
+    msrun --worker_num=4 --local_worker_num=4 --join=True train.py --scale_lr   # data parallel on 4 GPUs
 
 Writes `<prefix>-<epoch>_<step>.ckpt` after every epoch into the save directory (-dir,
 default checkpoints/), `args.json` with the resolved arguments, appends one line per epoch

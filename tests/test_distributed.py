@@ -35,7 +35,8 @@ def msrun(workers, log_dir, *argv):
 def test_two_workers_train_one_model(synthetic_dir, tmp_path):
     savedir, logs = tmp_path / "run", tmp_path / "logs"
     result = msrun(2, logs, "-data", synthetic_dir, "-dir", str(savedir), "-e", "1", "-bsize", "8",
-                   "--num_samples", "64", "--save_steps", "2", "--val_samples", "100", "--scale_lr")
+                   "--num_samples", "64", "--save_steps", "2", "--val_samples", "100", "--scale_lr",
+                   "--distributed")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     # One set of checkpoints, written by worker 0 only: steps 2 and 4 of 64 / 2 workers / batch 8.
