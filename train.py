@@ -557,6 +557,10 @@ def resume(train_net, resumed, steps_per_epoch, args):
     if trained_as != this_run:
         cli.fail(f"--resume {path} was trained as {trained_as}, but this run trains {this_run}; "
                  "resume with the checkpoint's settings (see args.json beside it)")
+    delays = {int(value.asnumpy()) for name, value in params.items() if name.endswith(".quant_delay")}
+    if delays and delays != {args.quant_delay}:
+        cli.fail(f"--resume {path} was trained with --quant_delay {min(delays)}, this run has {args.quant_delay}; "
+                 "resume with the checkpoint's settings (see args.json beside it)")
     own = {p.name: p.shape for p in train_net.get_parameters() if p.name != "learning_rate"}
     mismatch = evaluate.describe_mismatch(own, params, ignored=lambda name: name in RUN_RECORDS)
     if mismatch:

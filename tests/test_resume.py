@@ -17,6 +17,7 @@ from test_train_eval import expect_error
     ("bn_fold", ["-e", "5", "--bn_fold"], ["was trained as QAT, but this run trains QAT with --bn_fold"]),
     ("optimizer", ["-e", "5", "-opt", "momentum"],
      ["does not match this run's network and optimizer", "parameters missing (e.g. momentum, moments.conv1", "-opt"]),
+    ("quant_delay", ["-e", "5", "--quant_delay", "3"], ["was trained with --quant_delay 0, this run has 3"]),
     ("network only", ["-e", "5"], ["holds no training state", "best.ckpt"]),
     ("missing", [], ["does not exist", "--resume"]),
     ("garbage", [], ["is not a readable MindSpore checkpoint"]),
