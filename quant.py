@@ -129,8 +129,9 @@ class FakeQuant(nn.Cell):
 
     Gradient (straight-through): 1 inside [lower, upper], 0 outside. A cell with its own bprop,
     because autodiff through the ops would keep x and each intermediate for the backward pass;
-    this one keeps the output and a one-byte mask of the clipped elements, which it returns as
-    a second output. With bounds -inf, inf, scale 1 and rounding 0, x passes through unchanged.
+    this one keeps the output and a one-byte mask of the elements inside the range, which it
+    returns as a second output. With bounds -inf, inf, scale 1 and rounding 0, x passes through
+    unchanged.
     """
 
     def __init__(self, relu=False):
@@ -139,11 +140,15 @@ class FakeQuant(nn.Cell):
 
     def construct(self, x, lower, upper, scale, rounding):
         clipped = ops.minimum(ops.relu(x) if self.relu else ops.maximum(x, lower), upper)
-        return round_half_even(clipped * (1 / scale), rounding) * scale, clipped != x
+        return round_half_even(clipped * (1 / scale), rounding) * scale, clipped == x
 
     def bprop(self, x, lower, upper, scale, rounding, out, dout):
+        # dout times the mask as 0/1 floats: MaskedFill's CPU kernel branches on every element and is
+        # several times as slow on a mask that is true half the time (a ReLU's). The depend makes the
+        # float mask only when the gradient arrives, not all of them at once after the forward pass.
+        inside = ops.depend(out[1], dout[0]).astype(dout[0].dtype)
         no_gradient = ops.zeros_like(scale)
-        return ops.masked_fill(dout[0], out[1], 0.0), no_gradient, no_gradient, no_gradient, no_gradient
+        return dout[0] * inside, no_gradient, no_gradient, no_gradient, no_gradient
 
 
 class ActQuant(nn.Cell):
