@@ -26,9 +26,10 @@ FakeQuantWithMinMaxVars).
 
 Cost (bench.py): the activation quantizers are cells with their own backward pass, which keeps
 only the quantized output and a one-byte mask; a ConvBN's or residual join's ReLU is the lower
-clip of its output quantizer; rounding is two additions; min/max use ops.aminmax and ops.max,
-several times as fast as ReduceMin/ReduceMax on CPU. `freeze(net)` quantizes the weights once
-for inference (eval.py), instead of on every batch.
+clip of its output quantizer; in training, the clip is one ReLU6 of x mapped to [0, 6]
+(`ClipQuant`); rounding is two additions; min/max use ops.aminmax and ops.max, several times as
+fast as ReduceMin/ReduceMax on CPU. `freeze(net)` quantizes the weights once for inference
+(eval.py), instead of on every batch.
 
 Why our own fake-quant: `mindspore.compression` (the API the 2021 seed used) is gone since
 MindSpore 2.0, Golden Stick's SimQAT is GPU-only, and the FakeQuant* primitives have no CPU
@@ -151,6 +152,36 @@ class FakeQuant(nn.Cell):
         return dout[0] * inside, no_gradient, no_gradient, no_gradient, no_gradient
 
 
+class ClipQuant(nn.Cell):
+    """FakeQuant, always active, for training: x mapped to [0, 6] so that ReLU6 clips it.
+
+    ReLU6 is one fast CPU kernel, where ReLU (or Maximum) and Minimum are two slow ones; the
+    mapping costs one multiplication (and an addition where the zero point is not 0).
+    Quantization to integer levels 0..`levels` with this zero point and scale:
+    [lower, upper] = [-zero_point, levels - zero_point] * scale maps to [0, 6], and the clipped
+    value times levels / 6, minus the zero point, is rounded. Same results as FakeQuant but
+    where the two float computations round a tie differently; same gradient.
+    """
+
+    def __init__(self, levels, relu=False):
+        super().__init__()
+        self.levels = levels
+        self.relu = relu  # the zero point is 0: no addition
+        self.rounding = Tensor(ROUNDING, ms.float32)
+
+    def construct(self, x, zero_point, scale):
+        to_six = 6.0 / (self.levels * scale)
+        mapped = x * to_six if self.relu else x * to_six + zero_point * (6.0 / self.levels)
+        clipped = ops.relu6(mapped)
+        shifted = clipped * (self.levels / 6.0) + (self.rounding - zero_point)  # rounded to an integer
+        return (shifted - self.rounding) * scale, clipped == mapped
+
+    def bprop(self, x, zero_point, scale, out, dout):
+        inside = ops.depend(out[1], dout[0]).astype(dout[0].dtype)  # as in FakeQuant
+        no_gradient = ops.zeros_like(scale)
+        return dout[0] * inside, no_gradient, no_gradient
+
+
 class ActQuant(nn.Cell):
     """Observer plus fake quantization of one activation tensor.
 
@@ -163,6 +194,7 @@ class ActQuant(nn.Cell):
         self.levels = 2 ** config.act_bits - 1
         self.relu = relu
         self.fake_quant = FakeQuant(relu)
+        self.clip_quant = ClipQuant(self.levels, relu)
         self.decay = config.ema_decay
         # A Parameter, not an attribute, so that a checkpoint carries it and eval quantizes as training did.
         self.quant_delay = Parameter(Tensor(config.quant_delay, ms.int32), name="quant_delay", requires_grad=False)
@@ -191,13 +223,13 @@ class ActQuant(nn.Cell):
             # After n training steps, eval matches the last of them: quantized when n > quant_delay.
             active = self.steps > self.quant_delay
         scale, zero_point = activation_qparams(low, high, self.levels)
-        lower, upper, rounding = -zero_point * scale, (self.levels - zero_point) * scale, self.rounding
-        if self.delayed or not self.training:
-            # Inactive: no bounds (but the ReLU's), scale 1, no rounding, so x passes through.
-            lower = ops.select(active, lower, self.no_bound)
-            upper = ops.select(active, upper, self.infinity)
-            scale = ops.select(active, scale, self.one)
-            rounding = ops.select(active, rounding, self.no_rounding)
+        if self.training and not self.delayed:  # always active: the faster clip
+            return self.clip_quant(x, zero_point, scale)[0].astype(dtype)
+        # Inactive: no bounds (but the ReLU's), scale 1, no rounding, so x passes through.
+        lower = ops.select(active, -zero_point * scale, self.no_bound)
+        upper = ops.select(active, (self.levels - zero_point) * scale, self.infinity)
+        scale = ops.select(active, scale, self.one)
+        rounding = ops.select(active, self.rounding, self.no_rounding)
         return self.fake_quant(x, lower, upper, scale, rounding)[0].astype(dtype)
 
     def _observe(self, x):

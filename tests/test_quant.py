@@ -91,6 +91,31 @@ def test_relu_quantization_is_relu_then_quantization():
     np.testing.assert_array_equal(ms.grad(loss)(x).asnumpy(), [0, 0, 1, 1, 1, 0])
 
 
+@pytest.mark.parametrize("relu", [False, True])
+def test_training_quantization_agrees_with_eval(relu):
+    """Training's ReLU6 clip (ClipQuant) computes what eval's FakeQuant does, with the same gradient."""
+    act = ActQuant(QuantConfig(ema_decay=1.0), relu=relu)  # the first batch's range, kept
+    act.set_train(True)
+    act(ms.Tensor(np.array([-1.0, 3.0], np.float32)))
+    x = ms.Tensor(np.linspace(-2.0, 5.0, 3001, dtype=np.float32))
+    def loss(v):
+        return (act(v) * 2.0).sum()
+
+    trained, grad = act(x).asnumpy(), ms.grad(loss)(x).asnumpy()
+    act.set_train(False)
+    evaluated = act(x).asnumpy()
+    scale = (3.0 if relu else 4.0) / 255
+    lower = 0.0 if relu else -np.round(1.0 / scale) * scale  # the zero point is an integer
+    upper = lower + 255 * scale
+    levels = np.round((trained - lower) / scale)
+    np.testing.assert_allclose(levels * scale + lower, trained, atol=1e-5)   # on the grid
+    assert levels.min() == 0 and levels.max() == 255                         # clipped to 8 bits
+    assert (trained == evaluated).mean() > 0.999                             # ties may round apart
+    np.testing.assert_allclose(trained, evaluated, atol=scale * 1.001)
+    inside = (x.asnumpy() >= lower) & (x.asnumpy() <= upper)
+    np.testing.assert_array_equal(grad, 2.0 * inside)
+
+
 def observer_state(cell):
     return cell.min_val.asnumpy().item(), cell.max_val.asnumpy().item(), cell.steps.asnumpy().item()
 
