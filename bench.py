@@ -36,7 +36,7 @@ def get_args_parser():
     parser.add_argument("--device", choices=cli.DEVICES, default="auto", help="device to train on")
     parser.add_argument("--batch", type=cli.positive_int, default=32, help="training batch size")
     parser.add_argument("--steps", type=cli.positive_int, default=8, help="timed training steps per run")
-    parser.add_argument("--repeats", type=cli.positive_int, default=2,
+    parser.add_argument("--repeats", type=cli.positive_int, default=3,
                         help="training runs of each of float32 and QAT (fresh processes, alternating)")
     parser.add_argument("--eval_images", type=cli.positive_int, default=500, help="images per evaluation pass")
     parser.add_argument("--int8_images", type=cli.positive_int, default=200,
