@@ -208,6 +208,8 @@ def main(argv=None):
 def report_stop(guard, checkpoints, steps_per_epoch, validate=None):
     """Exit as the documented code says when training did not run to the end."""
     last = checkpoints.latest or "none (train again from the start)"
+    if not checkpoints.writer:  # another worker of a data-parallel run; worker 0 saves and names them
+        last = "worker 0's latest"
     failure = checkpoints.failure or (validate.failure if validate else None)
     if failure:
         path, reason = failure
@@ -221,7 +223,7 @@ def report_stop(guard, checkpoints, steps_per_epoch, validate=None):
                  "(or add --warmup_epochs) and continue with --resume auto", code=EXIT_DIVERGED)
     if guard.signal is not None:
         name = signal.Signals(guard.signal).name
-        print(f"interrupted by {name}; checkpoint: {checkpoints.latest}", flush=True)
+        print(f"interrupted by {name}; checkpoint: {checkpoints.latest if checkpoints.writer else last}", flush=True)
         print("to continue, run the same command with --resume auto", flush=True)
         raise SystemExit(128 + guard.signal)
 

@@ -175,3 +175,16 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys
     assert exit_info.value.code == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "No space left on device" in err and f"{good}, is intact" in err
+
+
+def test_an_interrupted_worker_that_does_not_save_names_worker_0s_checkpoint(tmp_path, capsys):
+    """In a data-parallel run only worker 0 saves: the others point to its checkpoint, not to 'None'."""
+    guard = train.Guard(first_step=0)
+    saver = train.Checkpointer(nn.Dense(3, 2), str(tmp_path), None, steps_per_epoch=2, save_steps=0,
+                               keep=5, first_step=0, guard=guard, writer=False)
+    guard.signal = signal.SIGINT
+    with pytest.raises(SystemExit) as exit_info:
+        train.report_stop(guard, saver, steps_per_epoch=2)
+    assert exit_info.value.code == 128 + signal.SIGINT
+    out = capsys.readouterr().out
+    assert "interrupted by SIGINT; checkpoint: worker 0's latest" in out and "None" not in out
