@@ -144,12 +144,17 @@ class FakeQuant(nn.Cell):
         return round_half_even(clipped * (1 / scale), rounding) * scale, clipped == x
 
     def bprop(self, x, lower, upper, scale, rounding, out, dout):
-        # dout times the mask as 0/1 floats: MaskedFill's CPU kernel branches on every element and is
-        # several times as slow on a mask that is true half the time (a ReLU's). The depend makes the
-        # float mask only when the gradient arrives, not all of them at once after the forward pass.
-        inside = ops.depend(out[1], dout[0]).astype(dout[0].dtype)
         no_gradient = ops.zeros_like(scale)
-        return dout[0] * inside, no_gradient, no_gradient, no_gradient, no_gradient
+        return straight_through(out, dout), no_gradient, no_gradient, no_gradient, no_gradient
+
+
+def straight_through(out, dout):
+    """The gradient of a fake quantization (output, mask) = out: dout inside the range, 0 outside."""
+    # dout times the mask as 0/1 floats: MaskedFill's CPU kernel branches on every element and is
+    # several times as slow on a mask that is true half the time (a ReLU's). The depend makes the
+    # float mask only when the gradient arrives, not all of them at once after the forward pass.
+    inside = ops.depend(out[1], dout[0]).astype(dout[0].dtype)
+    return dout[0] * inside
 
 
 class ClipQuant(nn.Cell):
@@ -177,9 +182,8 @@ class ClipQuant(nn.Cell):
         return (shifted - self.rounding) * scale, clipped == mapped
 
     def bprop(self, x, zero_point, scale, out, dout):
-        inside = ops.depend(out[1], dout[0]).astype(dout[0].dtype)  # as in FakeQuant
         no_gradient = ops.zeros_like(scale)
-        return dout[0] * inside, no_gradient, no_gradient
+        return straight_through(out, dout), no_gradient, no_gradient
 
 
 class ActQuant(nn.Cell):
