@@ -223,7 +223,7 @@ def report_stop(guard, checkpoints, steps_per_epoch, validate=None):
                  "(or add --warmup_epochs) and continue with --resume auto", code=EXIT_DIVERGED)
     if guard.signal is not None:
         name = signal.Signals(guard.signal).name
-        print(f"interrupted by {name}; checkpoint: {checkpoints.latest if checkpoints.writer else last}", flush=True)
+        print(f"interrupted by {name}; checkpoint: {last}", flush=True)
         print("to continue, run the same command with --resume auto", flush=True)
         raise SystemExit(128 + guard.signal)
 
