@@ -24,16 +24,24 @@ import sys
 import tempfile
 import time
 
+import checkpoint
 import cli
+import export
+import inference
 import preprocess
+import train
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 EVAL_BATCH = 100
 
 
+class MeasurementFailed(Exception):
+    """A measurement's process failed; the message is its last error line."""
+
+
 def get_args_parser():
     parser = cli.ArgumentParser(prog="bench.py", description=__doc__.split("\n")[0])
-    parser.add_argument("--device", choices=cli.DEVICES, default="auto", help="device to train on")
+    cli.add_device_argument(parser, help="device to train on")
     parser.add_argument("--batch", type=cli.positive_int, default=32, help="training batch size")
     parser.add_argument("--steps", type=cli.positive_int, default=8, help="timed training steps per run")
     parser.add_argument("--repeats", type=cli.positive_int, default=3,
@@ -60,6 +68,16 @@ def main(argv=None):
     if args.worker:
         print(json.dumps(WORKERS[args.worker](args)))
         return None
+    try:
+        return benchmark(args)
+    except cli.InputError as e:
+        cli.fail(str(e))
+    except MeasurementFailed as e:
+        cli.fail(str(e), code=1)
+
+
+def benchmark(args):
+    """Every measurement; prints the report and returns the figures."""
     with tempfile.TemporaryDirectory() as tmp:
         args.data = os.path.join(tmp, "data")
         preprocess.write_synthetic(args.data, seed=0)
@@ -81,22 +99,24 @@ def main(argv=None):
 
 def worker(kind, args):
     """Run one measurement in a fresh process (its own graph compilation and peak memory)."""
-    argv = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--data", args.data,
-            "--checkpoint", args.checkpoint, "--device", args.device, "--batch", str(args.batch),
-            "--steps", str(args.steps), "--eval_images", str(args.eval_images),
-            "--int8_images", str(args.int8_images)]
-    result = subprocess.run(argv, capture_output=True, text=True)
+    stdout = run_script(f"the {kind} measurement", "bench.py", "--worker", kind, "--data", args.data,
+                        "--checkpoint", args.checkpoint, "--device", args.device, "--batch", str(args.batch),
+                        "--steps", str(args.steps), "--eval_images", str(args.eval_images),
+                        "--int8_images", str(args.int8_images))
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def run_script(what, script, *argv):
+    """Run one of the project's scripts in a fresh Python process; its stdout, or MeasurementFailed."""
+    result = subprocess.run([sys.executable, os.path.join(ROOT, script), *argv], capture_output=True, text=True)
     if result.returncode:
         lines = result.stderr.strip().splitlines()
-        cli.fail(f"the {kind} measurement failed: {lines[-1] if lines else result.returncode}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+        raise MeasurementFailed(f"{what} failed: {lines[-1] if lines else result.returncode}")
+    return result.stdout
 
 
 def train_worker(args):
     """Time train.py's training step on one fixed batch: the first step (graph compilation), then --steps."""
-    import mindspore as ms
-    import train
-
     device = cli.setup_device(args.device)
     flags = ["-bsize", str(args.batch), "--device", device, "--qat" if args.worker == "qat" else "--no-qat"]
     train_args = train.get_args_parser().parse_args(flags)
@@ -113,31 +133,27 @@ def train_worker(args):
         start = time.perf_counter()
         step(images, labels).asnumpy()
         times.append(time.perf_counter() - start)
-    ms.save_checkpoint(net, args.checkpoint)
+    checkpoint.save(net, args.checkpoint, {})
     return {"device": device, "first_step_s": first_step_s, "step_s": times, "peak_rss_mb": peak_rss_mb()}
 
 
 def eval_worker(args):
     """Images/s of eval.py's forward pass on a checkpoint, and of the int8 reference of its export."""
-    import eval as evaluate
-    import export
-    import int8
-
     cli.setup_device(args.device)
-    model, _, _ = evaluate.load_model(args.checkpoint)
+    model = inference.load_model(args.checkpoint)
     dataset = preprocess.create_dataset(args.data, training=False, batch_size=EVAL_BATCH, num_samples=args.eval_images)
-    evaluate.predict(model, dataset)  # warm-up: graph compilation
-    eval_ips = statistics.median(timed_ips(evaluate.predict, model, dataset) for _ in range(3))
+    inference.predict(model, dataset)  # warm-up: graph compilation
+    eval_ips = statistics.median(timed_ips(model, dataset) for _ in range(3))
     int8_path = args.checkpoint + ".npz"
-    int8.save(int8_path, *export.int8_model(model))
-    int8_model = int8.load(int8_path)
+    export.export(argparse.Namespace(check_point=args.checkpoint, output=int8_path, format="int8", device=args.device))
+    int8_model = inference.load_model(int8_path)
     small = preprocess.create_dataset(args.data, training=False, batch_size=EVAL_BATCH, num_samples=args.int8_images)
-    return {"eval_ips": eval_ips, "int8_ips": timed_ips(evaluate.predict, int8_model, small)}
+    return {"eval_ips": eval_ips, "int8_ips": timed_ips(int8_model, small)}
 
 
-def timed_ips(predict, model, dataset):
+def timed_ips(model, dataset):
     start = time.perf_counter()
-    predictions, _ = predict(model, dataset)
+    predictions, _ = inference.predict(model, dataset)
     return len(predictions) / (time.perf_counter() - start)
 
 
@@ -167,7 +183,8 @@ def summarize(args, runs, evaluation, pipeline):
     float_ips, float_range = speeds("float")
     qat_ips, qat_range = speeds("qat")
     # Per repeat (float and QAT run back to back), the ratio of median step times: its spread is this machine's noise.
-    ratios = [statistics.median(q["step_s"]) / statistics.median(f["step_s"]) for f, q in zip(runs["float"], runs["qat"])]
+    ratios = [statistics.median(q["step_s"]) / statistics.median(f["step_s"])
+              for f, q in zip(runs["float"], runs["qat"], strict=True)]
     return {"device": runs["qat"][0]["device"], "batch": args.batch, "steps": args.steps,
             "repeats": args.repeats, "onednn_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", cli.ONEDNN_ISA),
             "train_ips_float": float_ips, "train_ips_float_range": float_range,
@@ -182,10 +199,12 @@ def summarize(args, runs, evaluation, pipeline):
 
 
 def report(r):
-    print(f"training on {r['device']}, batch {r['batch']}, {r['repeats']} x {r['steps']} steps: float32 {r['train_ips_float']:.1f} "
-          f"images/s, QAT {r['train_ips_qat']:.1f}; QAT step / float step {r['qat_over_float']:.3f} "
+    print(f"training on {r['device']}, batch {r['batch']}, {r['repeats']} x {r['steps']} steps: "
+          f"float32 {r['train_ips_float']:.1f} images/s, QAT {r['train_ips_qat']:.1f}; "
+          f"QAT step / float step {r['qat_over_float']:.3f} "
           f"(per repeat {', '.join(f'{x:.3f}' for x in r['qat_over_float_per_repeat'])})")
-    print(f"first training step (graph compilation): QAT {r['first_step_s']:.1f} s, float32 {r['first_step_s_float']:.1f} s")
+    print(f"first training step (graph compilation): QAT {r['first_step_s']:.1f} s, "
+          f"float32 {r['first_step_s_float']:.1f} s")
     print(f"peak memory: float32 {r['peak_rss_mb']:.0f} MB, QAT {r['peak_rss_mb_qat']:.0f} MB "
           f"({r['peak_rss_mb_qat'] / r['peak_rss_mb']:.2f}x)")
     print(f"evaluation, batch {r['eval_batch']}: QAT checkpoint {r['eval_ips']:.1f} images/s, "
@@ -211,13 +230,9 @@ def validation_cost(args, tmp):
 
 def train_run(args, folder, eval_every):
     """Median per-epoch figures (metrics.jsonl) of one QAT train.py run, leaving out the first epoch (compilation)."""
-    argv = [sys.executable, os.path.join(ROOT, "train.py"), "-data", args.data, "-dir", folder,
-            "-e", str(args.epochs), "-bsize", str(args.batch), "--num_samples", str(args.batch * args.steps),
-            "--eval_every", str(eval_every), "--val_samples", str(args.val_samples), "--device", args.device]
-    result = subprocess.run(argv, capture_output=True, text=True)
-    if result.returncode:
-        lines = result.stderr.strip().splitlines()
-        cli.fail(f"train.py failed: {lines[-1] if lines else result.returncode}")
+    run_script("train.py", "train.py", "-data", args.data, "-dir", folder, "-e", str(args.epochs),
+               "-bsize", str(args.batch), "--num_samples", str(args.batch * args.steps),
+               "--eval_every", str(eval_every), "--val_samples", str(args.val_samples), "--device", args.device)
     with open(os.path.join(folder, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]
     later = records[1:] or records

@@ -1,8 +1,11 @@
-"""Command-line plumbing shared by train.py, eval.py and preprocess.py.
+"""Command-line plumbing shared by every script: bad input, argument types, the device.
 
-- `fail(message)`: the one way a script reports bad input: one `error:` line on
-  stderr, exit code 2, no traceback.
-- `ArgumentParser`: argparse with that same one-line error format, and defaults in -h.
+- `InputError`: what helpers raise for bad input (a missing file, a foreign checkpoint, a
+  flag that cannot work); its message says what is wrong and how to fix it.
+- `fail(message)`: how a script's `main` reports it: one `error:` line on stderr, exit
+  status 2 (or `code`), no traceback.
+- `ArgumentParser`: argparse with that same one-line error, and defaults in -h;
+  `add_device_argument(parser)` gives every script the same `--device`.
 - `setup_device(name)`: picks CPU or GPU and sets MindSpore's context.
 
 Import this module before MindSpore: it quiets MindSpore's log (GLOG_v), which is
@@ -20,15 +23,25 @@ os.environ.setdefault("GLOG_v", "3")
 import mindspore as ms  # noqa: E402  (after GLOG_v on purpose)
 
 DEVICES = ("auto", "CPU", "GPU")
-# Measured on AVX-512 EPYC CPUs with MindSpore 2.10: oneDNN otherwise picks a reference
+# Measured on AVX-512 CPUs with MindSpore 2.10: oneDNN otherwise picks a reference
 # convolution (0.6 training images/s for ResNet-18); with AVX2 it uses jit GEMM (40 images/s).
 ONEDNN_ISA = "AVX2"
+
+
+class InputError(Exception):
+    """Bad input; the message names the problem and the fix. A script's main reports it with `fail`."""
 
 
 def fail(message, code=2):
     """Report a problem the way every script does: one `error:` line, exit status 2 (bad input) or `code`."""
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(code)
+
+
+def first_line(error):
+    """The first line of an exception's message (MindSpore's run to dozens of lines), or its type."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -45,6 +58,10 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         fail(f"{message} (see: python {self.prog} -h)")
+
+
+def add_device_argument(parser, help="auto: GPU when MindSpore has a GPU backend, else CPU"):
+    parser.add_argument("--device", choices=DEVICES, default="auto", help=help)
 
 
 def positive_int(text):
@@ -93,8 +110,8 @@ def setup_device(name="auto", pynative=False):
     """Resolve `auto`, check that the device exists, set GRAPH_MODE (or PYNATIVE_MODE) on it; return "CPU" or "GPU"."""
     gpu = ms.hal.is_available("GPU")
     if name == "GPU" and not gpu:
-        fail("--device GPU: this MindSpore has no usable GPU backend (it needs an NVIDIA driver "
-             "and the CUDA 11.1 or 11.6 libraries with cuDNN, see README); use --device CPU")
+        raise InputError("--device GPU: this MindSpore has no usable GPU backend (it needs an NVIDIA driver "
+                         "and the CUDA 11.1 or 11.6 libraries with cuDNN, see docs/devices.md); use --device CPU")
     if name == "auto":
         name = "GPU" if gpu else "CPU"
         if name == "CPU":

@@ -12,20 +12,17 @@
 
 The output is written under a temporary name and renamed into place when complete.
 """
-import cli  # noqa: F401  (first: quiets MindSpore's log before it loads)
+import cli  # noqa: I001  (first: quiets MindSpore's log before it loads)
 
 import os
-import tempfile
 
 import mindspore as ms
-import mindspore.nn as nn
 import numpy as np
 
-import eval as evaluate
+import checkpoint
 import int8
 import preprocess
 import quant
-from resnetv2 import Bottleneck
 
 FORMATS = {"mindir": ".mindir", "int8": ".int8.npz"}
 
@@ -37,28 +34,36 @@ def get_args_parser():
     parser.add_argument("-o", "--output", default=None,
                         help="output file (default: the checkpoint's path with .mindir or .int8.npz)")
     parser.add_argument("--batch", type=cli.positive_int, default=1, help="batch size fixed in the MindIR graph")
-    parser.add_argument("--device", choices=cli.DEVICES, default="auto",
-                        help="auto: GPU when MindSpore has a GPU backend, else CPU")
+    cli.add_device_argument(parser)
     return parser
 
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
+    try:
+        return export(args)
+    except cli.InputError as e:
+        cli.fail(str(e))
+
+
+def export(args):
+    """Write the model file; return its path."""
     if not args.check_point.endswith(".ckpt"):
-        cli.fail(f"{args.check_point} is not a .ckpt file; export.py reads checkpoints written by train.py")
+        raise cli.InputError(f"{args.check_point} is not a .ckpt file; export.py reads checkpoints written by train.py")
     output = args.output or args.check_point[: -len(".ckpt")] + FORMATS[args.format]
     check_output(output)
     cli.setup_device(args.device)
-    net, config = evaluate.load_network(args.check_point)
+    net, config = checkpoint.load_network(args.check_point, preprocess.NUM_CLASSES)
     if args.format == "int8":
         if config is None:
-            cli.fail(f"{args.check_point} is a float32 checkpoint; int8 export needs a QAT one (train without --no-qat)")
-        header, arrays = int8_model(net)
+            raise cli.InputError(f"{args.check_point} is a float32 checkpoint; int8 export needs a QAT one "
+                                 "(train without --no-qat)")
+        header, arrays = int8_model(net, config)
         header["source"] = os.path.basename(args.check_point)
-        write_atomically(output, lambda tmp: int8.save(tmp, header, arrays))
+        write(output, lambda tmp: int8.save(tmp, header, arrays))
     else:
         image = ms.Tensor(np.zeros((args.batch, 3, preprocess.IMAGE_SIZE, preprocess.IMAGE_SIZE), np.float32))
-        write_atomically(output, lambda tmp: ms.export(net, image, file_name=tmp, file_format="MINDIR"))
+        write(output, lambda tmp: write_mindir(net, image, tmp))
     report_sizes(net, output)
     return output
 
@@ -66,27 +71,23 @@ def main(argv=None):
 def check_output(path):
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
-        cli.fail(f"output {path} is a folder; give a file name with -o")
+        raise cli.InputError(f"output {path} is a folder; give a file name with -o")
     if not os.path.isdir(folder):
-        cli.fail(f"output folder {folder} does not exist; create it or give another -o")
+        raise cli.InputError(f"output folder {folder} does not exist; create it or give another -o")
 
 
-def write_atomically(path, write):
-    """write(tmp) into a temporary file beside `path`, then rename it to `path`; no partial file on failure."""
-    folder, name = os.path.split(os.path.abspath(path))
-    suffix = ".mindir" if name.endswith(".mindir") else ".tmp"  # mindspore.export appends .mindir otherwise
-    tmp = None
+def write(path, write_file):
+    """write_file(tmp), then into place at `path`, readable by the runtime's user; no partial file on failure."""
     try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=suffix)
-        os.close(fd)
-        write(tmp)
-        os.chmod(tmp, 0o644)  # a deployable file, readable by the runtime's user (mkstemp and export make it private)
-        os.replace(tmp, path)
+        checkpoint.write_atomically(path, write_file, mode=0o644)
     except (OSError, RuntimeError) as e:
-        cli.fail(f"cannot write {path} ({getattr(e, 'strerror', None) or e}); give a writable -o")
-    finally:
-        if tmp and os.path.exists(tmp):
-            os.remove(tmp)
+        raise cli.InputError(f"cannot write {path} ({getattr(e, 'strerror', None) or e}); give a writable -o") from None
+
+
+def write_mindir(net, image, path):
+    ms.export(net, image, file_name=path, file_format="MINDIR")
+    if not path.endswith(".mindir"):  # mindspore.export appended it
+        os.replace(path + ".mindir", path)
 
 
 def report_sizes(net, path):
@@ -98,18 +99,18 @@ def report_sizes(net, path):
 
 # --- int8 model --------------------------------------------------------------------------------
 
-def int8_model(net):
-    """The header and arrays of the int8 file, from a QAT ResNet in eval mode."""
-    graph = Int8Graph(net)
+def int8_model(net, config):
+    """The header and arrays of the int8 file, from a QAT ResNet-18 in eval mode and its QuantConfig."""
+    if (config.weight_bits, config.act_bits) != (8, 8):
+        raise cli.InputError(f"the int8 file holds 8-bit weights and activations; this checkpoint has "
+                             f"{config.weight_bits}-bit weights and {config.act_bits}-bit activations")
+    graph = Int8Graph(net, config)
     t = graph.quantize_input(net.conv1.input_quant)
     t = graph.conv(net.conv1, t)
     for layer in (net.layer1, net.layer2, net.layer3, net.layer4):
-        for block in layer:
-            units = [block.conv1, block.conv2] + ([block.conv3] if isinstance(block, Bottleneck) else [])
-            branch = t
-            for unit in units:
-                branch = graph.conv(unit, branch)
-            shortcut = t if isinstance(block.shortcut, nn.Identity) else graph.conv(block.shortcut, t)
+        for block in layer:  # BasicBlocks: two ConvBNs, and a ConvBN or identity shortcut
+            branch = graph.conv(block.conv2, graph.conv(block.conv1, t))
+            shortcut = graph.conv(block.shortcut, t) if isinstance(block.shortcut, quant.QuantConvBN) else t
             t = graph.add(block.add, [branch, shortcut])
     t = graph.mean(t, net.fc.input_quant)
     graph.dense(net.fc, t)
@@ -123,22 +124,24 @@ def int8_model(net):
 class Int8Graph:
     """Collects the nodes, tensor quantization parameters and arrays of the int8 file."""
 
-    def __init__(self, net):
+    def __init__(self, net, config):
         self.names = {id(cell): name for name, cell in net.cells_and_names()}
+        self.levels, self.weight_bits = 2 ** config.act_bits - 1, config.weight_bits
         self.nodes, self.tensors, self.arrays = [], {}, {}
 
     def _tensor(self, observer):
         steps, delay = int(observer.steps.asnumpy()), int(observer.quant_delay.asnumpy())
         if steps <= delay:
-            cli.fail(f"{self.names[id(observer)]} has seen {steps} training steps, not more than its quant_delay "
-                     f"{delay}: activations are not quantized yet; train longer or with a smaller --quant_delay")
-        scale, zero_point = quant.activation_qparams(observer.min_val.value(), observer.max_val.value(), 255)
+            raise cli.InputError(f"{self.names[id(observer)]} has seen {steps} training steps, not more than its "
+                                 f"quant_delay {delay}: activations are not quantized yet; train longer or with a "
+                                 "smaller --quant_delay")
+        scale, zero_point = quant.activation_qparams(observer.min_val.value(), observer.max_val.value(), self.levels)
         name = f"t{len(self.tensors)}"
         self.tensors[name] = {"scale": float(scale.asnumpy()), "zero_point": int(zero_point.asnumpy())}
         return name
 
     def _weights(self, name, weight, bias, input_scale):
-        scale = quant.weight_scale(weight, 8)
+        scale = quant.weight_scale(weight, self.weight_bits)
         self.arrays[f"{name}.weight"] = quant.weight_levels(weight, scale).asnumpy().astype(np.int8)
         scale = scale.asnumpy().reshape(-1).astype(np.float32)
         self.arrays[f"{name}.weight_scale"] = scale

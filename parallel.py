@@ -22,7 +22,6 @@ import numpy as np
 from mindspore import ParameterTuple
 
 import cli
-from eval import first_line
 
 CLUSTER_VARIABLES = ("MS_ROLE", "MS_SCHED_HOST", "MS_SCHED_PORT", "MS_WORKER_NUM")
 LAUNCH_HINT = "msrun --worker_num=N --local_worker_num=N --master_port=8118 --join=True train.py ..."
@@ -41,19 +40,20 @@ def init(requested):
     if not launched_by_msrun():
         if requested:
             missing = ", ".join(name for name in CLUSTER_VARIABLES if not os.environ.get(name))
-            cli.fail(f"--distributed: this process was not started by msrun ({missing} unset); "
-                     f"launch it as: {LAUNCH_HINT}")
+            raise cli.InputError(f"--distributed: this process was not started by msrun ({missing} unset); "
+                                 f"launch it as: {LAUNCH_HINT}")
         return 0, 1
     from mindspore.communication import get_group_size, get_rank
     from mindspore.communication import init as join_cluster
     try:
         join_cluster()
     except (RuntimeError, ValueError) as e:
-        if os.environ["MS_ROLE"] == "MS_SCHED":
-            raise SystemExit(1)  # the scheduler stops when the workers fail; they say why
+        if os.environ["MS_ROLE"] == "MS_SCHED":  # the scheduler stops when a worker fails
+            raise cli.InputError(f"msrun's scheduler stopped ({cli.first_line(e)}); the workers' logs say "
+                                 "why") from None
         where = f"{os.environ['MS_SCHED_HOST']}:{os.environ['MS_SCHED_PORT']}"
-        cli.fail(f"could not join the msrun cluster at {where} ({first_line(e)}); check msrun's --master_addr, "
-                 "--master_port and --worker_num on every host")
+        raise cli.InputError(f"could not join the msrun cluster at {where} ({cli.first_line(e)}); check msrun's "
+                             "--master_addr, --master_port and --worker_num on every host") from None
     ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True)
     return get_rank(), get_group_size()
 
@@ -113,8 +113,16 @@ def check_same_step(step, workers):
     own = np.array([step // 4096, step % 4096], np.float32)
     total = _Sum()(ms.Tensor(own)).asnumpy()
     if not np.array_equal(total, own * workers):
-        cli.fail(f"the workers start from different steps (this one from step {step}): with --resume, every host "
-                 "must see the same checkpoint at the same path (a shared save directory, or a copy)")
+        raise cli.InputError(f"the workers start from different steps (this one from step {step}): with --resume, "
+                             "every host must see the same checkpoint at the same path (a shared save directory, "
+                             "or a copy)")
+
+
+def report(rank, workers, images, net, accuracy=None):
+    """This worker's line in its own log: the same checksum (and accuracy) on every worker shows they agree."""
+    validated = f", validation accuracy {100 * accuracy:.2f}%" if accuracy is not None else ""
+    print(f"worker {rank} of {workers}: {images} training images per epoch, parameter checksum "
+          f"{checksum(net)}{validated}", flush=True)
 
 
 def checksum(net):

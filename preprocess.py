@@ -8,7 +8,7 @@ eval.py share, on `mindspore.dataset.Cifar10Dataset` reading the binary version 
 (`data_batch_1.bin` ... `data_batch_5.bin`, `test_batch.bin`; each record is 1 label byte
 and 3072 pixel bytes: the R, G and B planes of a 32x32 image).
 """
-import cli  # noqa: F401  (first: quiets MindSpore's log before it loads)
+import cli  # noqa: I001  (first: quiets MindSpore's log before it loads)
 
 import glob
 import hashlib
@@ -25,6 +25,8 @@ import mindspore.dataset as ds
 import mindspore.dataset.transforms as transforms
 import mindspore.dataset.vision as vision
 import numpy as np
+
+import checkpoint
 
 NUM_CLASSES = 10
 IMAGE_SIZE = 32
@@ -45,7 +47,7 @@ DEFAULT_DATA_DIR = os.path.join("data", ARCHIVE_FOLDER)
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
 
 
-class DatasetError(ValueError):
+class DatasetError(cli.InputError):
     """The data folder or a download is unusable; the message says what is wrong and how to fix it."""
 
 
@@ -144,9 +146,7 @@ def write_records(path, labels, images):
     records = np.empty((len(labels), RECORD_BYTES), dtype=np.uint8)
     records[:, 0] = labels
     records[:, 1:] = images.reshape(len(labels), -1)
-    tmp = path + ".part"
-    records.tofile(tmp)
-    os.replace(tmp, path)
+    checkpoint.write_atomically(path, records.tofile)
 
 
 def write_synthetic(data_dir, seed=0):
@@ -160,11 +160,11 @@ def write_synthetic(data_dir, seed=0):
     for name in ("data_batch_1.bin", TEST_FILE):
         labels = rng.permutation(np.arange(RECORDS_PER_FILE) % NUM_CLASSES).astype(np.uint8)
         write_records(os.path.join(data_dir, name), labels, synthetic_images(labels, rng))
-    with open(os.path.join(data_dir, META_FILE), "w") as f:
-        f.write("".join(f"synthetic_{i}\n" for i in range(NUM_CLASSES)))
-    with open(os.path.join(data_dir, SYNTHETIC_MARKER), "w") as f:
-        f.write("SYNTHETIC data written by `python preprocess.py --synthetic`, not CIFAR-10.\n"
-                "Class-dependent colours and stripes plus noise: learnable, for trying the commands offline.\n")
+    checkpoint.write_text(os.path.join(data_dir, META_FILE), "".join(f"synthetic_{i}\n" for i in range(NUM_CLASSES)))
+    checkpoint.write_text(os.path.join(data_dir, SYNTHETIC_MARKER),
+                          "SYNTHETIC data written by `python preprocess.py --synthetic`, not CIFAR-10.\n"
+                          "Class-dependent colours and stripes plus noise: learnable, for trying the commands "
+                          "offline.\n")
 
 
 def is_synthetic(data_dir):
@@ -197,7 +197,8 @@ def download(data_dir=DEFAULT_DATA_DIR, url=CIFAR10_URL, md5=CIFAR10_MD5):
         extract(archive, extracted)
         source = os.path.join(extracted, ARCHIVE_FOLDER)
         if not os.path.isdir(source):
-            raise DatasetError(f"the archive from {url} has no {ARCHIVE_FOLDER}/ folder; is it CIFAR-10 (binary version)?")
+            raise DatasetError(f"the archive from {url} has no {ARCHIVE_FOLDER}/ folder; "
+                               "is it CIFAR-10 (binary version)?")
         check_data_dir(source, True)
         check_data_dir(source, False)
         os.rename(source, data_dir)
@@ -260,16 +261,17 @@ def main(argv=None):
         if args.download:
             return download(args.data_dir, args.url, args.md5)
         write_synthetic(args.synthetic, args.seed)
-    except DatasetError as e:
+    except cli.InputError as e:
         cli.fail(str(e))
     except OSError as e:
         cli.fail(f"cannot write {e.filename}: {e.strerror}; choose another folder")
     except KeyboardInterrupt:
-        # download() has removed its temporary folder; write_records() leaves at most a *.part file.
+        # download() has removed its temporary folder, write_atomically() its partial file.
         print("interrupted: no data was completed", file=sys.stderr)
-        raise SystemExit(130)
+        raise SystemExit(130) from None
     print(f"wrote synthetic CIFAR-format data to {args.synthetic} (data_batch_1.bin, {TEST_FILE})")
     return args.synthetic
+
 
 if __name__ == "__main__":
     main()

@@ -59,7 +59,7 @@ class QuantConfig:
     ema_decay: float = 0.99     # observer moving average; high enough to smooth batches, low enough for short runs
     quant_delay: int = 0        # training steps before activations are quantized (observers warm up meanwhile)
     bn_fold: bool = False       # fold BatchNorm into the weights before quantizing them, in training too
-    freeze_bn: int = -1         # with bn_fold: the training step from which BatchNorm uses its moving statistics (-1: never)
+    freeze_bn: int = -1         # with bn_fold: the step from which BatchNorm uses its moving statistics (-1: never)
 
 
 # Adding and then subtracting 1.5 * 2^23 rounds a float32 of magnitude below 2^22 to the nearest

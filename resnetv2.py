@@ -115,6 +115,3 @@ def resnet34(num_classes=10):
 
 def resnet50(num_classes=10):
     return ResNet(Bottleneck, [3, 4, 6, 3], num_classes)
-
-
-ARCHITECTURES = {"resnet18": resnet18, "resnet34": resnet34, "resnet50": resnet50}

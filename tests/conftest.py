@@ -1,4 +1,9 @@
-"""Shared fixtures: CIFAR-format files written by the tests themselves (no download, no GPU)."""
+"""Shared fixtures and helpers: CIFAR-format files written by the tests themselves (no download, no GPU),
+one launcher for the project's scripts in a subprocess, and one check of the `error:` line.
+
+Tests marked `slow` train more than a few steps, start msrun or run the int8 reference on hundreds
+of images: `python -m pytest -m "not slow"` leaves them out.
+"""
 import os
 import subprocess
 import sys
@@ -14,6 +19,54 @@ import preprocess  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def start_script(*argv, env=None):
+    """`python argv...` in the project's folder, as a user starts it; a Popen with text stdout and stderr pipes.
+
+    Training runs in child processes because MindSpore keeps the memory pool of every network
+    trained in a process (ms_memory_recycle returns little of it): a dozen in-process runs exhaust 24 GB.
+    """
+    return subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def run_script(*argv, env=None, timeout=600):
+    """start_script to its end: a CompletedProcess with the exit status, stdout and stderr."""
+    process = start_script(*argv, env=env)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def train_in_subprocess(*argv, output=False):
+    """Run train.py to a successful end and return the checkpoint it printed (and its stdout with output=True)."""
+    result = run_script("train.py", *argv)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("checkpoint: ")]
+    path = lines[-1][len("checkpoint: "):]
+    return (path, result.stdout) if output else path
+
+
+def expect_error(main, argv, capsys, *fragments, code=2):
+    """main(argv) must exit with `code` after exactly one `error:` line on stderr that holds every fragment."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == code
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+def snapshot(folder):
+    """Names, sizes and modification times of everything in a folder, to prove nothing changed."""
+    return {name: (os.stat(os.path.join(folder, name)).st_size, os.stat(os.path.join(folder, name)).st_mtime_ns)
+            for name in sorted(os.listdir(folder))}
+
+
 @pytest.fixture(scope="session")
 def synthetic_dir(tmp_path_factory):
     """A learnable synthetic CIFAR-format folder: data_batch_1.bin and test_batch.bin, 10,000 images each."""
@@ -22,19 +75,20 @@ def synthetic_dir(tmp_path_factory):
     return path
 
 
-def train_in_subprocess(*argv, output=False):
-    """Run train.py in its own process and return the checkpoint it printed (and its stdout with output=True).
+@pytest.fixture(scope="session")
+def untrained(tmp_path_factory):
+    """Checkpoints of an untrained ResNet-18, {"float32": path, "QAT": path}: loadable, quickly made; the QAT
+    one's observers have seen no step, so its activations are not quantized yet."""
+    import mindspore as ms
 
-    Training runs in a child process because MindSpore keeps the memory pool of every network
-    trained in a process (ms_memory_recycle returns little of it): a dozen in-process runs
-    exhaust 24 GB.
-    """
-    result = subprocess.run([sys.executable, "train.py", *argv], cwd=ROOT, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    lines = [line for line in result.stdout.splitlines() if line.startswith("checkpoint: ")]
-    path = lines[-1][len("checkpoint: "):]
-    return (path, result.stdout) if output else path
+    from quant import quantize
+    from resnetv2 import resnet18
+
+    folder = tmp_path_factory.mktemp("untrained")
+    paths = {"float32": str(folder / "float32.ckpt"), "QAT": str(folder / "qat.ckpt")}
+    ms.save_checkpoint(resnet18(), paths["float32"])
+    ms.save_checkpoint(quantize(resnet18()), paths["QAT"])
+    return paths
 
 
 @pytest.fixture(scope="session")
@@ -60,12 +114,6 @@ def uninterrupted(synthetic_dir, tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("uninterrupted"))
     train_in_subprocess("-data", synthetic_dir, "-dir", folder, *SHORT_RUN)
     return folder
-
-
-def snapshot(folder):
-    """Names, sizes and modification times of everything in a folder, to prove nothing changed."""
-    return {name: (os.stat(os.path.join(folder, name)).st_size, os.stat(os.path.join(folder, name)).st_mtime_ns)
-            for name in sorted(os.listdir(folder))}
 
 
 @pytest.fixture(autouse=True)

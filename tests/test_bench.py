@@ -1,6 +1,10 @@
-"""bench.py end to end at a tiny size: every figure is reported, and consistently (the values are measurements)."""
+"""bench.py: its figures derived consistently from the measurements, and end to end at a tiny size
+(every figure reported; the values are this machine's measurements and not asserted)."""
+import argparse
 import json
 import math
+
+import pytest
 
 import bench
 
@@ -8,6 +12,26 @@ KEYS = ("train_ips_float", "train_ips_qat", "qat_over_float", "eval_ips", "int8_
         "pipeline_over_train", "first_step_s", "first_step_s_float", "peak_rss_mb", "peak_rss_mb_qat")
 
 
+def test_summary_derives_speeds_and_ratios_from_step_times(capsys):
+    args = argparse.Namespace(batch=10, steps=2, repeats=2)
+    runs = {"float": [{"device": "CPU", "first_step_s": 3.0, "step_s": [1.0, 1.0], "peak_rss_mb": 1000},
+                      {"device": "CPU", "first_step_s": 5.0, "step_s": [2.0, 2.0], "peak_rss_mb": 1100}],
+            "qat": [{"device": "CPU", "first_step_s": 8.0, "step_s": [1.25, 1.25], "peak_rss_mb": 1500},
+                    {"device": "CPU", "first_step_s": 9.0, "step_s": [2.5, 2.5], "peak_rss_mb": 1400}]}
+    results = bench.summarize(args, runs, {"eval_ips": 100.0, "int8_ips": 10.0},
+                              {"pipeline_ips": 6000.0, "pipeline_workers": 2})
+    assert results["train_ips_float"] == pytest.approx(10 / 1.5)  # the median of all four step times
+    assert results["train_ips_float_range"] == pytest.approx([5.0, 10.0])
+    assert results["qat_over_float_per_repeat"] == pytest.approx([1.25, 1.25])
+    assert results["qat_over_float"] == pytest.approx(results["train_ips_float"] / results["train_ips_qat"])
+    assert results["pipeline_over_train"] == pytest.approx(6000 / (10 / 1.5))
+    assert (results["first_step_s"], results["first_step_s_float"]) == (8.5, 4.0)
+    assert (results["peak_rss_mb"], results["peak_rss_mb_qat"]) == (1100, 1500)
+    bench.report(results)
+    assert "QAT step / float step 1.250 (per repeat 1.250, 1.250)" in capsys.readouterr().out
+
+
+@pytest.mark.slow
 def test_bench_reports_every_figure(capsys):
     results = bench.main(["--device", "CPU", "--batch", "4", "--steps", "2", "--repeats", "1", "--eval_images", "100",
                           "--int8_images", "4", "--json"])

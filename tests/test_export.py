@@ -10,7 +10,7 @@ import eval as evaluate
 import export
 import int8
 import quant
-from conftest import snapshot, train_in_subprocess
+from conftest import expect_error, snapshot, train_in_subprocess
 
 FLOAT32_BYTES = 4 * 11_173_962
 SAMPLES = "500"
@@ -31,6 +31,7 @@ def checkpoint_predictions(trained, synthetic_dir, tmp_path_factory):
     return np.load(out)
 
 
+@pytest.mark.slow
 def test_mindir_predicts_as_the_checkpoint(trained, synthetic_dir, checkpoint_predictions, tmp_path, capsys):
     path = export.main(["-loc", trained[0], "--format", "mindir", "--batch", "64", "-o", str(tmp_path / "m.mindir")])
     assert "% of the 44.7 MB of float32 parameters" in capsys.readouterr().out
@@ -39,6 +40,7 @@ def test_mindir_predicts_as_the_checkpoint(trained, synthetic_dir, checkpoint_pr
     assert (predicted == checkpoint_predictions).mean() >= 0.999
 
 
+@pytest.mark.slow
 def test_int8_file_is_small_integer_and_agrees(trained, synthetic_dir, checkpoint_predictions, tmp_path, capsys):
     path = export.main(["-loc", trained[0], "--format", "int8", "-o", str(tmp_path / "m.int8.npz")])
     assert os.path.getsize(path) <= 0.27 * FLOAT32_BYTES
@@ -88,48 +90,34 @@ def test_integer_convolution_is_exact():
 
 # --- bad input -------------------------------------------------------------------------------
 
-def expect_error(argv, capsys, fragment):
-    with pytest.raises(SystemExit) as exit_info:
-        export.main(argv)
-    assert exit_info.value.code == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], lines
-
-
-def test_export_rejects_bad_input(trained, tmp_path, capsys):
-    ckpt, _ = trained
+def test_export_rejects_bad_input(untrained, tmp_path, capsys):
+    ckpt = untrained["QAT"]
     garbage = tmp_path / "garbage.ckpt"
     garbage.write_bytes(b"\x00" * 1000)
     before = snapshot(tmp_path)
-    expect_error(["-loc", str(tmp_path / "none.ckpt")], capsys, "does not exist")
-    expect_error(["-loc", str(garbage), "-o", str(tmp_path / "x.npz")], capsys, "not a readable MindSpore checkpoint")
-    expect_error(["-loc", str(tmp_path / "model.mindir")], capsys, "is not a .ckpt file")
-    expect_error(["-loc", ckpt, "--format", "onnx"], capsys, "invalid choice: 'onnx'")
-    expect_error(["-loc", ckpt, "-o", str(tmp_path / "missing" / "x.npz")], capsys, "does not exist")
-    expect_error(["-loc", ckpt, "-o", str(tmp_path)], capsys, "is a folder")
-    expect_error(["-loc", ckpt, "-o", str(garbage / "x.npz")], capsys, "does not exist")
+    expect_error(export.main, ["-loc", str(tmp_path / "none.ckpt")], capsys, "does not exist")
+    expect_error(export.main, ["-loc", str(garbage), "-o", str(tmp_path / "x.npz")], capsys,
+                 "not a readable MindSpore checkpoint")
+    expect_error(export.main, ["-loc", str(tmp_path / "model.mindir")], capsys, "is not a .ckpt file")
+    expect_error(export.main, ["-loc", ckpt, "--format", "onnx"], capsys, "invalid choice: 'onnx'")
+    expect_error(export.main, ["-loc", ckpt, "-o", str(tmp_path / "missing" / "x.npz")], capsys, "does not exist")
+    expect_error(export.main, ["-loc", ckpt, "-o", str(tmp_path)], capsys, "is a folder")
+    expect_error(export.main, ["-loc", ckpt, "-o", str(garbage / "x.npz")], capsys, "does not exist")
     assert snapshot(tmp_path) == before  # no partial or temporary file left behind
 
 
-def test_int8_export_needs_a_qat_checkpoint(tmp_path, capsys):
-    import mindspore as ms
-    from resnetv2 import resnet18
-
-    path = str(tmp_path / "float.ckpt")
-    ms.save_checkpoint(resnet18(), path)
-    expect_error(["-loc", path, "--format", "int8"], capsys, "float32 checkpoint; int8 export needs a QAT one")
-    assert os.listdir(tmp_path) == ["float.ckpt"]
+def test_int8_export_needs_a_qat_checkpoint(untrained, tmp_path, capsys):
+    output = str(tmp_path / "m.int8.npz")
+    expect_error(export.main, ["-loc", untrained["float32"], "--format", "int8", "-o", output], capsys,
+                 "float32 checkpoint; int8 export needs a QAT one")
+    assert os.listdir(tmp_path) == []
 
 
-def test_int8_export_needs_quantized_activations(tmp_path, capsys):
-    import mindspore as ms
-    from quant import quantize
-    from resnetv2 import resnet18
-
-    path = str(tmp_path / "untrained_qat.ckpt")
-    ms.save_checkpoint(quantize(resnet18()), path)
-    expect_error(["-loc", path, "--format", "int8"], capsys, "activations are not quantized yet")
-    assert os.listdir(tmp_path) == ["untrained_qat.ckpt"]
+def test_int8_export_needs_quantized_activations(untrained, tmp_path, capsys):
+    output = str(tmp_path / "m.int8.npz")
+    expect_error(export.main, ["-loc", untrained["QAT"], "--format", "int8", "-o", output], capsys,
+                 "activations are not quantized yet")
+    assert os.listdir(tmp_path) == []
 
 
 def test_eval_rejects_foreign_npz_and_mindir(synthetic_dir, tmp_path, capsys):
@@ -139,12 +127,10 @@ def test_eval_rejects_foreign_npz_and_mindir(synthetic_dir, tmp_path, capsys):
     bogus.write_bytes(b"not a graph" * 10)
     for path, fragment in ((foreign, "is not an int8 model written by export.py"),
                            (bogus, "is not a MindIR file written by export.py")):
-        with pytest.raises(SystemExit):
-            evaluate.main(["-loc", str(path), "-data", synthetic_dir])
-        lines = capsys.readouterr().err.strip().splitlines()
-        assert len(lines) == 1 and fragment in lines[0], lines
+        expect_error(evaluate.main, ["-loc", str(path), "-data", synthetic_dir], capsys, fragment)
 
 
+@pytest.mark.slow
 def test_bn_fold_training_exports_an_equivalent_int8_model(synthetic_dir, tmp_path, capsys):
     """train.py --bn_fold end to end (4 steps), then its int8 export predicts as its checkpoint.
 

@@ -1,6 +1,6 @@
 """The network: output shape and size."""
-import numpy as np
 import mindspore as ms
+import numpy as np
 
 from resnetv2 import resnet18, resnet34, resnet50
 

@@ -1,8 +1,8 @@
 """Fake quantization: int8 weights per channel, straight-through gradients, observers."""
-import numpy as np
 import mindspore as ms
 import mindspore.nn as nn
 import mindspore.ops as ops
+import numpy as np
 import pytest
 
 import quant
@@ -199,6 +199,7 @@ def trainer(net, seed=0):
     return train_step
 
 
+@pytest.mark.slow
 def test_bn_fold_trains_and_freezes_batchnorm():
     net = quantize(resnet18(), QuantConfig(bn_fold=True, freeze_bn=2))
     bn = net.layer1[0].conv1.bn
@@ -212,9 +213,11 @@ def test_bn_fold_trains_and_freezes_batchnorm():
     assert quant.config_from_checkpoint([p.name for p in net.get_parameters()]).bn_fold
 
 
+@pytest.mark.slow
 def test_folded_and_frozen_inference_equal_unfolded():
-    """Freezing the quantized weights for inference changes nothing. Per-channel symmetric quantization commutes with BatchNorm's per-channel scale: in eval the
-    folded network computes what the unfolded one does (up to float rounding)."""
+    """Freezing the quantized weights for inference changes nothing. Per-channel symmetric quantization
+    commutes with BatchNorm's per-channel scale: in eval the folded network computes what the unfolded
+    one does (up to float rounding)."""
     ms.set_seed(0)
     unfolded = quantize(resnet18())
     train_step = trainer(unfolded)

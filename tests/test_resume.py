@@ -5,9 +5,25 @@ import os
 import numpy as np
 import pytest
 
+import callbacks
+import checkpoint
 import train
-from conftest import snapshot
-from test_train_eval import expect_error
+from conftest import expect_error, snapshot
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """The save folder of a QAT run of 4 epochs of 12 steps (384 images, batch 32), as train.py's Checkpointer
+    and Validator write it, without the training: (its last checkpoint, the folder)."""
+    args = train.get_args_parser().parse_args(["-e", "4", "-bsize", "32", "--num_samples", "384"])
+    net = train.build_network(args, steps_per_epoch=12)
+    train_net = train.build_train_network(net, train.make_optimizer(net, args, steps_per_epoch=12), args)
+    folder = str(tmp_path_factory.mktemp("finished"))
+    saver = callbacks.Checkpointer(train_net, folder, "resnet18_qat", steps_per_epoch=12, save_steps=0, keep=5,
+                                   first_step=0, guard=callbacks.Guard(0, 12))
+    saver.save(48)
+    checkpoint.save(net, os.path.join(folder, checkpoint.BEST_FILE), {"epoch_num": 4, "val_accuracy": 0.5})
+    return saver.latest, folder
 
 
 @pytest.mark.parametrize("case, flags, fragments", [
@@ -22,8 +38,8 @@ from test_train_eval import expect_error
     ("missing", [], ["does not exist", "--resume"]),
     ("garbage", [], ["is not a readable MindSpore checkpoint"]),
 ])
-def test_resume_refuses_another_runs_checkpoint(case, flags, fragments, trained, synthetic_dir, tmp_path, capsys):
-    final, folder = trained  # 4 epochs of 12 steps (384 images, batch 32), QAT
+def test_resume_refuses_another_runs_checkpoint(case, flags, fragments, finished, synthetic_dir, tmp_path, capsys):
+    final, folder = finished
     checkpoint = {"network only": os.path.join(folder, "best.ckpt"), "missing": str(tmp_path / "none.ckpt"),
                   "garbage": str(tmp_path / "garbage.ckpt")}.get(case, final)
     (tmp_path / "garbage.ckpt").write_bytes(np.random.default_rng(0).bytes(4096))
@@ -41,10 +57,10 @@ def test_checkpoint_names_never_overwrite_another_series(tmp_path):
                  "resnet18_qat_1-1_5.ckpt", "best.ckpt"):
         (tmp_path / name).write_bytes(b"x")
     folder = str(tmp_path)
-    assert train.checkpoint_series(folder, "resnet18_qat") == [
+    assert checkpoint.series(folder, "resnet18_qat") == [
         "resnet18_qat-1_5.ckpt", "resnet18_qat-2_3-interrupt.ckpt", "resnet18_qat-2_5.ckpt"]
-    assert train.checkpoint_prefix(folder, "resnet18_qat") == "resnet18_qat_2"
-    assert train.checkpoint_prefix(folder, "resnet18") == "resnet18"
+    assert checkpoint.series_prefix(folder, "resnet18_qat") == "resnet18_qat_2"
+    assert checkpoint.series_prefix(folder, "resnet18") == "resnet18"
     # Resuming the newest of a series continues it; resuming an older one starts a new series.
-    assert train.checkpoint_prefix(folder, "resnet18_qat", (str(tmp_path / "resnet18_qat-2_5.ckpt"), {})) == "resnet18_qat"
-    assert train.checkpoint_prefix(folder, "resnet18_qat", (str(tmp_path / "resnet18_qat-1_5.ckpt"), {})) == "resnet18_qat_2"
+    assert checkpoint.series_prefix(folder, "resnet18_qat", str(tmp_path / "resnet18_qat-2_5.ckpt")) == "resnet18_qat"
+    assert checkpoint.series_prefix(folder, "resnet18_qat", str(tmp_path / "resnet18_qat-1_5.ckpt")) == "resnet18_qat_2"

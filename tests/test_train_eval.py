@@ -1,23 +1,21 @@
 """train.main and eval.main end to end on tiny synthetic data, and every bad input they must refuse."""
 import json
 import os
-import subprocess
-import sys
 
-import numpy as np
 import mindspore as ms
 import mindspore.nn as nn
+import numpy as np
 import pytest
 
+import checkpoint
 import eval as evaluate
 import train
-from conftest import snapshot, train_in_subprocess
+from conftest import expect_error, run_script, snapshot, train_in_subprocess
 from quant import quantize
 from resnetv2 import resnet18
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
+@pytest.mark.slow
 def test_train_writes_checkpoints_and_arguments(trained, synthetic_dir):
     path, savedir = trained
     assert os.path.basename(path) == "resnet18_qat-4_12.ckpt" and os.path.isfile(path)
@@ -36,6 +34,7 @@ def test_train_writes_checkpoints_and_arguments(trained, synthetic_dir):
     assert all(0 <= r["val_accuracy"] <= 1 for r in records if "val_accuracy" in r)
 
 
+@pytest.mark.slow
 def test_validation_keeps_the_best_network(trained, synthetic_dir):
     _, savedir = trained
     with open(os.path.join(savedir, "metrics.jsonl")) as f:
@@ -46,6 +45,7 @@ def test_validation_keeps_the_best_network(trained, synthetic_dir):
     assert float(ms.load_checkpoint(path)["val_accuracy"].asnumpy()) == pytest.approx(best)
 
 
+@pytest.mark.slow
 def test_training_learns_and_eval_reports_json(trained, synthetic_dir, capsys):
     path, _ = trained
     accuracy = evaluate.main(["-loc", path, "-data", synthetic_dir, "--num_samples", "500", "--json"])
@@ -75,14 +75,15 @@ def test_float_training_and_eval(synthetic_dir, tmp_path, capsys):
     assert result["model"] == "float32" and result["total"] == 10 and 0 <= accuracy <= 1
 
 
+@pytest.mark.slow
 def test_rerun_into_same_folder_keeps_earlier_checkpoints_and_log(trained, synthetic_dir):
     _, savedir = trained
     before = snapshot(savedir)
     with open(os.path.join(savedir, "metrics.jsonl")) as f:
         log = f.readlines()
     # --pynative: the QAT cells also run op by op.
-    path = train_in_subprocess("-data", synthetic_dir, "-dir", savedir, "-e", "1", "-bsize", "16", "--num_samples", "16",
-                               "--val_samples", "20", "--pynative")
+    path = train_in_subprocess("-data", synthetic_dir, "-dir", savedir, "-e", "1", "-bsize", "16",
+                               "--num_samples", "16", "--val_samples", "20", "--pynative")
     assert os.path.basename(path) == "resnet18_qat_1-1_1.ckpt"
     after = snapshot(savedir)
     assert all(after[name] == stamp for name, stamp in before.items() if name.endswith(".ckpt"))  # best.ckpt too:
@@ -92,6 +93,7 @@ def test_rerun_into_same_folder_keeps_earlier_checkpoints_and_log(trained, synth
     assert appended[:len(log)] == log and len(appended) == len(log) + 1
 
 
+@pytest.mark.slow
 def test_qat_checkpoint_reloads_with_identical_logits(tmp_path):
     net = quantize(resnet18())
     loss = nn.SoftmaxCrossEntropyWithLogits(sparse=True, reduction="mean")
@@ -105,24 +107,13 @@ def test_qat_checkpoint_reloads_with_identical_logits(tmp_path):
     ms.save_checkpoint(net, path)
     net.set_train(False)
     x = ms.Tensor(rng.normal(size=(4, 3, 32, 32)).astype(np.float32))
-    restored, config = evaluate.load_network(path)
+    restored, config = checkpoint.load_network(path, num_classes=10)
     assert config is not None
     assert restored.layer2[0].conv1.output_quant.steps.asnumpy() == 3
     np.testing.assert_array_equal(restored(x).asnumpy(), net(x).asnumpy())
 
 
 # --- bad input: one `error:` line, exit 2, nothing in the save directory touched -------------
-
-def expect_error(main, argv, capsys, *fragments):
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), lines
-    for fragment in fragments:
-        assert fragment in lines[0]
-    return lines[0]
-
 
 @pytest.fixture
 def savedir(tmp_path):
@@ -204,7 +195,8 @@ def test_train_refuses_unusable_save_directory(synthetic_dir, savedir, capsys):
     assert snapshot(savedir) == before
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into a read-only folder; covered above by a path under a file")
+@pytest.mark.skipif(os.geteuid() == 0,
+                    reason="root may write into a read-only folder; covered above by a path under a file")
 def test_train_refuses_read_only_save_directory(synthetic_dir, savedir, capsys):
     os.chmod(savedir, 0o500)
     try:
@@ -246,19 +238,18 @@ def test_eval_refuses_bad_checkpoints(which, fragments, tmp_path, synthetic_dir,
     expect_error(evaluate.main, ["-loc", paths[which], "-data", synthetic_dir], capsys, *fragments)
 
 
-def test_eval_defaults_to_the_newest_checkpoint(trained, synthetic_dir, tmp_path, monkeypatch, capsys):
+def test_eval_defaults_to_the_newest_checkpoint(untrained, synthetic_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     expect_error(evaluate.main, ["-data", synthetic_dir], capsys, "no checkpoint given and no .ckpt in checkpoints/")
-    path, _ = trained
+    path = untrained["float32"]
     os.mkdir("checkpoints")
     os.symlink(path, os.path.join("checkpoints", "latest.ckpt"))
     evaluate.main(["-data", synthetic_dir, "--num_samples", "5"])
     assert "checkpoints/latest.ckpt" in capsys.readouterr().out
 
 
-def test_eval_needs_the_test_file(trained, tmp_path, capsys):
-    path, _ = trained
-    expect_error(evaluate.main, ["-loc", path, "-data", str(tmp_path)], capsys, "no test_batch.bin")
+def test_eval_needs_the_test_file(untrained, tmp_path, capsys):
+    expect_error(evaluate.main, ["-loc", untrained["QAT"], "-data", str(tmp_path)], capsys, "no test_batch.bin")
 
 
 @pytest.mark.parametrize("argv", [
@@ -268,8 +259,7 @@ def test_eval_needs_the_test_file(trained, tmp_path, capsys):
     ["preprocess.py", "--download", "-data", "{tmp}/cifar", "--url", "http://127.0.0.1:9/x.tar.gz"],
 ])
 def test_scripts_fail_with_one_line_and_no_traceback(argv, tmp_path):
-    argv = [arg.replace("{tmp}", str(tmp_path)) for arg in argv]
-    result = subprocess.run([sys.executable] + argv, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = run_script(*[arg.replace("{tmp}", str(tmp_path)) for arg in argv], timeout=120)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: "), result.stderr
     assert "Traceback" not in result.stderr + result.stdout
@@ -282,26 +272,27 @@ def schedule(*flags, steps_per_epoch=10):
 def test_learning_rate_schedules():
     assert schedule() == 0.1  # constant: a plain float, as the seed
     warm = schedule("--warmup_epochs", "1")
-    assert len(warm) == 50 and warm[:10] == pytest.approx([0.01 * (i + 1) for i in range(10)]) and set(warm[10:]) == {0.1}
+    assert len(warm) == 50 and warm[:10] == pytest.approx([0.01 * (i + 1) for i in range(10)])
+    assert set(warm[10:]) == {0.1}
     cosine = schedule("--lr_schedule", "cosine", "--warmup_epochs", "1")
     assert cosine[9] == pytest.approx(0.1) and cosine[10] == pytest.approx(0.1)
-    assert all(a > b for a, b in zip(cosine[10:], cosine[11:])) and cosine[-1] < 0.001
+    assert all(a > b for a, b in zip(cosine[10:-1], cosine[11:], strict=True)) and cosine[-1] < 0.001
     onecycle = schedule("--lr_schedule", "onecycle")
     assert onecycle[0] == pytest.approx(0.004 + 0.096 / 15) and max(onecycle) == pytest.approx(0.1)
     assert onecycle.index(max(onecycle)) == 14 and onecycle[-1] < 0.001
 
 
 def test_label_smoothing_loss():
-    import mindspore.nn as nn
-
     assert isinstance(train.make_loss(train.get_args_parser().parse_args([])), nn.SoftmaxCrossEntropyWithLogits)
     loss = train.make_loss(train.get_args_parser().parse_args(["--label_smoothing", "0.2"]))
     logits = np.array([[2.0, 0.5, -1.0]], np.float32)
     log_p = logits - np.log(np.exp(logits).sum())
     expected = -(0.8 * log_p[0, 0] + 0.2 * log_p[0].mean())
-    assert float(loss(ms.Tensor(logits), ms.Tensor(np.array([0], np.int32))).asnumpy()) == pytest.approx(expected, rel=1e-5)
+    value = float(loss(ms.Tensor(logits), ms.Tensor(np.array([0], np.int32))).asnumpy())
+    assert value == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_mixed_precision_trains_the_qat_network_in_float16():
     """--amp O2 (refused on CPU, where it is slower) builds a float16 QAT step; run one step here to check it."""
     args = train.get_args_parser().parse_args(["--amp", "O2"])

@@ -1,0 +1,325 @@
+"""The callbacks of train.py's Model.train, in their order in the callback list:
+
+- `Guard`: the one object that decides when training stops (Ctrl-C, SIGTERM, a loss or weights
+  that are not finite, a failed save), and how train.py then exits;
+- `Checkpointer`: the training state after every epoch, every --save_steps steps and on an interrupt;
+- `Validator`: accuracy on the test split every --eval_every epochs, the best network as best.ckpt;
+- `Progress`: progress lines, the per-epoch summary and metrics.jsonl.
+
+Each owns its state. The others report to the Guard what went wrong and ask it whether training
+is stopping; Progress reads the Validator's results for metrics.jsonl.
+"""
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from mindspore.train import Callback
+
+import checkpoint
+import cli
+import inference
+
+EXIT_SAVE_FAILED, EXIT_DIVERGED = 1, 3  # and 2 for bad input, 128 + the signal when interrupted
+WORKER_0 = "worker 0's latest"  # the checkpoint a data-parallel worker that does not save points to
+
+
+@dataclass
+class Stop:
+    """How train.py ends when training stopped early: exit `status` after `message`."""
+    status: int
+    message: str
+    error: bool  # an `error:` line on stderr; else lines on stdout
+
+    def exit(self):
+        if self.error:
+            cli.fail(self.message, code=self.status)
+        print(self.message, flush=True)
+        raise SystemExit(self.status)
+
+
+class Guard(Callback):
+    """Stops training cleanly: at a non-finite loss, after the current step on Ctrl-C or SIGTERM, and
+    when another callback reports weights that are not finite or a failed save.
+
+    SIGTERM has a handler; a second one quits at once, without saving (checkpoints on disk stay
+    whole: they are renamed into place only when complete). SIGINT (Ctrl-C) is blocked when
+    train.py runs as a script and taken here from the pending signals after each step.
+    """
+
+    def __init__(self, first_step, steps_per_epoch):
+        super().__init__()
+        self.first_step, self.steps_per_epoch = first_step, steps_per_epoch
+        self.signal = None          # the signal caught
+        self.diverged = None        # (step, what was not finite)
+        self.save_failure = None    # (path, why)
+        self.run_context = None
+
+    @property
+    def interrupted(self):
+        return self.signal is not None
+
+    @property
+    def failed(self):
+        """The loss or weights are not finite, or a save failed: nothing more may be saved."""
+        return self.diverged is not None or self.save_failure is not None
+
+    @property
+    def stopping(self):
+        return self.interrupted or self.failed
+
+    def report_divergence(self, step, what):
+        if self.diverged is None:
+            self.diverged = (step, what)
+        self._request_stop()
+
+    def report_save_failure(self, path, error):
+        why = error.strerror if isinstance(error, OSError) and error.strerror else cli.first_line(error)
+        self.save_failure = (path, why)
+        self._request_stop()
+
+    def _request_stop(self):
+        if self.run_context is not None:
+            self.run_context.request_stop()
+
+    def on_train_begin(self, run_context):
+        self.run_context = run_context
+        self.previous = signal.signal(signal.SIGTERM, self.on_signal)
+
+    def on_train_end(self, run_context):
+        signal.signal(signal.SIGTERM, self.previous)
+        self.take_pending_sigint()
+
+    def on_signal(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.signal is not None:
+            print(f"\n{name} again: quitting without saving", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        self.signal = signum
+        print(f"\n{name}: stopping after this step and saving a checkpoint", flush=True)
+        self._request_stop()
+
+    def take_pending_sigint(self):
+        if signal.SIGINT in signal.sigpending():
+            signal.sigwait({signal.SIGINT})
+            self.on_signal(signal.SIGINT, None)
+
+    def on_train_step_end(self, run_context):
+        cb = run_context.original_args()
+        loss = loss_value(cb.net_outputs)
+        if not math.isfinite(loss):
+            self.report_divergence(self.first_step + cb.cur_step_num, f"the loss is {loss}")
+        self.take_pending_sigint()
+
+    def outcome(self, last_checkpoint):
+        """A Stop when training did not run to the end, else None. `last_checkpoint`: the newest one saved."""
+        last = last_checkpoint or "none (train again from the start)"
+        if self.save_failure:
+            path, why = self.save_failure
+            return Stop(EXIT_SAVE_FAILED, f"could not save checkpoint {path} ({why}); training stopped; the last "
+                        f"checkpoint saved, {last}, is intact; free space or fix the save folder, then continue "
+                        "with --resume auto", error=True)
+        if self.diverged:
+            step, what = self.diverged
+            epoch, _ = checkpoint.position(step, self.steps_per_epoch)
+            return Stop(EXIT_DIVERGED, f"training diverged at step {step} (epoch {epoch}): {what}; it stopped and "
+                        f"saved nothing from that state; the last good checkpoint is {last}; lower -lr (or add "
+                        "--warmup_epochs) and continue with --resume auto", error=True)
+        if self.signal is not None:
+            return Stop(128 + self.signal, f"interrupted by {signal.Signals(self.signal).name}; checkpoint: {last}\n"
+                        "to continue, run the same command with --resume auto", error=False)
+        return None
+
+
+class Checkpointer(Callback):
+    """The training state as <prefix>-<epoch>_<step of the epoch>.ckpt after every epoch, every `save_steps`
+    steps, and (named ...-interrupt.ckpt) when the guard caught a signal; the newest `keep` are kept.
+
+    The training state is everything --resume needs: the network with its QAT observers, the
+    optimizer's moments and step count (hence the learning-rate schedule's position), and
+    epoch_num, step_num and steps_per_epoch. Before each save it checks that the weights are
+    finite; nothing is saved once training diverged or a save failed. Only a `writer` saves;
+    the other workers of a data-parallel run check the weights as it does. `latest`: the
+    newest checkpoint of the run (at first, the one it resumed from).
+    """
+
+    def __init__(self, train_net, savedir, prefix, steps_per_epoch, save_steps, keep, first_step, guard,
+                 latest=None, writer=True):
+        super().__init__()
+        self.train_net, self.savedir, self.prefix = train_net, savedir, prefix
+        self.steps_per_epoch, self.save_steps, self.keep = steps_per_epoch, save_steps, keep
+        self.first_step, self.guard, self.writer = first_step, guard, writer
+        self.latest = latest
+
+    def on_train_step_end(self, run_context):
+        if self.guard.failed:
+            return
+        step = self.first_step + run_context.original_args().cur_step_num
+        due = step % self.steps_per_epoch == 0 or (self.save_steps and step % self.save_steps == 0)
+        if not (due or self.guard.interrupted):
+            return
+        if not all(np.isfinite(p.asnumpy()).all() for p in self.train_net.trainable_params()):
+            self.guard.report_divergence(step, "the updated weights are not finite")
+        elif self.writer:
+            self.save(step, interrupt=self.guard.interrupted)
+
+    def save(self, step, interrupt=False):
+        path = os.path.join(self.savedir, checkpoint.file_name(self.prefix, step, self.steps_per_epoch, interrupt))
+        epoch, _ = checkpoint.position(step, self.steps_per_epoch)
+        try:
+            checkpoint.save(self.train_net, path,
+                            {"epoch_num": epoch, "step_num": step, "steps_per_epoch": self.steps_per_epoch})
+        except (OSError, RuntimeError) as e:
+            self.guard.report_save_failure(path, e)
+            return
+        self.latest = path
+        for old in checkpoint.series(self.savedir, self.prefix)[:-self.keep]:
+            os.remove(os.path.join(self.savedir, old))
+
+
+class Validator(Callback):
+    """Accuracy on the test split every `every` epochs and after the last (`epochs`); keeps the best network as
+    best.ckpt (an earlier run's better one there is kept).
+
+    `results` maps each validated epoch to {"val_accuracy", "val_s"}; `last` is the latest accuracy.
+    Every worker of a data-parallel run validates (a worker that waited for another's validation in
+    its next all-reduce could time out); only the `writer` prints and saves.
+    """
+
+    def __init__(self, net, dataset, every, epochs, savedir, guard, writer=True):
+        super().__init__()
+        self.net, self.dataset, self.every, self.epochs = net, dataset, every, epochs
+        self.guard, self.writer = guard, writer
+        self.path = os.path.join(savedir, checkpoint.BEST_FILE)
+        self.best = previous_best(self.path) if writer else None
+        self.results, self.last = {}, None
+
+    def on_train_epoch_end(self, run_context):
+        epoch = run_context.original_args().cur_epoch_num
+        if self.guard.stopping or (epoch % self.every and epoch != self.epochs):
+            return  # an interrupted or failed epoch is not validated
+        start = time.time()
+        self.net.set_train(False)
+        predictions, labels = inference.predict(self.net, self.dataset)
+        self.net.set_train(True)
+        accuracy = self.last = float((predictions == labels).mean())
+        self.results[epoch] = {"val_accuracy": accuracy, "val_s": time.time() - start}
+        if not self.writer:
+            return
+        better = self.best is None or accuracy > self.best
+        print(f"validation accuracy {100 * accuracy:.2f}% on {len(labels)} test images"
+              + (f" (best so far: {self.path})" if better else f" (best: {100 * self.best:.2f}%)"), flush=True)
+        if better:
+            try:
+                checkpoint.save(self.net, self.path, {"epoch_num": epoch, "val_accuracy": accuracy})
+                self.best = accuracy
+            except (OSError, RuntimeError) as e:
+                self.guard.report_save_failure(self.path, e)
+
+
+def previous_best(path):
+    if not os.path.exists(path):
+        return None
+    try:
+        params = checkpoint.read(path, choice_func=lambda name: name == "val_accuracy")
+        return float(params["val_accuracy"].asnumpy())
+    except (*checkpoint.UNREADABLE, KeyError):
+        print(f"warning: {path} is unreadable or has no val_accuracy; this run's best model will replace it")
+        return None
+
+
+class Progress(Callback):
+    """Progress lines every `every` steps and at each epoch's end, a summary per epoch, and one JSON record
+    per epoch appended to `metrics_path` (with the validator's accuracy on validated epochs).
+
+    A line: epoch and step (of the epoch and of the run), loss, learning rate, images/s of the
+    epoch's training steps (each timed from its start to its end, as MindSpore's TimeMonitor does;
+    the run's first step, the graph compilation, left out), time elapsed and the estimated time
+    left. Steps count from the start of the run, also when it was resumed at `first_step`.
+    `batch_size` is the global batch (all workers').
+    """
+
+    def __init__(self, batch_size, steps_per_epoch, epochs, first_step, every, metrics_path, optimizer, guard,
+                 validator=None):
+        super().__init__()
+        self.batch_size, self.steps_per_epoch, self.epochs = batch_size, steps_per_epoch, epochs
+        self.first_step, self.every, self.metrics_path = first_step, every, metrics_path
+        self.optimizer, self.guard, self.validator = optimizer, guard, validator
+        self.total = epochs * steps_per_epoch
+
+    def on_train_begin(self, run_context):
+        self.start = time.time()
+        self.timed_start, self.timed_steps = None, 0  # measured from the end of the first step
+
+    def on_train_epoch_begin(self, run_context):
+        self.epoch_start = time.time()
+        self.epoch_timed_steps, self.epoch_timed_time = 0, 0.0
+        self.losses, self.record = [], None
+
+    def on_train_step_begin(self, run_context):
+        self.step_start = time.time()
+
+    def on_train_step_end(self, run_context):
+        cb = run_context.original_args()
+        self.losses.append(loss_value(cb.net_outputs))
+        now = time.time()
+        step = self.first_step + cb.cur_step_num
+        epoch, step_in_epoch = checkpoint.position(step, self.steps_per_epoch)
+        if self.timed_start is None:
+            print(f"first step done in {now - self.start:.1f} s (includes graph compilation)", flush=True)
+            self.timed_start = now
+        else:
+            self.timed_steps += 1
+            self.epoch_timed_steps += 1
+            self.epoch_timed_time += now - self.step_start
+            if step_in_epoch % self.every == 0 or step_in_epoch == self.steps_per_epoch:
+                self.print_progress(epoch, step_in_epoch, step, now)
+        if step_in_epoch == self.steps_per_epoch and not self.guard.stopping:
+            self.record = {"epoch": epoch, "step": step, "loss": sum(self.losses) / len(self.losses),
+                           "lr": learning_rate(self.optimizer, step), "images_per_s": self.speed(),
+                           "epoch_s": now - self.epoch_start, "elapsed_s": now - self.start,
+                           "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            print(f"epoch {epoch}/{self.epochs} done in {self.record['epoch_s']:.1f} s, "
+                  f"mean loss {self.record['loss']:.4f}", flush=True)
+
+    def print_progress(self, epoch, step_in_epoch, step, now):
+        wall_per_step = (now - self.timed_start) / self.timed_steps  # with validations and saves, for the ETA
+        print(f"epoch {epoch}/{self.epochs} step {step_in_epoch}/{self.steps_per_epoch} ({step}/{self.total}) "
+              f"loss {self.losses[-1]:.4f} lr {learning_rate(self.optimizer, step):.3g} {self.speed() or 0:.1f} "
+              f"images/s elapsed {clock(now - self.start)} eta {clock(wall_per_step * (self.total - step))}",
+              flush=True)
+
+    def speed(self):
+        """Images/s of this epoch's timed steps, or None."""
+        return self.epoch_timed_steps * self.batch_size / self.epoch_timed_time if self.epoch_timed_steps else None
+
+    def on_train_epoch_end(self, run_context):
+        if self.record is None:  # an interrupted or failed epoch is not logged
+            return
+        if self.validator:
+            self.record.update(self.validator.results.get(self.record["epoch"], {}))
+        with open(self.metrics_path, "a") as f:  # append: an earlier run's records stay
+            f.write(json.dumps(self.record) + "\n")
+
+
+def loss_value(outputs):
+    """The loss of a training step's outputs: the loss, or with --amp O2 (loss, overflow, loss scale)."""
+    return float((outputs[0] if isinstance(outputs, (tuple, list)) else outputs).asnumpy())
+
+
+def learning_rate(optimizer, step):
+    """The optimizer's learning rate at a step (1-based) of the run (a constant, or one value per step)."""
+    rate = optimizer.learning_rate
+    rate = getattr(rate, "learning_rate", rate)  # a per-step schedule is a Cell holding the Parameter
+    rates = np.asarray(rate.asnumpy()).reshape(-1)
+    return float(rates[min(step - 1, rates.size - 1)])
+
+
+def clock(seconds):
+    minutes, seconds = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{seconds:02d}"

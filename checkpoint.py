@@ -1,0 +1,286 @@
+"""Checkpoint files: reading them safely, telling model kinds apart, naming series, resuming, writing atomically.
+
+    >>> import checkpoint
+    >>> net, config = checkpoint.load_network("checkpoints/resnet18_qat-40_1562.ckpt", num_classes=10)
+    >>> checkpoint.kind(config)                       # "QAT", "QAT with --bn_fold" or "float32"
+
+train.py names its checkpoints `<prefix>-<epoch>_<step of the epoch>[-interrupt].ckpt`, the
+prefix `resnet18_qat` (QAT) or `resnet18` (float32), with `_1`, `_2`, ... appended when the
+save folder already holds another run's series. A training checkpoint holds the network, the
+optimizer state and RUN_RECORDS; `best.ckpt` holds the network only. Every file is written by
+`write_atomically` and carries a CRC32 that `read` verifies.
+
+Helpers raise `cli.InputError` for bad input (a missing, corrupt or foreign file); write
+failures stay `OSError`/`RuntimeError` for the caller to report.
+"""
+import os
+import re
+import shutil
+import tempfile
+
+import mindspore as ms
+
+import cli
+import quant
+from resnetv2 import resnet18
+
+NAME = re.compile(r"^(?P<prefix>.+)-(?P<epoch>\d+)_(?P<step>\d+)(?P<interrupt>-interrupt)?\.ckpt$")
+BEST_FILE = "best.ckpt"
+RUN_RECORDS = ("epoch_num", "step_num", "steps_per_epoch", "learning_rate")  # besides the network and optimizer
+PARTIAL = re.compile(r"\.partial-(?P<pid>\d+)")  # write_atomically's temporary folders
+
+# The kinds of model a checkpoint can hold: the one place for these labels.
+FLOAT32, QAT, QAT_BN_FOLD = "float32", "QAT", "QAT with --bn_fold"
+
+
+def kind(config):
+    """The kind of model of a QuantConfig (None: float32)."""
+    return FLOAT32 if config is None else QAT_BN_FOLD if config.bn_fold else QAT
+
+
+def series_base(model_kind):
+    """The checkpoint name prefix of a kind of model, before any _1, _2 of later series."""
+    return "resnet18" if model_kind == FLOAT32 else "resnet18_qat"
+
+
+def position(step, steps_per_epoch):
+    """(epoch, step within the epoch), both counted from 1, of a step counted from 1 over the run."""
+    return (step - 1) // steps_per_epoch + 1, (step - 1) % steps_per_epoch + 1
+
+
+def file_name(prefix, step, steps_per_epoch, interrupt=False):
+    epoch, step_in_epoch = position(step, steps_per_epoch)
+    return f"{prefix}-{epoch}_{step_in_epoch}{'-interrupt' if interrupt else ''}.ckpt"
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+def check_file(path, flag="-loc"):
+    """Raise InputError unless `path` is a non-empty file."""
+    for problem, found in (("does not exist", not os.path.exists(path)), ("is not a file", not os.path.isfile(path)),
+                           ("is an empty file", os.path.isfile(path) and os.path.getsize(path) == 0)):
+        if found:
+            raise cli.InputError(f"model file {path} {problem}; give a .ckpt file written by train.py with {flag}")
+
+
+def read(path, **options):
+    """ms.load_checkpoint, verifying the file's CRC32 when it has one (train.py writes one).
+
+    MindSpore reports a wrong CRC as a failed read ("may not have permission"); this says so.
+    Raises what MindSpore raises (ValueError, RuntimeError, TypeError, OSError) for a file that does not load.
+    """
+    try:
+        return ms.load_checkpoint(path, crc_check=True, **options)
+    except ValueError as error:
+        try:
+            ms.load_checkpoint(path, **options)
+        except (ValueError, RuntimeError, TypeError, OSError):
+            raise error from None
+        raise ValueError("its CRC32 does not match its contents: the file is corrupt") from None
+
+
+UNREADABLE = (ValueError, RuntimeError, TypeError, OSError)  # what `read` raises for a file that does not load
+
+
+def load(path, flag="-loc"):
+    """The parameters of a checkpoint given with `flag`; InputError if it is missing or does not load."""
+    check_file(path, flag)
+    try:
+        return read(path)
+    except UNREADABLE as e:
+        raise cli.InputError(f"{flag} {path} is not a readable MindSpore checkpoint ({cli.first_line(e)}); "
+                             "give a .ckpt file written by train.py") from None
+
+
+def describe_mismatch(own, params, ignored):
+    """'' when every parameter of `own` ({name: shape}) is in the checkpoint with its shape and the
+    checkpoint holds nothing else but names that `ignored(name)` accepts; else what differs."""
+    missing = [name for name in own if name not in params]
+    reshaped = [f"{name} {tuple(params[name].shape)} instead of {tuple(shape)}"
+                for name, shape in own.items() if name in params and tuple(params[name].shape) != tuple(shape)]
+    unexpected = [name for name in params if name not in own and not ignored(name)]
+    problems = []
+    for label, names in (("missing", missing), ("with another shape", reshaped), ("unexpected", unexpected)):
+        if names:
+            problems.append(f"{len(names)} parameters {label} (e.g. {', '.join(names[:3])})")
+    return "; ".join(problems)
+
+
+def load_network(path, num_classes):
+    """The ResNet-18 a checkpoint holds (QAT or float32, as its parameters say), loaded strictly, in eval mode;
+    and its QuantConfig (None: float32)."""
+    params = load(path)
+    if not params:
+        raise cli.InputError(f"{path} holds no parameters; give a .ckpt file written by train.py")
+    config = quant.config_from_checkpoint(params)
+    net = resnet18(num_classes)
+    if config is not None:
+        net = quant.quantize(net, config)
+    own = {name: param.shape for name, param in net.parameters_and_names()}
+    # Besides the network's parameters a training checkpoint holds optimizer state: slots named
+    # `<slot>.<parameter>` (moment1.conv1.weight) and undotted scalars (global_step, epoch_num).
+    # Any other dotted name belongs to another network.
+    mismatch = describe_mismatch(own, params, ignored=lambda name: "." not in name or name.split(".", 1)[1] in own)
+    if mismatch:
+        raise cli.InputError(f"{path} does not match ResNet-18 ({kind(config)}): {mismatch}; "
+                             "give a checkpoint written by train.py")
+    ms.load_param_into_net(net, params, strict_load=True)
+    net.set_train(False)
+    return net, config
+
+
+# --- series and resuming ---------------------------------------------------------------------
+
+def series(savedir, prefix):
+    """The names of <prefix>-<epoch>_<step>.ckpt files in savedir, oldest first."""
+    found = [(int(m["epoch"]), int(m["step"]), name) for name in os.listdir(savedir)
+             for m in [NAME.match(name)] if m and m["prefix"] == prefix]
+    return [name for _, _, name in sorted(found)]
+
+
+def series_prefix(savedir, base, resumed=None):
+    """The file-name prefix of a run's checkpoints.
+
+    A run resumed from the newest checkpoint of a series in the save directory (`resumed`, its
+    path) continues that series. Otherwise, as MindSpore's ModelCheckpoint does, a folder that
+    already holds <base>-* files gets base_1, base_2, ...: an earlier run's checkpoints are never
+    overwritten.
+    """
+    if resumed:
+        folder, name = os.path.split(os.path.abspath(resumed))
+        match = NAME.match(name)
+        if match and folder == os.path.abspath(savedir) and series(savedir, match["prefix"])[-1] == name:
+            return match["prefix"]
+    names, prefix, n = os.listdir(savedir), base, 0
+    while any(name.startswith(prefix + "-") for name in names):
+        n += 1
+        prefix = f"{base}_{n}"
+    return prefix
+
+
+def find_resume(spec, savedir):
+    """(path, parameters) of --resume PATH, or with `auto` of the newest loadable training checkpoint in savedir.
+
+    `auto` skips, with a warning, checkpoints that do not load; with none to resume it returns None
+    and training starts from the beginning.
+    """
+    if spec != "auto":
+        return spec, load(spec, "--resume")
+    names = os.listdir(savedir) if os.path.isdir(savedir) else []  # (a data-parallel worker on another host)
+    paths = [os.path.join(savedir, name) for name in names if NAME.match(name)]
+    for path in sorted(paths, key=os.path.getmtime, reverse=True):
+        try:
+            return path, read(path)
+        except UNREADABLE as e:
+            print(f"warning: --resume auto skips {path}: it does not load ({cli.first_line(e)})", flush=True)
+    print(f"note: --resume auto found no checkpoint to resume in {savedir}; training from the start", flush=True)
+    return None
+
+
+def load_training_state(train_net, path, params, model_kind, quant_delay, steps_per_epoch, epochs):
+    """Load a checkpoint's training state into train_net after checking that it is this run's; return its step.
+
+    This run: a `model_kind` network trained with `quant_delay`, `steps_per_epoch` steps per epoch
+    for `epochs` epochs in all, and train_net's optimizer.
+    """
+    if "step_num" not in params or "steps_per_epoch" not in params:
+        raise cli.InputError(f"--resume {path} holds no training state (best.ckpt and exported models keep only the "
+                             "network); resume from a periodic checkpoint, <prefix>-<epoch>_<step>.ckpt")
+    settings = "resume with the checkpoint's settings (see args.json beside it)"
+    trained_as = kind(quant.config_from_checkpoint(params))
+    if trained_as != model_kind:
+        raise cli.InputError(f"--resume {path} was trained as {trained_as}, but this run trains {model_kind}; "
+                             f"{settings}")
+    delays = {int(value.asnumpy()) for name, value in params.items() if name.endswith(".quant_delay")}
+    if delays and delays != {quant_delay}:
+        raise cli.InputError(f"--resume {path} was trained with --quant_delay {min(delays)}, this run has "
+                             f"{quant_delay}; {settings}")
+    own = {p.name: p.shape for p in train_net.get_parameters() if p.name != "learning_rate"}
+    mismatch = describe_mismatch(own, params, ignored=lambda name: name in RUN_RECORDS)
+    if mismatch:
+        raise cli.InputError(f"--resume {path} does not match this run's network and optimizer: {mismatch}; "
+                             "resume with the checkpoint's -opt and settings (see args.json beside it)")
+    step, saved_steps = int(params["step_num"].asnumpy()), int(params["steps_per_epoch"].asnumpy())
+    if saved_steps != steps_per_epoch:
+        raise cli.InputError(f"--resume {path} was trained with {saved_steps} steps per epoch, this run has "
+                             f"{steps_per_epoch}; resume with the checkpoint's -bsize, -repeatNum, --num_samples "
+                             "and number of workers")
+    if step >= epochs * steps_per_epoch:
+        raise cli.InputError(f"--resume {path} has already trained {step // steps_per_epoch} epochs; "
+                             "ask for more with -e")
+    ms.load_param_into_net(train_net, {name: params[name] for name in own}, strict_load=True)
+    return step
+
+
+# --- writing ---------------------------------------------------------------------------------
+
+def write_atomically(path, write, mode=None):
+    """Call write(tmp) to write a file at the path tmp, flush it to disk, then rename it to `path`.
+
+    tmp lies in a hidden folder beside `path`, `.partial-<pid>`, which is removed afterwards,
+    whatever happens: a crash leaves the previous file or the complete new one, never a partial
+    file under the final name (and `remove_stale_partials` clears a dead process's folder).
+    `mode`: the file's permissions, when not what `write` made. Raises what writing raises.
+    """
+    directory = os.path.dirname(path) or "."
+    folder = os.path.join(directory, f".partial-{os.getpid()}")
+    tmp = os.path.join(folder, os.path.basename(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        write(tmp)
+        if mode is not None:
+            os.chmod(tmp, mode)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        descriptor = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)  # the rename itself
+        finally:
+            os.close(descriptor)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def write_text(path, text):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    write_atomically(path, write)
+
+
+def save(net, path, records):
+    """A checkpoint of `net` (its parameters, and an optimizer's when `net` is a training step) plus
+    `records` ({name: number}), with a CRC32, written atomically; mode 0400, as MindSpore writes it."""
+    write_atomically(path, lambda tmp: ms.save_checkpoint(net, tmp, append_dict=records, crc_check=True))
+
+
+def check_save_dir(path):
+    """Raise InputError, before any work, if checkpoints cannot be written into the folder `path`."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise cli.InputError(f"save directory {path} is a file; give a folder with -dir")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise cli.InputError(f"cannot write to save directory {path} ({e.strerror}); "
+                             "give a writable folder with -dir") from None
+
+
+def remove_stale_partials(folder):
+    """Remove the temporary folders of writes cut short by a crash (their process is gone)."""
+    for name in os.listdir(folder):
+        match = PARTIAL.fullmatch(name)
+        if match and not _process_alive(int(match["pid"])):
+            shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+
+
+def _process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

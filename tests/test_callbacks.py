@@ -1,0 +1,176 @@
+"""The training callbacks one by one, without training: the Guard's decisions, saving, progress records.
+(Whole runs stopped by signals and crashes are in test_crash.py.)"""
+import errno
+import json
+import os
+import signal
+
+import mindspore as ms
+import mindspore.nn as nn
+import pytest
+
+import callbacks
+import checkpoint
+
+
+class FakeRunContext:
+    """What a callback sees of Model.train: the step and epoch counts, the step's loss, and the stop request."""
+
+    def __init__(self, step, epoch=1, loss=1.0):
+        self.args = type("CallbackParams", (), {"cur_step_num": step, "cur_epoch_num": epoch,
+                                                "net_outputs": ms.Tensor(loss, ms.float32)})()
+        self.stop_requested = False
+
+    def original_args(self):
+        return self.args
+
+    def request_stop(self):
+        self.stop_requested = True
+
+
+def started_guard(context, first_step=0, steps_per_epoch=2):
+    guard = callbacks.Guard(first_step, steps_per_epoch)
+    guard.on_train_begin(context)
+    return guard
+
+
+def test_guard_stops_at_a_loss_that_is_not_finite_and_exits_with_3():
+    context = FakeRunContext(step=3, loss=float("nan"))
+    guard = started_guard(context, first_step=10, steps_per_epoch=4)
+    try:
+        guard.on_train_step_end(FakeRunContext(step=2))
+        assert not guard.stopping and not context.stop_requested
+        guard.on_train_step_end(context)
+    finally:
+        guard.on_train_end(context)
+    assert context.stop_requested and guard.diverged == (13, "the loss is nan")
+    stop = guard.outcome("checkpoints/resnet18_qat-3_2.ckpt")
+    assert stop.status == 3 and stop.error
+    assert stop.message.startswith("training diverged at step 13 (epoch 4): the loss is nan")
+    assert "the last good checkpoint is checkpoints/resnet18_qat-3_2.ckpt" in stop.message
+
+
+def test_a_run_that_ends_has_no_outcome():
+    assert callbacks.Guard(0, 2).outcome("x.ckpt") is None
+
+
+def test_weights_that_are_not_finite_are_never_saved(tmp_path):
+    net = nn.Dense(3, 2)
+    context = FakeRunContext(step=2)
+    guard = started_guard(context)
+    saver = callbacks.Checkpointer(net, str(tmp_path), "resnet18_qat", steps_per_epoch=2, save_steps=0,
+                                   keep=5, first_step=0, guard=guard)
+    net.weight.set_data(ms.Tensor([[1.0, float("inf"), 0.0], [0.0, 0.0, 0.0]], ms.float32))
+    try:
+        saver.on_train_step_end(context)
+    finally:
+        guard.on_train_end(context)
+    assert guard.diverged == (2, "the updated weights are not finite") and context.stop_requested
+    assert os.listdir(tmp_path) == []
+
+
+def test_checkpoints_are_named_by_epoch_and_step_and_the_newest_kept(tmp_path):
+    guard = callbacks.Guard(0, steps_per_epoch=3)
+    saver = callbacks.Checkpointer(nn.Dense(3, 2), str(tmp_path), "resnet18", steps_per_epoch=3, save_steps=2,
+                                   keep=2, first_step=0, guard=guard)
+    for step in range(1, 7):
+        saver.on_train_step_end(FakeRunContext(step=step))
+    # steps 2 (epoch 1), 3 (its end), 4 (epoch 2, step 1) and 6: the newest two stay
+    assert sorted(os.listdir(tmp_path)) == ["resnet18-2_1.ckpt", "resnet18-2_3.ckpt"]
+    assert saver.latest == str(tmp_path / "resnet18-2_3.ckpt")
+    records = checkpoint.read(saver.latest)
+    assert [int(records[name].asnumpy()) for name in ("epoch_num", "step_num", "steps_per_epoch")] == [2, 6, 3]
+    assert oct(os.stat(saver.latest).st_mode & 0o777) == "0o400"  # as MindSpore writes checkpoints
+
+
+def test_failed_save_keeps_the_previous_checkpoint_and_exits_with_1(tmp_path, monkeypatch, capsys):
+    guard = callbacks.Guard(0, steps_per_epoch=2)
+    saver = callbacks.Checkpointer(nn.Dense(3, 2), str(tmp_path), "resnet18_qat", steps_per_epoch=2, save_steps=0,
+                                   keep=5, first_step=0, guard=guard)
+    saver.save(2)
+    good = tmp_path / "resnet18_qat-1_2.ckpt"
+    before = good.read_bytes()
+
+    def disk_full(net, path, **kwargs):
+        with open(path, "wb") as f:
+            f.write(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(ms, "save_checkpoint", disk_full)
+    saver.save(4)
+    assert guard.save_failure == (str(tmp_path / "resnet18_qat-2_2.ckpt"), "No space left on device")
+    assert guard.stopping
+    assert sorted(os.listdir(tmp_path)) == ["resnet18_qat-1_2.ckpt"] and good.read_bytes() == before
+    with pytest.raises(SystemExit) as exit_info:
+        guard.outcome(saver.latest).exit()
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "No space left on device" in err and f"{good}, is intact" in err
+
+
+def test_an_interrupted_worker_that_does_not_save_names_worker_0s_checkpoint(tmp_path, capsys):
+    """In a data-parallel run only worker 0 saves: the others point to its checkpoint, not to 'None'."""
+    guard = callbacks.Guard(0, steps_per_epoch=2)
+    guard.signal = signal.SIGINT
+    with pytest.raises(SystemExit) as exit_info:
+        guard.outcome(callbacks.WORKER_0).exit()
+    assert exit_info.value.code == 128 + signal.SIGINT
+    out = capsys.readouterr().out
+    assert "interrupted by SIGINT; checkpoint: worker 0's latest" in out and "None" not in out
+
+
+def test_progress_logs_each_finished_epoch_with_its_validation(tmp_path, capsys):
+    class Validated:
+        results = {2: {"val_accuracy": 0.5, "val_s": 1.0}}
+
+    optimizer = nn.Adam(nn.Dense(3, 2).trainable_params(), learning_rate=[0.1, 0.2, 0.3, 0.4])
+    guard = callbacks.Guard(0, steps_per_epoch=2)
+    metrics = tmp_path / "metrics.jsonl"
+    progress = callbacks.Progress(8, steps_per_epoch=2, epochs=2, first_step=0, every=50, metrics_path=str(metrics),
+                                  optimizer=optimizer, guard=guard, validator=Validated())
+    progress.on_train_begin(None)
+    for epoch in (1, 2):
+        progress.on_train_epoch_begin(None)
+        for step in (2 * epoch - 1, 2 * epoch):
+            progress.on_train_step_begin(None)
+            progress.on_train_step_end(FakeRunContext(step, epoch, loss=float(step)))
+        progress.on_train_epoch_end(FakeRunContext(2 * epoch, epoch))
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [(r["epoch"], r["step"], r["loss"]) for r in records] == [(1, 2, 1.5), (2, 4, 3.5)]
+    assert [r["lr"] for r in records] == pytest.approx([0.2, 0.4])
+    assert "val_accuracy" not in records[0] and records[1]["val_accuracy"] == 0.5 and records[1]["val_s"] == 1.0
+    assert records[0]["images_per_s"] > 0  # step 2 (step 1 compiles the graph and is not timed)
+    out = capsys.readouterr().out
+    assert "first step done" in out and "epoch 2/2 step 2/2 (4/4) loss 4.0000 lr 0.4" in out
+    assert "epoch 2/2 done in" in out and "mean loss 3.5000" in out
+
+
+def test_progress_logs_an_epoch_of_one_step(tmp_path):
+    """The run's first step compiles the graph and is not timed, but its epoch is logged all the same."""
+    optimizer = nn.Adam(nn.Dense(3, 2).trainable_params(), learning_rate=0.01)
+    metrics = tmp_path / "metrics.jsonl"
+    progress = callbacks.Progress(8, steps_per_epoch=1, epochs=1, first_step=0, every=50, metrics_path=str(metrics),
+                                  optimizer=optimizer, guard=callbacks.Guard(0, 1))
+    progress.on_train_begin(None)
+    progress.on_train_epoch_begin(None)
+    progress.on_train_step_begin(None)
+    progress.on_train_step_end(FakeRunContext(1, 1, loss=2.0))
+    progress.on_train_epoch_end(FakeRunContext(1, 1))
+    [record] = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert (record["epoch"], record["step"], record["loss"], record["images_per_s"]) == (1, 1, 2.0, None)
+
+
+def test_an_interrupted_epoch_is_not_logged(tmp_path):
+    optimizer = nn.Adam(nn.Dense(3, 2).trainable_params(), learning_rate=0.01)
+    metrics = tmp_path / "metrics.jsonl"
+    guard = callbacks.Guard(0, 2)
+    progress = callbacks.Progress(8, steps_per_epoch=2, epochs=1, first_step=0, every=50, metrics_path=str(metrics),
+                                  optimizer=optimizer, guard=guard)
+    progress.on_train_begin(None)
+    progress.on_train_epoch_begin(None)
+    for step in (1, 2):
+        if step == 2:
+            guard.signal = signal.SIGTERM  # caught during the epoch's last step
+        progress.on_train_step_begin(None)
+        progress.on_train_step_end(FakeRunContext(step, 1))
+    progress.on_train_epoch_end(FakeRunContext(2, 1))
+    assert not metrics.exists()
