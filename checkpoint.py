@@ -63,23 +63,23 @@ def check_file(path, flag="-loc"):
             raise cli.InputError(f"model file {path} {problem}; give a .ckpt file written by train.py with {flag}")
 
 
+UNREADABLE = (ValueError, RuntimeError, TypeError, OSError)  # what `read` raises for a file that does not load
+
+
 def read(path, **options):
     """ms.load_checkpoint, verifying the file's CRC32 when it has one (train.py writes one).
 
     MindSpore reports a wrong CRC as a failed read ("may not have permission"); this says so.
-    Raises what MindSpore raises (ValueError, RuntimeError, TypeError, OSError) for a file that does not load.
+    Raises one of UNREADABLE for a file that does not load.
     """
     try:
         return ms.load_checkpoint(path, crc_check=True, **options)
     except ValueError as error:
         try:
             ms.load_checkpoint(path, **options)
-        except (ValueError, RuntimeError, TypeError, OSError):
+        except UNREADABLE:
             raise error from None
         raise ValueError("its CRC32 does not match its contents: the file is corrupt") from None
-
-
-UNREADABLE = (ValueError, RuntimeError, TypeError, OSError)  # what `read` raises for a file that does not load
 
 
 def load(path, flag="-loc"):
