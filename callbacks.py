@@ -101,7 +101,6 @@ class Guard(Callback):
             os._exit(128 + signum)
         self.signal = signum
         print(f"\n{name}: stopping after this step and saving a checkpoint", flush=True)
-        self._request_stop()
 
     def take_pending_sigint(self):
         if signal.SIGINT in signal.sigpending():
@@ -109,11 +108,16 @@ class Guard(Callback):
             self.on_signal(signal.SIGINT, None)
 
     def on_train_step_end(self, run_context):
+        """First of the callbacks after each step: a signal caught since the last one stops training after
+        this step, so that the Checkpointer, next, saves this step as the interrupt checkpoint. (Stopping
+        from the signal handler could end training between the Checkpointer and the next step: no save.)"""
         cb = run_context.original_args()
         loss = loss_value(cb.net_outputs)
         if not math.isfinite(loss):
             self.report_divergence(self.first_step + cb.cur_step_num, f"the loss is {loss}")
         self.take_pending_sigint()
+        if self.interrupted:
+            run_context.request_stop()
 
     def outcome(self, last_checkpoint):
         """A Stop when training did not run to the end, else None. `last_checkpoint`: the newest one saved."""

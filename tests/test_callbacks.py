@@ -107,6 +107,28 @@ def test_failed_save_keeps_the_previous_checkpoint_and_exits_with_1(tmp_path, mo
     assert err.count("\n") == 1 and "No space left on device" in err and f"{good}, is intact" in err
 
 
+def test_a_signal_stops_training_after_the_next_step_with_an_interrupt_checkpoint(tmp_path, capsys):
+    """SIGTERM can arrive while any callback runs, even after the Checkpointer's turn: training goes on to
+    the end of the next step, where the Guard (first) stops it and the Checkpointer (next) saves it."""
+    context = FakeRunContext(step=3)
+    guard = started_guard(context)
+    saver = callbacks.Checkpointer(nn.Dense(3, 2), str(tmp_path), "resnet18_qat", steps_per_epoch=2, save_steps=0,
+                                   keep=5, first_step=0, guard=guard)
+    try:
+        guard.on_signal(signal.SIGTERM, None)
+        assert not context.stop_requested  # not yet: this step's Checkpointer may have run already
+        guard.on_train_step_end(context)
+        saver.on_train_step_end(context)
+    finally:
+        guard.on_train_end(context)
+    assert context.stop_requested and os.listdir(tmp_path) == ["resnet18_qat-2_1-interrupt.ckpt"]
+    stop = guard.outcome(saver.latest)
+    assert stop.status == 143 and not stop.error
+    assert stop.message == (f"interrupted by SIGTERM; checkpoint: {tmp_path / 'resnet18_qat-2_1-interrupt.ckpt'}\n"
+                            "to continue, run the same command with --resume auto")
+    assert "SIGTERM: stopping after this step and saving a checkpoint" in capsys.readouterr().out
+
+
 def test_an_interrupted_worker_that_does_not_save_names_worker_0s_checkpoint(tmp_path, capsys):
     """In a data-parallel run only worker 0 saves: the others point to its checkpoint, not to 'None'."""
     guard = callbacks.Guard(0, steps_per_epoch=2)
