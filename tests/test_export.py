@@ -14,6 +14,7 @@ from conftest import expect_error, snapshot, train_in_subprocess
 
 FLOAT32_BYTES = 4 * 11_173_962
 SAMPLES = "500"
+INT8_SAMPLES = 300  # the first 300 of the 500: the numpy reference runs about 10 images/s
 
 
 def predictions(path, data, tmp_path, capsys, samples=SAMPLES):
@@ -54,11 +55,12 @@ def test_int8_file_is_small_integer_and_agrees(trained, synthetic_dir, checkpoin
             assert arrays[node["weight_scale"]].shape == (weight.shape[0],)
             assert arrays[node["bias"]].dtype == np.int32
 
-    predicted, result = predictions(path, synthetic_dir, tmp_path, capsys)
-    assert result["model"] == "int8 (integer inference)"
-    assert (predicted == checkpoint_predictions).mean() >= 0.99
-    labels = np.fromfile(os.path.join(synthetic_dir, "test_batch.bin"), np.uint8).reshape(-1, 3073)[:500, 0]
-    assert abs((predicted == labels).mean() - (checkpoint_predictions == labels).mean()) <= 0.005
+    predicted, result = predictions(path, synthetic_dir, tmp_path, capsys, samples=str(INT8_SAMPLES))
+    assert result["model"] == "int8 (integer inference)" and result["total"] == INT8_SAMPLES
+    expected = checkpoint_predictions[:INT8_SAMPLES]
+    assert (predicted == expected).mean() >= 0.99
+    labels = np.fromfile(os.path.join(synthetic_dir, "test_batch.bin"), np.uint8).reshape(-1, 3073)[:INT8_SAMPLES, 0]
+    assert abs((predicted == labels).mean() - (expected == labels).mean()) <= 0.005
 
 
 def test_requantize_rounds_like_real_arithmetic():
@@ -140,10 +142,10 @@ def test_bn_fold_training_exports_an_equivalent_int8_model(synthetic_dir, tmp_pa
     ckpt = train_in_subprocess("-data", synthetic_dir, "-dir", str(tmp_path), "-e", "1", "-bsize", "16",
                                "--num_samples", "64", "--bn_fold", "--eval_every", "0")
     assert quant.config_from_checkpoint(ms.load_checkpoint(ckpt)).bn_fold
-    checkpoint_predicted, _ = predictions(ckpt, synthetic_dir, tmp_path, capsys, samples="200")
+    checkpoint_predicted, _ = predictions(ckpt, synthetic_dir, tmp_path, capsys, samples="100")
     path = export.main(["-loc", ckpt, "--format", "int8"])
     assert path == ckpt[: -len(".ckpt")] + ".int8.npz"
-    predicted, _ = predictions(path, synthetic_dir, tmp_path, capsys, samples="200")
+    predicted, _ = predictions(path, synthetic_dir, tmp_path, capsys, samples="100")
     # Lower than the trained model's 99 %: after 4 steps many images are near-ties between classes,
     # which one rounding step decides (96 % of 500 here).
     assert (predicted == checkpoint_predicted).mean() >= 0.9
