@@ -54,14 +54,11 @@ class Guard(Callback):
     def __init__(self, first_step, steps_per_epoch):
         super().__init__()
         self.first_step, self.steps_per_epoch = first_step, steps_per_epoch
-        self.signal = None          # the signal caught
+        self.signal = None          # the signal caught, acted on at the next on_train_step_end
+        self.interrupted = False    # a signal stops training after this step
         self.diverged = None        # (step, what was not finite)
         self.save_failure = None    # (path, why)
         self.run_context = None
-
-    @property
-    def interrupted(self):
-        return self.signal is not None
 
     @property
     def failed(self):
@@ -116,7 +113,8 @@ class Guard(Callback):
         if not math.isfinite(loss):
             self.report_divergence(self.first_step + cb.cur_step_num, f"the loss is {loss}")
         self.take_pending_sigint()
-        if self.interrupted:
+        if self.signal is not None:
+            self.interrupted = True
             run_context.request_stop()
 
     def outcome(self, last_checkpoint):

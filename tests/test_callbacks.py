@@ -116,12 +116,14 @@ def test_a_signal_stops_training_after_the_next_step_with_an_interrupt_checkpoin
                                    keep=5, first_step=0, guard=guard)
     try:
         guard.on_signal(signal.SIGTERM, None)
-        assert not context.stop_requested  # not yet: this step's Checkpointer may have run already
-        guard.on_train_step_end(context)
+        saver.on_train_step_end(FakeRunContext(step=2))  # the signal came after the Guard's turn in step 2
+        assert not context.stop_requested and os.listdir(tmp_path) == ["resnet18_qat-1_2.ckpt"]
+        guard.on_train_step_end(context)  # step 3
         saver.on_train_step_end(context)
     finally:
         guard.on_train_end(context)
-    assert context.stop_requested and os.listdir(tmp_path) == ["resnet18_qat-2_1-interrupt.ckpt"]
+    assert context.stop_requested
+    assert sorted(os.listdir(tmp_path)) == ["resnet18_qat-1_2.ckpt", "resnet18_qat-2_1-interrupt.ckpt"]
     stop = guard.outcome(saver.latest)
     assert stop.status == 143 and not stop.error
     assert stop.message == (f"interrupted by SIGTERM; checkpoint: {tmp_path / 'resnet18_qat-2_1-interrupt.ckpt'}\n"
@@ -132,7 +134,7 @@ def test_a_signal_stops_training_after_the_next_step_with_an_interrupt_checkpoin
 def test_an_interrupted_worker_that_does_not_save_names_worker_0s_checkpoint(tmp_path, capsys):
     """In a data-parallel run only worker 0 saves: the others point to its checkpoint, not to 'None'."""
     guard = callbacks.Guard(0, steps_per_epoch=2)
-    guard.signal = signal.SIGINT
+    guard.on_signal(signal.SIGINT, None)
     with pytest.raises(SystemExit) as exit_info:
         guard.outcome(callbacks.WORKER_0).exit()
     assert exit_info.value.code == 128 + signal.SIGINT
@@ -190,9 +192,12 @@ def test_an_interrupted_epoch_is_not_logged(tmp_path):
     progress.on_train_begin(None)
     progress.on_train_epoch_begin(None)
     for step in (1, 2):
+        context = FakeRunContext(step, 1)
         if step == 2:
-            guard.signal = signal.SIGTERM  # caught during the epoch's last step
+            guard.on_signal(signal.SIGTERM, None)  # caught during the epoch's last step
         progress.on_train_step_begin(None)
-        progress.on_train_step_end(FakeRunContext(step, 1))
+        guard.on_train_step_end(context)
+        progress.on_train_step_end(context)
+    assert context.stop_requested
     progress.on_train_epoch_end(FakeRunContext(2, 1))
     assert not metrics.exists()
