@@ -4,6 +4,9 @@ one launcher for the project's scripts in a subprocess, and one check of the `er
 Tests marked `slow` train more than a few steps, start msrun or run the int8 reference on hundreds
 of images: `python -m pytest -m "not slow"` leaves them out.
 """
+import contextlib
+import io
+import json
 import os
 import subprocess
 import sys
@@ -12,8 +15,10 @@ import sys
 os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
 os.environ.setdefault("GLOG_v", "3")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+import eval as evaluate  # noqa: E402
 import preprocess  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -99,6 +104,18 @@ def trained(synthetic_dir, tmp_path_factory):
     path = train_in_subprocess("-data", synthetic_dir, "-dir", savedir, "-e", "4", "-bsize", "32",
                                "--num_samples", "384", "--val_samples", "200", "--eval_every", "2")
     return path, savedir
+
+
+@pytest.fixture(scope="session")
+def trained_evaluation(trained, synthetic_dir, tmp_path_factory):
+    """eval.py --json --save_predictions on the trained checkpoint and the first 500 test images:
+    (the accuracy main returned, the JSON line, the predictions)."""
+    predictions = str(tmp_path_factory.mktemp("predictions") / "checkpoint.npy")
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        accuracy = evaluate.main(["-loc", trained[0], "-data", synthetic_dir, "--num_samples", "500", "--json",
+                                  "--save_predictions", predictions])
+    return accuracy, json.loads(stdout.getvalue().strip().splitlines()[-1]), np.load(predictions)
 
 
 # A short QAT run: 3 epochs of 4 steps, a checkpoint every 2 steps, a schedule that changes

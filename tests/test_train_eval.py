@@ -46,10 +46,8 @@ def test_validation_keeps_the_best_network(trained, synthetic_dir):
 
 
 @pytest.mark.slow
-def test_training_learns_and_eval_reports_json(trained, synthetic_dir, capsys):
-    path, _ = trained
-    accuracy = evaluate.main(["-loc", path, "-data", synthetic_dir, "--num_samples", "500", "--json"])
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+def test_training_learns_and_eval_reports_json(trained_evaluation, synthetic_dir):
+    accuracy, result, predictions = trained_evaluation
     assert result["total"] == 500 and result["model"] == "QAT (int8 fake-quant)"
     assert result["accuracy"] == accuracy == result["correct"] / 500
     assert accuracy > 0.5, f"4 short epochs on the learnable set should beat chance (0.1) by far, got {accuracy}"
@@ -58,6 +56,7 @@ def test_training_learns_and_eval_reports_json(trained, synthetic_dir, capsys):
     labels = np.fromfile(os.path.join(synthetic_dir, "test_batch.bin"), np.uint8).reshape(-1, 3073)[:500, 0]
     np.testing.assert_array_equal(confusion.sum(axis=1), np.bincount(labels, minlength=10))
     assert list(result["per_class"]) == [f"synthetic_{i}" for i in range(10)]
+    assert (predictions == labels).sum() == result["correct"]  # --save_predictions, in dataset order
     assert result["per_class"]["synthetic_3"] == confusion[3, 3] / confusion[3].sum()
 
 
