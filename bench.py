@@ -28,6 +28,7 @@ import checkpoint
 import cli
 import export
 import inference
+import int8
 import preprocess
 import train
 
@@ -145,7 +146,8 @@ def eval_worker(args):
     inference.predict(model, dataset)  # warm-up: graph compilation
     eval_ips = statistics.median(timed_ips(model, dataset) for _ in range(3))
     int8_path = args.checkpoint + ".npz"
-    export.export(argparse.Namespace(check_point=args.checkpoint, output=int8_path, format="int8", device=args.device))
+    net, config = checkpoint.load_network(args.checkpoint, preprocess.NUM_CLASSES)
+    int8.save(int8_path, *export.int8_model(net, config))
     int8_model = inference.load_model(int8_path)
     small = preprocess.create_dataset(args.data, training=False, batch_size=EVAL_BATCH, num_samples=args.int8_images)
     return {"eval_ips": eval_ips, "int8_ips": timed_ips(int8_model, small)}
