@@ -14,7 +14,12 @@ On synthetic CIFAR-format files it writes into a temporary folder, it measures
 - with --validation, also the issue-4 figure: train.py's images/s with and without validating
   after every epoch (--eval_every 1 vs 0).
 """
-import argparse
+import signal
+
+if __name__ == "__main__":
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # Ctrl-C: see cli.py
+
+import argparse  # noqa: E402
 import json
 import os
 import resource
@@ -34,6 +39,7 @@ import train
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 EVAL_BATCH = 100
+IMAGES = cli.int_range(1, preprocess.RECORDS_PER_FILE)  # its synthetic data: 10,000 training and test images
 
 
 class MeasurementFailed(Exception):
@@ -43,19 +49,19 @@ class MeasurementFailed(Exception):
 def get_args_parser():
     parser = cli.ArgumentParser(prog="bench.py", description=__doc__.split("\n")[0])
     cli.add_device_argument(parser, help="device to train on")
-    parser.add_argument("--batch", type=cli.positive_int, default=32, help="training batch size")
+    parser.add_argument("--batch", type=IMAGES, default=32, help="training batch size")
     parser.add_argument("--steps", type=cli.positive_int, default=8, help="timed training steps per run")
     parser.add_argument("--repeats", type=cli.positive_int, default=3,
                         help="training runs of each of float32 and QAT (fresh processes, alternating)")
-    parser.add_argument("--eval_images", type=cli.positive_int, default=500, help="images per evaluation pass")
-    parser.add_argument("--int8_images", type=cli.positive_int, default=200,
+    parser.add_argument("--eval_images", type=IMAGES, default=500, help="images per evaluation pass")
+    parser.add_argument("--int8_images", type=IMAGES, default=200,
                         help="images for the int8 reference (NumPy, slow)")
     parser.add_argument("--json", action="store_true", help="end with one JSON line of the results")
     parser.add_argument("--validation", action="store_true",
                         help="also time train.py with and without validation after every epoch")
     parser.add_argument("--epochs", type=cli.positive_int, default=4,
                         help="with --validation: epochs per train.py run (the first is warm-up)")
-    parser.add_argument("--val_samples", type=cli.positive_int, default=500,
+    parser.add_argument("--val_samples", type=IMAGES, default=500,
                         help="with --validation: validation images per epoch")
     # Internal: one measurement in a fresh process.
     parser.add_argument("--worker", choices=("float", "qat", "eval"), help=argparse.SUPPRESS)
@@ -70,9 +76,7 @@ def main(argv=None):
         print(json.dumps(WORKERS[args.worker](args)))
         return None
     try:
-        return benchmark(args)
-    except cli.InputError as e:
-        cli.fail(str(e))
+        return cli.run(benchmark, args, interrupted="no figures (the temporary data folder is removed)")
     except MeasurementFailed as e:
         cli.fail(str(e), code=1)
 

@@ -9,6 +9,7 @@
 Each owns its state. The others report to the Guard what went wrong and ask it whether training
 is stopping; Progress reads the Validator's results for metrics.jsonl.
 """
+import contextlib
 import json
 import math
 import os
@@ -122,7 +123,7 @@ class Guard(Callback):
         last = last_checkpoint or "none (train again from the start)"
         if self.save_failure:
             path, why = self.save_failure
-            return Stop(EXIT_SAVE_FAILED, f"could not save checkpoint {path} ({why}); training stopped; the last "
+            return Stop(EXIT_SAVE_FAILED, f"could not save {path} ({why}); training stopped; the last "
                         f"checkpoint saved, {last}, is intact; free space or fix the save folder, then continue "
                         "with --resume auto", error=True)
         if self.diverged:
@@ -180,7 +181,8 @@ class Checkpointer(Callback):
             return
         self.latest = path
         for old in checkpoint.series(self.savedir, self.prefix)[:-self.keep]:
-            os.remove(os.path.join(self.savedir, old))
+            with contextlib.suppress(FileNotFoundError):  # (removed by hand meanwhile)
+                os.remove(os.path.join(self.savedir, old))
 
 
 class Validator(Callback):
@@ -304,8 +306,10 @@ class Progress(Callback):
             return
         if self.validator:
             self.record.update(self.validator.results.get(self.record["epoch"], {}))
-        with open(self.metrics_path, "a") as f:  # append: an earlier run's records stay
-            f.write(json.dumps(self.record) + "\n")
+        try:  # appended: an earlier run's records stay
+            checkpoint.append_line(self.metrics_path, json.dumps(self.record))
+        except OSError as e:
+            self.guard.report_save_failure(self.metrics_path, e)
 
 
 def loss_value(outputs):
@@ -318,7 +322,7 @@ def learning_rate(optimizer, step):
     rate = optimizer.learning_rate
     rate = getattr(rate, "learning_rate", rate)  # a per-step schedule is a Cell holding the Parameter
     rates = np.asarray(rate.asnumpy()).reshape(-1)
-    return float(rates[min(step - 1, rates.size - 1)])
+    return float(str(rates[min(step - 1, rates.size - 1)]))  # float32's digits: 0.001, not 0.0010000000474974513
 
 
 def clock(seconds):

@@ -13,6 +13,8 @@ optimizer state and RUN_RECORDS; `best.ckpt` holds the network only. Every file 
 Helpers raise `cli.InputError` for bad input (a missing, corrupt or foreign file); write
 failures stay `OSError`/`RuntimeError` for the caller to report.
 """
+import contextlib
+import fcntl
 import os
 import re
 import shutil
@@ -214,25 +216,31 @@ def load_training_state(train_net, path, params, model_kind, quant_delay, steps_
 
 # --- writing ---------------------------------------------------------------------------------
 
-def write_atomically(path, write, mode=None):
+def write_atomically(path, write, mode=None, overwrite=True):
     """Call write(tmp) to write a file at the path tmp, flush it to disk, then rename it to `path`.
 
     tmp lies in a hidden folder beside `path`, `.partial-<pid>`, which is removed afterwards,
     whatever happens: a crash leaves the previous file or the complete new one, never a partial
     file under the final name (and `remove_stale_partials` clears a dead process's folder).
-    `mode`: the file's permissions, when not what `write` made. Raises what writing raises.
+    `mode`: the file's permissions, when not what `write` made. With overwrite=False the file is
+    linked into place, which fails with FileExistsError if `path` exists, even when another
+    process created it meanwhile. Raises what writing raises.
     """
     directory = os.path.dirname(path) or "."
     folder = os.path.join(directory, f".partial-{os.getpid()}")
     tmp = os.path.join(folder, os.path.basename(path))
     try:
-        os.makedirs(folder, exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(folder)  # (not makedirs: a save folder removed meanwhile is an error, not made anew)
         write(tmp)
         if mode is not None:
             os.chmod(tmp, mode)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)
         descriptor = os.open(directory, os.O_RDONLY)
         try:
             os.fsync(descriptor)  # the rename itself
@@ -246,6 +254,22 @@ def write_text(path, text):
     def write(tmp):
         with open(tmp, "w") as f:
             f.write(text)
+    write_atomically(path, write)
+
+
+def append_line(path, line):
+    """Append a line to a text file by writing the file anew, atomically: a full disk leaves the old file whole,
+    never a partial line. (For small files: metrics.jsonl grows by one line an epoch.)"""
+    old = b""
+    if os.path.exists(path):
+        with open(path, "rb") as f:
+            old = f.read()
+    if old and not old.endswith(b"\n"):
+        old += b"\n"
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(old + line.encode() + b"\n")
     write_atomically(path, write)
 
 
@@ -266,6 +290,42 @@ def check_save_dir(path):
     except OSError as e:
         raise cli.InputError(f"cannot write to save directory {path} ({e.strerror}); "
                              "give a writable folder with -dir") from None
+
+
+_locks = []  # the open save folders of this process: the OS releases their locks when it ends, however it ends
+
+
+def lock_save_dir(folder):
+    """Hold an exclusive lock (flock) on the save folder itself for the rest of this process's life: no file is
+    written for it. InputError naming the holder's process id when another run has it."""
+    descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(descriptor)
+        raise cli.InputError(f"save directory {folder} is in use by another train.py run (process "
+                             f"{lock_holder(folder)}); wait for it to end, or give another -dir") from None
+    _locks.append(descriptor)
+
+
+def release_locks():
+    """Release this process's save-folder locks (train.main, at its end: a test runs several in one process)."""
+    while _locks:
+        os.close(_locks.pop())
+
+
+def lock_holder(folder):
+    """The process id holding a flock on folder, from /proc/locks (Linux), or "unknown"."""
+    status = os.stat(folder)
+    key = f"{os.major(status.st_dev):02x}:{os.minor(status.st_dev):02x}:{status.st_ino}"
+    try:
+        with open("/proc/locks") as f:
+            for fields in map(str.split, f):
+                if "FLOCK" in fields and key in fields:
+                    return fields[fields.index(key) - 1]
+    except OSError:
+        pass
+    return "unknown"
 
 
 def remove_stale_partials(folder):

@@ -7,14 +7,25 @@
 - `ArgumentParser`: argparse with that same one-line error, and defaults in -h;
   `add_device_argument(parser)` gives every script the same `--device`.
 - `setup_device(name)`: picks CPU or GPU and sets MindSpore's context.
+- `run(work, args, interrupted)`: a script's main around its work: bad input reported with
+  `fail`, Ctrl-C with one line and exit status 130.
+
+Ctrl-C: MindSpore's runtime turns SIGINT into SIGTERM (exit status 143, no message), so each
+script, run as a script, blocks SIGINT before it imports this module (and MindSpore starts
+threads, which inherit the mask); `run` takes it on a thread of its own, which raises
+KeyboardInterrupt in the main thread: `finally` blocks clean up, and the script says what
+was left. train.py takes it between steps instead (callbacks.Guard).
 
 Import this module before MindSpore: it quiets MindSpore's log (GLOG_v), which is
 read once, when MindSpore is first imported.
 """
+import _thread
 import argparse
 import math
 import os
+import signal
 import sys
+import threading
 
 # MindSpore's INFO and WARNING lines (plugin probing, deprecations) would bury our output
 # and our error lines; the user can still ask for them with GLOG_v=1 or 2.
@@ -26,6 +37,9 @@ DEVICES = ("auto", "CPU", "GPU")
 # Measured on AVX-512 CPUs with MindSpore 2.10: oneDNN otherwise picks a reference
 # convolution (0.6 training images/s for ResNet-18); with AVX2 it uses jit GEMM (40 images/s).
 ONEDNN_ISA = "AVX2"
+INT32_MAX = 2 ** 31 - 1  # step counters and observer counts are int32 Parameters
+SEED_MAX = 2 ** 32 - 1   # mindspore.dataset.config.set_seed's range
+EXIT_INTERRUPTED = 128 + signal.SIGINT
 
 
 class InputError(Exception):
@@ -64,18 +78,20 @@ def add_device_argument(parser, help="auto: GPU when MindSpore has a GPU backend
     parser.add_argument("--device", choices=DEVICES, default="auto", help=help)
 
 
-def positive_int(text):
-    value = _parse(int, text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+def int_range(low, high):
+    """An argparse type: an integer from low to high; the error says the range."""
+    def parse(text):
+        value = _parse(int, text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be an integer from {low} to {high}, got {text}")
+        return value
+    parse.__name__ = "integer"
+    return parse
 
 
-def non_negative_int(text):
-    value = _parse(int, text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
+positive_int = int_range(1, INT32_MAX)
+non_negative_int = int_range(0, INT32_MAX)
+seed = int_range(0, SEED_MAX)
 
 
 def positive_float(text):
@@ -104,6 +120,25 @@ def _parse(kind, text):
         return kind(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a valid {kind.__name__}: {text!r}") from None
+
+
+def run(work, args, interrupted):
+    """work(args), as a script's main runs it: InputError as one `error:` line and exit status 2; Ctrl-C as one
+    line, `interrupted: <interrupted>` (what was kept or left), and exit status 130. Returns what work returns."""
+    if signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, []):
+        threading.Thread(target=_forward_interrupt, daemon=True, name="ctrl-c").start()
+    try:
+        return work(args)
+    except InputError as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        print(f"interrupted: {interrupted}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_INTERRUPTED) from None
+
+
+def _forward_interrupt():
+    signal.sigwait({signal.SIGINT})
+    _thread.interrupt_main(signal.SIGINT)  # KeyboardInterrupt in the main thread, at its next Python line
 
 
 def setup_device(name="auto", pynative=False):

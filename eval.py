@@ -10,14 +10,19 @@ is a QAT model is read from the checkpoint itself (its observer parameters); the
 match it exactly. Prints the accuracy per class, the confusion matrix and the accuracy; with
 --json the last line of stdout is {"accuracy": fraction, "correct": n, "total": n, ...}.
 """
-import cli  # noqa: I001  (first: quiets MindSpore's log before it loads)
+import signal
 
-import glob
+if __name__ == "__main__":
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # Ctrl-C: see cli.py
+
+import cli  # noqa: E402, I001  (first: quiets MindSpore's log before it loads)
+
 import json
 import os
 
 import numpy as np
 
+import checkpoint
 import inference
 import preprocess
 
@@ -27,7 +32,8 @@ DEFAULT_CHECKPOINT_DIR = "checkpoints"  # train.py's default save directory
 def get_args_parser():
     parser = cli.ArgumentParser(prog="eval.py", description=__doc__.split("\n")[0])
     parser.add_argument("-loc", "--check_point", default=None,
-                        help=f"Model checkpoint file (default: the newest .ckpt in {DEFAULT_CHECKPOINT_DIR}/)")
+                        help=f"model file: .ckpt, .mindir or .npz (default: the newest periodic or interrupt "
+                             f"checkpoint in {DEFAULT_CHECKPOINT_DIR}/, the one train.py printed last)")
     parser.add_argument("-data", "--data_dir", default=preprocess.DEFAULT_DATA_DIR,
                         help="CIFAR-10 binary folder holding test_batch.bin")
     parser.add_argument("-bsize", "--batchsize", type=cli.positive_int, default=100, help="batch size")
@@ -37,33 +43,38 @@ def get_args_parser():
     parser.add_argument("--json", action="store_true", help="end with one JSON line of the results")
     parser.add_argument("--save_predictions", metavar="PATH", default=None,
                         help="write the predicted labels, in dataset order, to PATH (.npy)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the --save_predictions file if it exists")
     return parser
 
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    try:
-        return evaluate(args)
-    except cli.InputError as e:
-        cli.fail(str(e))
+    return cli.run(evaluate, args, interrupted="evaluation stopped; nothing was written")
 
 
 def evaluate(args):
-    """The accuracy of the model file on the test split; prints the report."""
+    """The accuracy of the model file on the test split; prints the report. Every input is checked first."""
     path = args.check_point or newest_checkpoint(DEFAULT_CHECKPOINT_DIR)
+    if args.save_predictions:
+        check_predictions_path(args.save_predictions, path, args.overwrite)
     cli.setup_device(args.device)
     model = inference.load_model(path)
-    dataset = preprocess.create_dataset(args.data_dir, training=False, batch_size=model.fixed_batch or args.batchsize,
+    batch_size = model.fixed_batch or args.batchsize
+    if model.fixed_batch and model.fixed_batch != args.batchsize:
+        print(f"note: {path} has a fixed batch size of {model.fixed_batch} (export.py --batch {model.fixed_batch}): "
+              f"it runs on batches of {model.fixed_batch}, not -bsize {args.batchsize}; export without --batch for a "
+              "graph that takes any batch size")
+    dataset = preprocess.create_dataset(args.data_dir, training=False, batch_size=batch_size,
                                         num_samples=args.num_samples)
+    names = preprocess.class_names(args.data_dir)
     predictions, labels = inference.predict(model, dataset)
     correct, total = int((predictions == labels).sum()), len(labels)
     accuracy = correct / total
-    names = preprocess.class_names(args.data_dir)
     confusion = confusion_matrix(labels, predictions, len(names))
     print(format_per_class(names, confusion))
     print(f"accuracy: {100 * accuracy:.2f}% ({correct}/{total}) of {model.description} {path} on {args.data_dir}")
     if args.save_predictions:
-        save_predictions(args.save_predictions, predictions)
+        save_predictions(args.save_predictions, predictions, args.overwrite)
     if args.json:
         per_class = {name: (int(row[i]) / int(row.sum()) if row.sum() else None)
                      for i, (name, row) in enumerate(zip(names, confusion, strict=True))}
@@ -73,11 +84,28 @@ def evaluate(args):
 
 
 def newest_checkpoint(folder):
-    paths = glob.glob(os.path.join(folder, "*.ckpt"))
+    """The checkpoint train.py printed last: the newest periodic or interrupt checkpoint in folder."""
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    paths = [os.path.join(folder, name) for name in names if checkpoint.NAME.match(name)]
     if not paths:
-        raise cli.InputError(f"no checkpoint given and no .ckpt in {folder}/; give one with -loc "
-                             "(train.py prints its path)")
-    return max(paths, key=os.path.getmtime)
+        raise cli.InputError(f"no checkpoint given and no <prefix>-<epoch>_<step>.ckpt in {folder}/; give one with "
+                             "-loc (train.py prints its path)")
+    path = max(paths, key=os.path.getmtime)
+    print(f"note: evaluating {path}, the newest checkpoint in {folder}/ (give another with -loc)")
+    return path
+
+
+def check_predictions_path(path, model_path, overwrite):
+    """Before the evaluation: --save_predictions names a new file (or --overwrite), not the model, in a folder."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise cli.InputError(f"--save_predictions {path} is a folder; give a file name")
+    if not os.path.isdir(folder):
+        raise cli.InputError(f"--save_predictions: folder {folder} does not exist; create it or give another path")
+    if os.path.exists(path) and os.path.exists(model_path) and os.path.samefile(path, model_path):
+        raise cli.InputError(f"--save_predictions {path} is the model file; give another path")
+    if os.path.lexists(path) and not overwrite:
+        raise cli.InputError(f"--save_predictions {path} exists; give another path, or add --overwrite to replace it")
 
 
 def confusion_matrix(labels, predictions, num_classes):
@@ -99,10 +127,12 @@ def format_per_class(names, confusion):
     return "\n".join(lines)
 
 
-def save_predictions(path, predictions):
-    try:
-        with open(path, "wb") as f:
+def save_predictions(path, predictions, overwrite):
+    def write(tmp):
+        with open(tmp, "wb") as f:
             np.save(f, predictions.astype(np.int32))
+    try:
+        checkpoint.write_atomically(path, write, mode=0o644, overwrite=overwrite)
     except OSError as e:
         raise cli.InputError(f"cannot write predictions to {path} ({e.strerror}); "
                              "give a writable --save_predictions path") from None

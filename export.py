@@ -1,20 +1,27 @@
 """Export a checkpoint for deployment: a MindIR graph, or a true int8 model file.
 
     python export.py -loc checkpoints/resnet18_qat-40_1562.ckpt --format int8     # -> ...-40_1562.int8.npz
-    python export.py -loc CKPT --format mindir --batch 1 -o model.mindir
+    python export.py -loc CKPT --format mindir -o model.mindir
 
-- `mindir`: `mindspore.export` of the inference network (QAT fake-quant or float32) with a
-  fixed input shape (batch, 3, 32, 32); it runs in any MindSpore runtime
-  (`mindspore.load` + `nn.GraphCell`, or MindSpore Lite after conversion).
+- `mindir`: `mindspore.export` of the inference network (QAT fake-quant or float32), its input
+  (any batch, 3, 32, 32), or with --batch N a fixed (N, 3, 32, 32); it runs in any MindSpore
+  runtime (`mindspore.load` + `nn.GraphCell`, or MindSpore Lite after conversion).
 - `int8`: BatchNorm folded into the convolutions, int8 weights with per-channel scales, int32
   biases and the observers' activation scales and zero points, in one .npz file that
   `int8.py` runs with integer arithmetic only (see there). Needs a QAT checkpoint.
 
-The output is written under a temporary name and renamed into place when complete.
+The output is written under a temporary name and renamed into place when complete; an existing
+file is replaced only with --overwrite, the checkpoint itself never.
 """
-import cli  # noqa: I001  (first: quiets MindSpore's log before it loads)
+import signal
+
+if __name__ == "__main__":
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # Ctrl-C: see cli.py
+
+import cli  # noqa: E402, I001  (first: quiets MindSpore's log before it loads)
 
 import os
+import tempfile
 
 import mindspore as ms
 import numpy as np
@@ -25,6 +32,7 @@ import preprocess
 import quant
 
 FORMATS = {"mindir": ".mindir", "int8": ".int8.npz"}
+MAX_BATCH = 65536  # a fixed batch is traced with a zero batch of that size: 786 MB at most
 
 
 def get_args_parser():
@@ -32,18 +40,19 @@ def get_args_parser():
     parser.add_argument("-loc", "--check_point", required=True, help="Model checkpoint file (.ckpt)")
     parser.add_argument("--format", choices=sorted(FORMATS), default="int8", help="what to write")
     parser.add_argument("-o", "--output", default=None,
-                        help="output file (default: the checkpoint's path with .mindir or .int8.npz)")
-    parser.add_argument("--batch", type=cli.positive_int, default=1, help="batch size fixed in the MindIR graph")
+                        help="output file, ending in .mindir or .npz as --format says (default: the checkpoint's "
+                             "path with .mindir or .int8.npz)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
+    parser.add_argument("--batch", type=cli.int_range(1, MAX_BATCH), default=None,
+                        help="fix the MindIR graph's batch size, for runtimes that need a static shape "
+                             "(default: any batch size)")
     cli.add_device_argument(parser)
     return parser
 
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    try:
-        return export(args)
-    except cli.InputError as e:
-        cli.fail(str(e))
+    return cli.run(export, args, interrupted="no file was written")
 
 
 def export(args):
@@ -51,7 +60,7 @@ def export(args):
     if not args.check_point.endswith(".ckpt"):
         raise cli.InputError(f"{args.check_point} is not a .ckpt file; export.py reads checkpoints written by train.py")
     output = args.output or args.check_point[: -len(".ckpt")] + FORMATS[args.format]
-    check_output(output)
+    check_output(output, args)
     cli.setup_device(args.device)
     net, config = checkpoint.load_network(args.check_point, preprocess.NUM_CLASSES)
     if args.format == "int8":
@@ -60,34 +69,48 @@ def export(args):
                                  "(train without --no-qat)")
         header, arrays = int8_model(net, config)
         header["source"] = os.path.basename(args.check_point)
-        write(output, lambda tmp: int8.save(tmp, header, arrays))
+        write(output, lambda tmp: int8.save(tmp, header, arrays), args.overwrite)
     else:
-        image = ms.Tensor(np.zeros((args.batch, 3, preprocess.IMAGE_SIZE, preprocess.IMAGE_SIZE), np.float32))
-        write(output, lambda tmp: write_mindir(net, image, tmp))
+        shape = (args.batch, 3, preprocess.IMAGE_SIZE, preprocess.IMAGE_SIZE)
+        image = (ms.Tensor(np.zeros(shape, np.float32)) if args.batch
+                 else ms.Tensor(shape=(None, *shape[1:]), dtype=ms.float32))  # a dynamic batch dimension
+        write(output, lambda tmp: ms.export(net, image, file_name=tmp, file_format="MINDIR"), args.overwrite)
     report_sizes(net, output)
     return output
 
 
-def check_output(path):
-    folder = os.path.dirname(os.path.abspath(path))
+def check_output(path, args):
+    """Before any work: -o names a new file (or --overwrite) with the format's suffix, not the checkpoint, in a
+    writable folder."""
+    suffix = ".mindir" if args.format == "mindir" else ".npz"  # what eval.py and inference.py go by
+    if not path.endswith(suffix):
+        raise cli.InputError(f"output {path} does not end in {suffix}, the suffix of --format {args.format}; "
+                             f"give a -o ending in {suffix}")
     if os.path.isdir(path):
         raise cli.InputError(f"output {path} is a folder; give a file name with -o")
+    if os.path.exists(path) and os.path.samefile(path, args.check_point):
+        raise cli.InputError(f"output {path} is the checkpoint being exported; give another -o")
+    if os.path.lexists(path) and not args.overwrite:
+        raise cli.InputError(f"output {path} exists; give another -o, or add --overwrite to replace it")
+    folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise cli.InputError(f"output folder {folder} does not exist; create it or give another -o")
-
-
-def write(path, write_file):
-    """write_file(tmp), then into place at `path`, readable by the runtime's user; no partial file on failure."""
     try:
-        checkpoint.write_atomically(path, write_file, mode=0o644)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise cli.InputError(f"cannot write into {folder} ({e.strerror}); give a writable -o") from None
+
+
+def write(path, write_file, overwrite):
+    """write_file(tmp), then into place at `path`, readable by the runtime's user; no partial file on failure,
+    no file replaced unless `overwrite`."""
+    try:
+        checkpoint.write_atomically(path, write_file, mode=0o644, overwrite=overwrite)
+    except FileExistsError:
+        raise cli.InputError(f"output {path} appeared while exporting; give another -o, or add --overwrite") from None
     except (OSError, RuntimeError) as e:
         raise cli.InputError(f"cannot write {path} ({getattr(e, 'strerror', None) or e}); give a writable -o") from None
-
-
-def write_mindir(net, image, path):
-    ms.export(net, image, file_name=path, file_format="MINDIR")
-    if not path.endswith(".mindir"):  # mindspore.export appended it
-        os.replace(path + ".mindir", path)
 
 
 def report_sizes(net, path):

@@ -27,7 +27,7 @@ import quant
 class Model:
     run: object              # a network or GraphCell (MindSpore tensors in and out), or an int8 model (a dict)
     description: str         # what eval.py reports as `model`
-    fixed_batch: int = None  # the batch size a MindIR graph was exported with
+    fixed_batch: int = None  # the batch size fixed in a MindIR graph (export.py --batch), else None
 
 
 def load_model(path):
@@ -37,25 +37,50 @@ def load_model(path):
         return load_mindir(path)
     if path.endswith(".npz"):
         try:
-            return Model(int8.load(path), "int8 (integer inference)")
+            model = int8.load(path)
         except ValueError as e:
             raise cli.InputError(f"{path} is not an int8 model written by export.py ({e})") from None
+        check_int8_input(path, model["header"])
+        return Model(model, "int8 (integer inference)")
     net, config = checkpoint.load_network(path, preprocess.NUM_CLASSES)
     kind = checkpoint.kind(config)
     return Model(quant.freeze(net), kind if kind == checkpoint.FLOAT32 else f"{checkpoint.QAT} (int8 fake-quant)")
 
 
+def check_int8_input(path, header):
+    """The int8 file must take this pipeline's images (its shape and normalization) and give CIFAR-10's classes."""
+    image = [3, preprocess.IMAGE_SIZE, preprocess.IMAGE_SIZE]
+    normalization = header.get("normalization")
+    expected = {"mean": list(preprocess.CIFAR10_MEAN), "std": list(preprocess.CIFAR10_STD)}
+    classes = header["num_classes"]
+    if header["input_shape"] != image or classes != preprocess.NUM_CLASSES or normalization != expected:
+        raise cli.InputError(f"{path} is an int8 model for other data: input {header['input_shape']}, "
+                             f"{classes} classes, normalization {normalization}; this toolkit feeds "
+                             f"{image} CIFAR-10 images normalized with {expected} into {preprocess.NUM_CLASSES} "
+                             "classes")
+
+
 def load_mindir(path):
-    """A MindIR graph and the batch size fixed in it (other batch sizes would run, but wrongly)."""
+    """A MindIR graph of this toolkit's input and output shapes, and the batch size fixed in it (None: any)."""
     proto = mind_ir_pb2.ModelProto()
     try:
         with open(path, "rb") as f:
             proto.ParseFromString(f.read())
-        batch_size = int(proto.graph.input[0].tensor[0].dims[0])
-        graph = nn.GraphCell(ms.load(path))
-    except Exception as e:  # protobuf and MindSpore raise several kinds of errors for a foreign file
+        inputs = [list(tensor.dims) for value in proto.graph.input for tensor in value.tensor]
+        outputs = [list(tensor.dims) for value in proto.graph.output for tensor in value.tensor]
+    except Exception as e:  # protobuf raises several kinds of errors for a foreign file
         raise cli.InputError(f"{path} is not a MindIR file written by export.py ({type(e).__name__})") from None
-    return Model(graph, "MindIR", batch_size)
+    image = [3, preprocess.IMAGE_SIZE, preprocess.IMAGE_SIZE]
+    if (len(inputs) != 1 or len(outputs) != 1 or inputs[0][1:] != image or outputs[0][1:] != [preprocess.NUM_CLASSES]
+            or inputs[0][0] != outputs[0][0] or not (inputs[0][0] == -1 or inputs[0][0] > 0)):
+        raise cli.InputError(f"{path} is a MindIR of another network: inputs {inputs}, outputs {outputs}; eval.py "
+                             f"runs a batch of {image} images to {preprocess.NUM_CLASSES} class scores, "
+                             "[batch, 3, 32, 32] -> [batch, 10] (-1: any batch size)")
+    try:
+        graph = nn.GraphCell(ms.load(path))
+    except Exception as e:  # MindSpore raises RuntimeError, ValueError, ... with dozens of lines
+        raise cli.InputError(f"{path} is not a MindIR file MindSpore can load ({cli.first_line(e)})") from None
+    return Model(graph, "MindIR", inputs[0][0] if inputs[0][0] > 0 else None)
 
 
 def predict(model, dataset):

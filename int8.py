@@ -16,6 +16,8 @@ derived from the stored scales. Only the network's input (quantize) and the logi
 (dequantize) touch floating point.
 """
 import json
+import math
+import zipfile
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -24,6 +26,7 @@ FORMAT = "qat-resnet-int8"
 VERSION = 1
 HEADER_KEY = "header.json"
 ADD_PRECISION_BITS = 16  # extra fraction bits of residual additions, rounded away once at the end
+MAX_MEMBERS, MAX_BYTES = 1000, 64 << 20  # an int8 ResNet-18 file: 84 arrays, 11.2 MB
 
 
 def save(path, header, arrays):
@@ -35,19 +38,172 @@ def save(path, header, arrays):
 
 
 def load(path):
-    """{"header": dict, "arrays": {name: array}}; raises ValueError if the file is not an int8 model."""
+    """{"header": dict, "arrays": {name: array}}; raises ValueError, saying why, if the file is not an int8 model
+    this module can run (see `check`). Sizes are checked before anything is read; nothing is unpickled."""
     try:
+        with zipfile.ZipFile(path) as archive:
+            check_members(archive)
         with np.load(path, allow_pickle=False) as archive:
             arrays = {name: archive[name] for name in archive.files}
-    except (OSError, ValueError, EOFError) as e:
-        raise ValueError(f"not an .npz archive ({e})") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"not an .npz archive of arrays ({e})") from None
     if HEADER_KEY not in arrays:
         raise ValueError(f"no {HEADER_KEY} in the archive")
-    header = json.loads(arrays.pop(HEADER_KEY).tobytes())
-    if header.get("format") != FORMAT or header.get("version") != VERSION:
-        raise ValueError(f"format {header.get('format')!r} version {header.get('version')!r}, "
-                         f"expected {FORMAT!r} version {VERSION}")
-    return {"header": header, "arrays": arrays}
+    try:
+        header = json.loads(arrays.pop(HEADER_KEY).tobytes())
+    except (ValueError, UnicodeDecodeError):
+        raise ValueError(f"{HEADER_KEY} is not JSON") from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT or header.get("version") != VERSION:
+        found = (header.get("format"), header.get("version")) if isinstance(header, dict) else type(header).__name__
+        raise ValueError(f"format {found}, expected {FORMAT!r} version {VERSION}")
+    model = {"header": header, "arrays": arrays}
+    check(model)
+    return model
+
+
+def check_members(archive):
+    """Every member an .npy array of a plain dtype whose data fits the member, sizes within the limits."""
+    members = archive.infolist()
+    if len(members) > MAX_MEMBERS or sum(m.file_size for m in members) > MAX_BYTES:
+        raise ValueError(f"{len(members)} members, {sum(m.file_size for m in members)} bytes: more than an int8 "
+                         f"ResNet-18 holds (at most {MAX_MEMBERS} members, {MAX_BYTES} bytes)")
+    for member in members:
+        if not member.filename.endswith(".npy"):
+            raise ValueError(f"member {member.filename} is not an array")
+        with archive.open(member) as f:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            shape, _, dtype = read_header(f)
+        if dtype.hasobject:
+            raise ValueError(f"member {member.filename} holds Python objects")
+        if math.prod(shape) * dtype.itemsize > member.file_size:
+            raise ValueError(f"member {member.filename} claims shape {shape}, more than its {member.file_size} bytes")
+
+
+def check(model):
+    """Raise ValueError unless the graph is one `run` can execute: known operations in order, every input
+    defined before it is used, weights of the right dtypes and shapes for their inputs, valid quantization
+    parameters, integer accumulators that fit int32, and the logits last."""
+    header, arrays = model["header"], model["arrays"]
+    graph, tensors = header.get("graph"), header.get("tensors")
+    if not (isinstance(graph, list) and graph and all(isinstance(node, dict) for node in graph)
+            and isinstance(tensors, dict)):
+        raise ValueError("the header has no graph (a list of operations) or no tensors")
+    input_shape = header.get("input_shape")
+    if not (isinstance(input_shape, list) and len(input_shape) == 3 and all(_int(n, 1, 4096) for n in input_shape)):
+        raise ValueError(f"input_shape {input_shape!r} is not [channels, height, width]")
+    shapes = {}  # tensor name -> shape of one image's tensor
+    for i, node in enumerate(graph):
+        try:
+            _check_node(node, tensors, arrays, shapes, input_shape, last=i == len(graph) - 1)
+        except (KeyError, TypeError, ValueError) as e:
+            what = (e.args[0] if isinstance(e, ValueError) else f"{e.args[0]!r} is missing" if isinstance(e, KeyError)
+                    else f"{type(e).__name__}: {e}")
+            raise ValueError(f"operation {i} ({node.get('op')!r}, {node.get('name', node.get('output'))!r}): "
+                             f"{what}") from None
+    if shapes.get("logits") != (header.get("num_classes"),):
+        raise ValueError(f"num_classes {header.get('num_classes')!r} is not the logits' {shapes.get('logits')}")
+
+
+def _check_node(node, tensors, arrays, shapes, input_shape, last):
+    op, out = node["op"], node["output"]
+    if op not in ("quantize", "conv", "add", "mean", "dense"):
+        raise ValueError(f"unknown operation {op!r}")
+    if out in shapes or out == "image":
+        raise ValueError(f"output {out!r} is defined twice")
+    if (op == "dense") != last or (op == "dense") != (out == "logits"):
+        raise ValueError("the graph must end in one dense operation writing 'logits'")
+    if op != "dense":
+        _quantization(tensors, out)
+    if op == "quantize":
+        if node["input"] != "image" or shapes:
+            raise ValueError("only the first operation quantizes the input image")
+        shapes[out] = tuple(input_shape)
+        return
+    sources = node["inputs"] if op == "add" else [node["input"]]
+    for source in sources:
+        if source not in shapes:
+            raise ValueError(f"input {source!r} is not an earlier operation's output")
+        _quantization(tensors, source)
+    shape = shapes[sources[0]]
+    if op == "conv":
+        stride, padding = node["stride"], node["padding"]
+        weight = _array(arrays, node["weight"], np.int8, 4)
+        out_channels, channels, k, k2 = weight.shape
+        if len(shape) != 3 or channels != shape[0] or k != k2 or not (_int(stride, 1, 64) and _int(padding, 0, k - 1)):
+            raise ValueError(f"weight {weight.shape}, stride {stride!r} and padding {padding!r} do not fit an "
+                             f"input of shape {shape}")
+        height, width = ((n + 2 * padding - k) // stride + 1 for n in shape[1:])
+        if height < 1 or width < 1:
+            raise ValueError(f"a {k}x{k} kernel does not fit an input of shape {shape}")
+        scale = _weight_parameters(node, arrays, weight)
+        _multiplier(tensors[sources[0]]["scale"] * scale.astype(np.float64) / tensors[out]["scale"])
+        shapes[out] = (out_channels, height, width)
+    elif op == "add":
+        if len(sources) < 2 or any(shapes[source] != shape for source in sources):
+            raise ValueError(f"inputs of shapes {[shapes[source] for source in sources]} cannot be added")
+        _multiplier([tensors[source]["scale"] / tensors[out]["scale"] for source in sources])
+        shapes[out] = shape
+    elif op == "mean":
+        if len(shape) != 3:
+            raise ValueError(f"input of shape {shape} has no spatial dimensions to average")
+        _multiplier(tensors[sources[0]]["scale"] / (shape[1] * shape[2] * tensors[out]["scale"]))
+        shapes[out] = shape[:1]
+    elif op == "dense":
+        weight = _array(arrays, node["weight"], np.int8, 2)
+        if shape != weight.shape[1:]:
+            raise ValueError(f"weight {weight.shape} does not fit an input of shape {shape}")
+        _weight_parameters(node, arrays, weight)
+        shapes[out] = weight.shape[:1]
+    if op in ("conv", "add") and not isinstance(node["relu"], bool):
+        raise ValueError(f"relu {node['relu']!r} is not true or false")
+
+
+def _quantization(tensors, name):
+    tensor = tensors[name]
+    if not (isinstance(tensor, dict) and _real(tensor.get("scale"), 1e-30, 1e30)
+            and _int(tensor.get("zero_point"), 0, 255)):
+        raise ValueError(f"tensor {name!r} has no scale > 0 and zero_point in 0..255: {tensor!r}")
+
+
+def _weight_parameters(node, arrays, weight):
+    """Per-output-channel scales and int32 biases, and accumulators that stay within int32."""
+    channels = weight.shape[0]
+    scale = _array(arrays, node["weight_scale"], np.float32, 1)
+    bias = _array(arrays, node["bias"], np.int32, 1)
+    if scale.shape != (channels,) or bias.shape != (channels,):
+        raise ValueError(f"weight_scale {scale.shape} and bias {bias.shape} do not fit {channels} output channels")
+    if not (np.isfinite(scale).all() and (scale > 0).all()):
+        raise ValueError("weight_scale holds a value that is not finite and > 0")
+    terms = math.prod(weight.shape[1:])
+    if 255 * 128 * terms + int(np.abs(bias.astype(np.int64)).max()) >= 2 ** 31:
+        raise ValueError(f"{terms} products per output and biases up to {np.abs(bias).max()} can overflow int32")
+    return scale
+
+
+def _multiplier(multipliers):
+    """Requantization (`requantize`) takes multipliers in (0, 2^16) here, whose products stay within int64."""
+    multipliers = np.asarray(multipliers, dtype=np.float64)
+    if not (np.isfinite(multipliers).all() and (multipliers > 0).all() and (multipliers < 2 ** 16).all()):
+        raise ValueError("the scales give a requantization multiplier outside (0, 65536)")
+
+
+def _array(arrays, name, dtype, ndim):
+    if not isinstance(name, str) or name not in arrays:
+        raise ValueError(f"array {name!r} is not in the file")
+    array = arrays[name]
+    if array.dtype != dtype or array.ndim != ndim:
+        raise ValueError(f"array {name!r} is {array.dtype} {array.shape}, not {ndim}-D {np.dtype(dtype)}")
+    return array
+
+
+def _int(value, low, high):
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _real(value, low, high):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
 
 
 def quantize_multiplier(multiplier):

@@ -8,16 +8,23 @@ eval.py share, on `mindspore.dataset.Cifar10Dataset` reading the binary version 
 (`data_batch_1.bin` ... `data_batch_5.bin`, `test_batch.bin`; each record is 1 label byte
 and 3072 pixel bytes: the R, G and B planes of a 32x32 image).
 """
-import cli  # noqa: I001  (first: quiets MindSpore's log before it loads)
+import signal
 
-import glob
+if __name__ == "__main__":
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # Ctrl-C: see cli.py
+
+import cli  # noqa: E402, I001  (first: quiets MindSpore's log before it loads)
+
+import argparse
 import hashlib
 import http.client
 import os
+import re
 import sys
 import tarfile
 import tempfile
 import urllib.error
+import urllib.parse
 import urllib.request
 
 import mindspore as ms
@@ -39,6 +46,7 @@ TRAIN_PATTERN = "data_batch_*.bin"
 TEST_FILE = "test_batch.bin"
 META_FILE = "batches.meta.txt"
 SYNTHETIC_MARKER = "SYNTHETIC.txt"
+MAX_META_BYTES = 4096  # batches.meta.txt: ten short class names
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
 CIFAR10_MD5 = "c32a1d4ab5d03f1284b67883e8d87530"
@@ -52,20 +60,28 @@ class DatasetError(cli.InputError):
 
 
 def split_files(data_dir, training):
-    if training:
-        return sorted(glob.glob(os.path.join(data_dir, TRAIN_PATTERN)))
-    path = os.path.join(data_dir, TEST_FILE)
-    return [path] if os.path.exists(path) else []
+    """Every entry of data_dir that Cifar10Dataset reads for the split, as it picks them: at the top level, every
+    name ending in .bin that contains data_batch (training) or test_batch (test), hidden ones too."""
+    key = "data_batch" if training else "test_batch"
+    names = [name for name in os.listdir(data_dir) if name.endswith(".bin") and key in name]
+    return sorted(os.path.join(data_dir, name) for name in names)
 
 
 def check_data_dir(data_dir, training):
-    """Raise DatasetError naming what is wrong with the split's files; return the files."""
+    """Raise DatasetError naming what is wrong with the split's files (each file Cifar10Dataset would read is
+    checked); return the files."""
     fix = f"run `python preprocess.py --download -data {data_dir}` (or --synthetic {data_dir} for test data)"
+    if os.path.islink(data_dir) and not os.path.exists(data_dir):
+        raise DatasetError(f"data folder {data_dir} is a broken symbolic link (or a loop); point it at the "
+                           "CIFAR-10 folder or give that folder with -data")
     if not os.path.exists(data_dir):
         raise DatasetError(f"data folder {data_dir} does not exist; {fix}")
     if not os.path.isdir(data_dir):
         raise DatasetError(f"data folder {data_dir} is a file; give the folder holding the .bin files with -data")
-    files = split_files(data_dir, training)
+    try:
+        files = split_files(data_dir, training)
+    except OSError as e:
+        raise DatasetError(f"cannot read data folder {data_dir} ({e.strerror}); give a readable -data") from None
     if not files:
         wanted = TRAIN_PATTERN if training else TEST_FILE
         inner = os.path.join(data_dir, ARCHIVE_FOLDER)
@@ -73,17 +89,31 @@ def check_data_dir(data_dir, training):
             fix = f"did you mean -data {inner}?"
         raise DatasetError(f"no {wanted} in data folder {data_dir}; {fix}")
     for path in files:
+        name = os.path.basename(path)
+        if not (re.fullmatch(r"data_batch_\d+\.bin", name) if training else name == TEST_FILE):
+            split = "training" if training else "test"
+            raise DatasetError(f"{path} is not a CIFAR-10 file name, but MindSpore's Cifar10Dataset would read it "
+                               f"as {split} data (it reads every *.bin whose name holds "
+                               f"{'data_batch' if training else 'test_batch'}); move it out of {data_dir}")
         check_file(path)
     return files
 
 
 def check_file(path):
-    size = os.path.getsize(path)
+    try:
+        size = os.stat(path).st_size
+    except OSError as e:  # a broken symbolic link, a loop, no permission
+        raise DatasetError(f"cannot read {path} ({e.strerror}); replace it with the real file") from None
+    if not os.path.isfile(path):
+        raise DatasetError(f"{path} is not a file; move it out of the data folder")
     if size != FILE_BYTES:
         raise DatasetError(
             f"{path} is {size} bytes ({size / RECORD_BYTES:.2f} records of {RECORD_BYTES} bytes); a CIFAR-10 "
             f"file holds exactly {RECORDS_PER_FILE} records ({FILE_BYTES} bytes): download it again")
-    labels = np.memmap(path, dtype=np.uint8, mode="r", shape=(RECORDS_PER_FILE, RECORD_BYTES))[:, 0]
+    try:
+        labels = np.memmap(path, dtype=np.uint8, mode="r", shape=(RECORDS_PER_FILE, RECORD_BYTES))[:, 0]
+    except OSError as e:
+        raise DatasetError(f"cannot read {path} ({e.strerror}); give a readable data folder") from None
     bad = np.flatnonzero(labels >= NUM_CLASSES)
     if bad.size:
         raise DatasetError(f"{path}: record {bad[0]} has label {labels[bad[0]]} (labels are 0-{NUM_CLASSES - 1}); "
@@ -112,14 +142,26 @@ def create_dataset(data_dir, training, batch_size, repeat_num=1, num_parallel_wo
 
 
 def class_names(data_dir):
-    """Names from the folder's batches.meta.txt when present, else the class indices."""
+    """Names from the folder's batches.meta.txt (UTF-8, one per line) when it names the 10 classes, else the
+    class indices; DatasetError for a file that is not small UTF-8 text."""
     path = os.path.join(data_dir, META_FILE)
-    if os.path.isfile(path):
-        with open(path) as f:
-            names = [line.strip() for line in f if line.strip()]
-        if len(names) == NUM_CLASSES:
-            return names
-    return [str(i) for i in range(NUM_CLASSES)]
+    if not os.path.exists(path):
+        return [str(i) for i in range(NUM_CLASSES)]
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_META_BYTES + 1)
+        if len(data) > MAX_META_BYTES:
+            raise ValueError(f"it is over {MAX_META_BYTES} bytes")
+        names = [line.strip() for line in data.decode("utf-8").splitlines() if line.strip()]
+    except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
+        why = e.strerror if isinstance(e, OSError) else "it is not UTF-8 text" if isinstance(e, UnicodeError) else e
+        raise DatasetError(f"cannot read the class names in {path} ({why}); replace it with CIFAR-10's, "
+                           "or remove it to number the classes") from None
+    if len(names) != NUM_CLASSES:
+        print(f"warning: {path} names {len(names)} classes, not {NUM_CLASSES}; classes are numbered instead",
+              file=sys.stderr)
+        return [str(i) for i in range(NUM_CLASSES)]
+    return names
 
 
 # --- synthetic data -----------------------------------------------------------------------
@@ -151,10 +193,13 @@ def write_records(path, labels, images):
 
 def write_synthetic(data_dir, seed=0):
     """Write a learnable CIFAR-format set: data_batch_1.bin and test_batch.bin, 10,000 images each."""
-    existing = split_files(data_dir, True) + split_files(data_dir, False)
+    if os.path.lexists(data_dir) and not os.path.isdir(data_dir):
+        raise DatasetError(f"{data_dir} exists and is not a folder; choose an empty or new folder")
+    existing = sorted(os.listdir(data_dir)) if os.path.isdir(data_dir) else []
     if existing:
-        raise DatasetError(f"{data_dir} already holds CIFAR files ({os.path.basename(existing[0])}); "
-                           "choose an empty or new folder")
+        cifar = [name for name in existing if name.endswith(".bin")]
+        raise DatasetError(f"{data_dir} is not empty: it holds {(cifar or existing)[0]}"
+                           f"{' and more' if len(existing) > 1 else ''}; choose an empty or new folder")
     os.makedirs(data_dir, exist_ok=True)
     rng = np.random.default_rng(seed)
     for name in ("data_batch_1.bin", TEST_FILE):
@@ -179,6 +224,11 @@ def download(data_dir=DEFAULT_DATA_DIR, url=CIFAR10_URL, md5=CIFAR10_MD5):
     Everything happens in a hidden temporary folder beside `data_dir`, which is renamed into
     place only when complete and checked; any failure (or Ctrl-C) removes it.
     """
+    if is_synthetic(data_dir):
+        raise DatasetError(f"{data_dir} holds synthetic data ({SYNTHETIC_MARKER}), not CIFAR-10; give another "
+                           f"-data folder for the real data set (the default is {DEFAULT_DATA_DIR})")
+    if os.path.islink(data_dir) and not os.path.exists(data_dir):
+        raise DatasetError(f"{data_dir} is a broken symbolic link; remove it or give another -data folder")
     if os.path.exists(data_dir):
         try:
             check_data_dir(data_dir, True)
@@ -233,11 +283,25 @@ def fetch(url, path, md5, chunk=1 << 20):
 
 
 def extract(archive, target):
+    """Extract the archive's folders and regular files (never a link, device or member that would land outside
+    target), each member's size checked before it is read."""
     try:
         with tarfile.open(archive, "r:gz") as tar:
-            tar.extractall(target, filter="data")  # refuses members that would land outside target
+            tar.extractall(target, filter=member_filter)
     except (tarfile.TarError, OSError) as e:
         raise DatasetError(f"cannot extract {archive}: {e}") from None
+
+
+def member_filter(member, path):
+    """tarfile's "data" filter (no absolute paths, nothing outside the target), and no links, devices or
+    members larger than a CIFAR-10 file: the official archive holds folders and files of at most that size."""
+    problem = ("a link" if member.issym() or member.islnk() else "not a file or folder"
+               if not (member.isfile() or member.isdir()) else f"{member.size} bytes, larger than a CIFAR-10 file"
+               if member.size > FILE_BYTES else None)
+    if problem:
+        raise DatasetError(f"the archive's member {member.name} is {problem}; the CIFAR-10 archive has none: "
+                           "use the official archive (another --url)")
+    return tarfile.data_filter(member, path)
 
 
 # --- command line --------------------------------------------------------------------------
@@ -249,26 +313,40 @@ def get_args_parser():
     action.add_argument("--synthetic", metavar="DIR", help="write a learnable synthetic CIFAR-format set into DIR")
     parser.add_argument("-data", "--data_dir", default=DEFAULT_DATA_DIR,
                         help=f"where --download puts the data set (default {DEFAULT_DATA_DIR})")
-    parser.add_argument("--url", default=CIFAR10_URL, help="archive URL, e.g. a mirror (default: the official one)")
-    parser.add_argument("--md5", default=CIFAR10_MD5, help="expected MD5 of the archive (default: the official one)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed of --synthetic")
+    parser.add_argument("--url", type=url, default=CIFAR10_URL,
+                        help="archive URL (http, https or file), e.g. a mirror (default: the official one)")
+    parser.add_argument("--md5", type=md5_digest, default=CIFAR10_MD5,
+                        help="expected MD5 of the archive (default: the official one)")
+    parser.add_argument("--seed", type=cli.seed, default=0, help="random seed of --synthetic")
     return parser
+
+
+def url(text):
+    if urllib.parse.urlsplit(text).scheme not in ("http", "https", "file"):
+        raise argparse.ArgumentTypeError(f"takes an http://, https:// or file:// URL, got {text!r}; for an archive "
+                                         "on this machine give file:///its/absolute/path")
+    return text
+
+
+def md5_digest(text):
+    if not re.fullmatch(r"[0-9a-fA-F]{32}", text):
+        raise argparse.ArgumentTypeError(f"takes an MD5 digest (32 hexadecimal digits), got {text!r}")
+    return text.lower()
 
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
+    # download() removes its temporary folder, write_atomically() its partial file, whatever stops them.
+    return cli.run(prepare, args, interrupted="no data was completed")
+
+
+def prepare(args):
     try:
         if args.download:
             return download(args.data_dir, args.url, args.md5)
         write_synthetic(args.synthetic, args.seed)
-    except cli.InputError as e:
-        cli.fail(str(e))
     except OSError as e:
-        cli.fail(f"cannot write {e.filename}: {e.strerror}; choose another folder")
-    except KeyboardInterrupt:
-        # download() has removed its temporary folder, write_atomically() its partial file.
-        print("interrupted: no data was completed", file=sys.stderr)
-        raise SystemExit(130) from None
+        raise cli.InputError(f"cannot write {e.filename}: {e.strerror}; choose another folder") from None
     print(f"wrote synthetic CIFAR-format data to {args.synthetic} (data_batch_1.bin, {TEST_FILE})")
     return args.synthetic
 

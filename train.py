@@ -47,6 +47,7 @@ OPTIMIZERS = {  # name: (parameter groups, learning rate, run) -> optimizer
                                           nesterov=run.momentum > 0),
 }
 SCHEDULES = ("constant", "cosine", "onecycle")
+MAX_SCHEDULE_STEPS = 10 ** 8  # a per-step schedule is a float32 Tensor of one rate per step: 400 MB
 
 
 def get_args_parser():
@@ -113,7 +114,7 @@ def get_args_parser():
     parser.add_argument("--scale_lr", action="store_true",
                         help="multiply -lr by the number of workers (linear scaling for the larger global "
                              "batch); without it -lr is used as given")
-    parser.add_argument("--seed", type=int, default=1, help="random seed (weights, data order, augmentation)")
+    parser.add_argument("--seed", type=cli.seed, default=1, help="random seed (weights, data order, augmentation)")
     parser.add_argument("--num_samples", type=cli.positive_int, default=None,
                         help="use N training images per epoch, drawn at random each epoch (default: all)")
     return parser
@@ -130,19 +131,23 @@ def main(argv=None):
         return train(args)
     except cli.InputError as e:
         cli.fail(str(e))
+    finally:
+        checkpoint.release_locks()
 
 
 def train(args):
     """Train as the flags say; return the last checkpoint's path (None on workers that do not save)."""
     run, rank = resolve(args)
     writer = rank == 0  # only the first worker writes into the save directory and prints progress
-    if writer:
-        checkpoint.check_save_dir(run.savedir)
     ms.set_seed(run.seed)  # the same seed on every worker: the same initial weights
     ds.config.set_seed(run.seed)  # and the same shuffle, of which each worker takes its own shard
-    dataset = load_data(run, rank)
+    dataset = load_data(run, rank)  # the data folder is checked before anything is written
     steps_per_epoch = dataset.get_dataset_size()
+    check_step_count(run, steps_per_epoch)
     validation = load_validation_data(run)
+    if writer:
+        checkpoint.check_save_dir(run.savedir)
+        checkpoint.lock_save_dir(run.savedir)  # one run per save folder, held until this process ends
 
     net = build_network(run, steps_per_epoch)
     optimizer = make_optimizer(net, run, steps_per_epoch)
@@ -222,9 +227,25 @@ def start_save_dir(args, run, resumed):
     if run.workers > 1:
         print(f"data parallel: {run.workers} workers, batch {run.batchsize} per worker, global batch "
               f"{run.global_batch}; each worker trains on its own 1/{run.workers} of every epoch", flush=True)
-    checkpoint.write_text(os.path.join(run.savedir, "args.json"), json.dumps(vars(run), indent=2, sort_keys=True))
+    path = os.path.join(run.savedir, "args.json")
+    try:
+        checkpoint.write_text(path, json.dumps(vars(run), indent=2, sort_keys=True))
+    except OSError as e:
+        callbacks.Stop(callbacks.EXIT_SAVE_FAILED, f"could not write {path} ({e.strerror}); nothing was trained; "
+                       "free space or fix the save folder, then run again", error=True).exit()
     checkpoint.remove_stale_partials(run.savedir)
     return checkpoint.series_prefix(run.savedir, checkpoint.series_base(model_kind(run)), resumed)
+
+
+def check_step_count(run, steps_per_epoch):
+    """The run's steps must fit the int32 step counters, and a per-step learning-rate schedule in memory."""
+    total, freeze = run.epoch * steps_per_epoch, (run.freeze_bn or 0) * steps_per_epoch
+    limit = cli.INT32_MAX if run.lr_schedule == "constant" and not run.warmup_epochs else MAX_SCHEDULE_STEPS
+    if max(total, freeze) > limit:
+        flag = "-e" if total > limit else "--freeze_bn"
+        raise cli.InputError(f"{flag} {run.epoch if total > limit else run.freeze_bn} x {steps_per_epoch} steps per "
+                             f"epoch is more than the {limit} steps a run can count; give at most "
+                             f"{limit // steps_per_epoch} epochs, or fewer steps per epoch")
 
 
 def model_kind(run):

@@ -97,6 +97,29 @@ def untrained(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def int8_file(tmp_path_factory):
+    """A valid int8 file of an untrained QAT ResNet-18 whose observers are set as after one step (activations in
+    [-4, 4]): the full-size structure in a second, its predictions meaningless."""
+    import mindspore as ms
+
+    import export
+    import int8
+    from quant import QuantConfig, quantize
+    from resnetv2 import resnet18
+
+    net = quantize(resnet18(), QuantConfig())
+    for name, param in net.parameters_and_names():
+        value = {"steps": 1, "min_val": -4.0, "max_val": 4.0}.get(name.rsplit(".", 1)[-1])
+        if value is not None and "quant" in name:
+            param.set_data(ms.Tensor(value, param.dtype))
+    net.set_train(False)
+    header, arrays = export.int8_model(net, QuantConfig())
+    path = str(tmp_path_factory.mktemp("int8") / "untrained.int8.npz")
+    int8.save(path, header, arrays)
+    return path
+
+
+@pytest.fixture(scope="session")
 def trained(synthetic_dir, tmp_path_factory):
     """A QAT model trained 4 short epochs on the learnable synthetic set, validated after epochs 2 and 4:
     (checkpoint, save dir)."""

@@ -11,6 +11,7 @@ import pytest
 
 import callbacks
 import checkpoint
+from conftest import start_script
 
 
 class FakeRunContext:
@@ -201,3 +202,74 @@ def test_an_interrupted_epoch_is_not_logged(tmp_path):
     assert context.stop_requested
     progress.on_train_epoch_end(FakeRunContext(2, 1))
     assert not metrics.exists()
+
+
+def test_a_vanished_save_folder_stops_training_with_1(tmp_path, capsys):
+    """Checkpoint and metrics.jsonl alike: a save folder removed during the run is a failed save, not a traceback."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    guard = callbacks.Guard(0, steps_per_epoch=2)
+    saver = callbacks.Checkpointer(nn.Dense(3, 2), str(folder), "resnet18_qat", steps_per_epoch=2, save_steps=0,
+                                   keep=5, first_step=0, guard=guard)
+    folder.rmdir()
+    saver.save(2)
+    assert guard.save_failure == (str(folder / "resnet18_qat-1_2.ckpt"), "No such file or directory")
+    with pytest.raises(SystemExit) as exit_info:
+        guard.outcome(saver.latest).exit()
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: could not save") and "none (train again" in err
+
+
+def one_epoch_of_progress(metrics, guard):
+    optimizer = nn.Adam(nn.Dense(3, 2).trainable_params(), learning_rate=0.001)
+    progress = callbacks.Progress(8, steps_per_epoch=1, epochs=1, first_step=0, every=50, metrics_path=str(metrics),
+                                  optimizer=optimizer, guard=guard)
+    progress.on_train_begin(None)
+    progress.on_train_epoch_begin(None)
+    progress.on_train_step_begin(None)
+    progress.on_train_step_end(FakeRunContext(1, 1, loss=2.0))
+    progress.on_train_epoch_end(FakeRunContext(1, 1))
+
+
+def test_a_full_disk_while_logging_metrics_stops_training_with_1_and_keeps_the_log_whole(tmp_path, monkeypatch):
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"epoch": 1}\n')  # an earlier run's record
+    real_open = open
+
+    def disk_full(path, mode="r", *args, **kwargs):
+        if "w" in mode and ".partial-" in str(path):
+            f = real_open(path, mode, *args, **kwargs)
+            f.write(b'{"epoch": ')
+            f.close()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_open(path, mode, *args, **kwargs)
+    guard = callbacks.Guard(0, 1)
+    monkeypatch.setattr("builtins.open", disk_full)
+    one_epoch_of_progress(metrics, guard)
+    monkeypatch.undo()
+    assert guard.save_failure == (str(metrics), "No space left on device")
+    assert metrics.read_text() == '{"epoch": 1}\n' and os.listdir(tmp_path) == ["metrics.jsonl"]
+
+
+def test_metrics_record_the_learning_rate_as_given(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    one_epoch_of_progress(metrics, callbacks.Guard(0, 1))
+    assert '"lr": 0.001,' in metrics.read_text()  # not 0.0010000000474974513, float32's value as a double
+
+
+def test_one_run_per_save_folder_and_the_lock_dies_with_its_process(tmp_path, capsys):
+    """A second holder is refused, naming the first's process id; kill -9 of the holder leaves no stale lock."""
+    holder = start_script("-c", "import sys, time, checkpoint; checkpoint.lock_save_dir(sys.argv[1]); "
+                          "print('locked', flush=True); time.sleep(600)", str(tmp_path))
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        with pytest.raises(Exception) as error:
+            checkpoint.lock_save_dir(str(tmp_path))
+        assert str(error.value) == (f"save directory {tmp_path} is in use by another train.py run (process "
+                                    f"{holder.pid}); wait for it to end, or give another -dir")
+    finally:
+        holder.kill()
+        holder.wait()
+    checkpoint.lock_save_dir(str(tmp_path))  # the OS released it
+    assert os.listdir(tmp_path) == []  # the lock is on the folder itself: no file

@@ -8,6 +8,7 @@ import pytest
 
 import eval as evaluate
 import export
+import inference
 import int8
 import quant
 from conftest import expect_error, snapshot, train_in_subprocess
@@ -93,6 +94,7 @@ def test_export_rejects_bad_input(untrained, tmp_path, capsys):
     ckpt = untrained["QAT"]
     garbage = tmp_path / "garbage.ckpt"
     garbage.write_bytes(b"\x00" * 1000)
+    (tmp_path / "folder.npz").mkdir()
     before = snapshot(tmp_path)
     expect_error(export.main, ["-loc", str(tmp_path / "none.ckpt")], capsys, "does not exist")
     expect_error(export.main, ["-loc", str(garbage), "-o", str(tmp_path / "x.npz")], capsys,
@@ -100,9 +102,45 @@ def test_export_rejects_bad_input(untrained, tmp_path, capsys):
     expect_error(export.main, ["-loc", str(tmp_path / "model.mindir")], capsys, "is not a .ckpt file")
     expect_error(export.main, ["-loc", ckpt, "--format", "onnx"], capsys, "invalid choice: 'onnx'")
     expect_error(export.main, ["-loc", ckpt, "-o", str(tmp_path / "missing" / "x.npz")], capsys, "does not exist")
-    expect_error(export.main, ["-loc", ckpt, "-o", str(tmp_path)], capsys, "is a folder")
+    expect_error(export.main, ["-loc", ckpt, "-o", str(tmp_path / "folder.npz")], capsys, "is a folder")
     expect_error(export.main, ["-loc", ckpt, "-o", str(garbage / "x.npz")], capsys, "does not exist")
+    expect_error(export.main, ["-loc", ckpt, "--format", "mindir", "--batch", "0"], capsys,
+                 "argument --batch: must be an integer from 1 to 65536, got 0")
     assert snapshot(tmp_path) == before  # no partial or temporary file left behind
+
+
+def test_export_never_clobbers(untrained, tmp_path, capsys):
+    """-o must carry the format's suffix, must not be the checkpoint itself (or a link to it) and must not exist
+    unless --overwrite: all refused before any work, every file left as it was."""
+    ckpt = tmp_path / "resnet18_qat-2_2.ckpt"
+    ckpt.write_bytes(open(untrained["QAT"], "rb").read())
+    (tmp_path / "best.ckpt").write_bytes(b"the best network")
+    (tmp_path / "resnet18_qat-2_2.int8.npz").write_bytes(b"an earlier export")
+    os.symlink(ckpt, tmp_path / "link.npz")
+    before = snapshot(tmp_path)
+    for flags, fragment in [
+        (["--format", "mindir", "-o", str(tmp_path / "best.ckpt")], "does not end in .mindir, the suffix of --format "
+                                                                    "mindir; give a -o ending in .mindir"),
+        (["--format", "mindir", "-o", str(tmp_path / "m.npz")], "does not end in .mindir"),
+        (["--format", "int8", "-o", str(ckpt)], "does not end in .npz, the suffix of --format int8"),
+        (["--format", "int8", "-o", str(tmp_path / "link.npz")], "is the checkpoint being exported"),
+        (["--format", "int8", "-o", str(tmp_path / "link.npz"), "--overwrite"], "is the checkpoint being exported"),
+        (["--format", "int8"], "resnet18_qat-2_2.int8.npz exists; give another -o, or add --overwrite"),
+    ]:
+        expect_error(export.main, ["-loc", str(ckpt), *flags], capsys, fragment)
+    assert snapshot(tmp_path) == before
+
+
+def test_mindir_takes_any_batch_size_and_is_replaced_only_with_overwrite(untrained, tmp_path, capsys):
+    output = str(tmp_path / "m.mindir")
+    export.main(["-loc", untrained["float32"], "--format", "mindir", "-o", output])
+    model = inference.load_model(output)
+    assert model.fixed_batch is None
+    for batch in (1, 3):
+        assert model.run(ms.Tensor(np.zeros((batch, 3, 32, 32), np.float32))).shape == (batch, 10)
+    expect_error(export.main, ["-loc", untrained["float32"], "--format", "mindir", "-o", output], capsys, "exists")
+    export.main(["-loc", untrained["float32"], "--format", "mindir", "--batch", "2", "-o", output, "--overwrite"])
+    assert inference.load_model(output).fixed_batch == 2 and os.listdir(tmp_path) == ["m.mindir"]
 
 
 def test_int8_export_needs_a_qat_checkpoint(untrained, tmp_path, capsys):
@@ -156,3 +194,97 @@ def test_bn_fold_training_freezes_batchnorm_and_exports_an_equivalent_int8_model
     # Lower than the trained model's 99 %: after 4 steps many images are near-ties between classes,
     # which one rounding step decides (96 % of 500 here).
     assert (predicted == checkpoint_predicted).mean() >= 0.9
+
+
+# --- tampered and foreign model files: refused before the evaluation -------------------------------
+
+def tampered(int8_file, tmp_path, change):
+    """A copy of a valid int8 file with change(header, arrays) applied (a header it returns replaces it)."""
+    model = int8.load(int8_file)
+    header, arrays = model["header"], dict(model["arrays"])
+    replaced = change(header, arrays)
+    header = replaced if isinstance(replaced, list) else header
+    path = str(tmp_path / "tampered.int8.npz")
+    int8.save(path, header, arrays)
+    return path
+
+
+def node(header, name):
+    return next(n for n in header["graph"] if n.get("name") == name)
+
+
+def set_key(mapping, key, value):
+    mapping[key] = value
+
+
+TAMPERINGS = {
+    "header a list": (lambda h, a: [h], "(format list, expected 'qat-resnet-int8' version 1)"),
+    "stride 0": (lambda h, a: set_key(node(h, "layer2.0.conv1"), "stride", 0),
+                 "operation 8 ('conv', 'layer2.0.conv1'): weight (128, 64, 3, 3), stride 0"),
+    "empty graph": (lambda h, a: set_key(h, "graph", []), "the header has no graph"),
+    "weight removed": (lambda h, a: a.pop("layer3.1.conv2.weight"), "array 'layer3.1.conv2.weight' is not in the file"),
+    "weight reshaped": (lambda h, a: set_key(a, "layer1.0.conv1.weight", a["layer1.0.conv1.weight"][:, :32]),
+                        "weight (64, 32, 3, 3), stride 1 and padding 1 do not fit an input of shape (64, 32, 32)"),
+    "unknown op": (lambda h, a: set_key(node(h, "layer4.1.add"), "op", "mul"), "unknown operation 'mul'"),
+    "100 outputs": (lambda h, a: a.update({"fc.weight": np.zeros((100, 512), np.int8),
+                                           "fc.weight_scale": np.ones(100, np.float32),
+                                           "fc.bias": np.zeros(100, np.int32)}),
+                    "num_classes 10 is not the logits' (100,)"),
+    "100 classes": (lambda h, a: a.update({"fc.weight": np.zeros((100, 512), np.int8),
+                                           "fc.weight_scale": np.ones(100, np.float32),
+                                           "fc.bias": np.zeros(100, np.int32)}) or set_key(h, "num_classes", 100),
+                    "is an int8 model for other data: input [3, 32, 32], 100 classes"),
+    "zero scale": (lambda h, a: set_key(h["tensors"]["t5"], "scale", 0.0), "tensor 't5' has no scale > 0"),
+    "used before defined": (lambda h, a: h["graph"].insert(1, h["graph"].pop(5)), "is not an earlier operation's"),
+    "pickled weight": (lambda h, a: set_key(a, "fc.bias", np.array([object()] * 10)), "not an .npz archive of arrays"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TAMPERINGS))
+def test_eval_refuses_a_tampered_int8_file_before_evaluating(case, int8_file, synthetic_dir, tmp_path, capsys,
+                                                             monkeypatch):
+    change, fragment = TAMPERINGS[case]
+    if case == "pickled weight":  # int8.save cannot write one: np.savez with pickling
+        monkeypatch.setattr(int8.np, "savez", lambda f, **arrays: np.lib.npyio._savez(f, (), arrays, False, True))
+    path = tampered(int8_file, tmp_path, change)
+    monkeypatch.setattr(inference, "predict", lambda *args: pytest.fail("evaluated a tampered file"))
+    expect_error(evaluate.main, ["-loc", path, "-data", synthetic_dir], capsys, fragment)
+
+
+def test_the_untampered_int8_file_loads(int8_file):
+    assert int8.load(int8_file)["header"]["num_classes"] == 10
+
+
+def test_oversized_npz_members_are_refused_before_they_are_read(int8_file, tmp_path):
+    """A member larger than an int8 ResNet-18 (declared, not read: compressed zeros), and a member whose array
+    header claims more data than the member holds."""
+    import zipfile
+
+    big = str(tmp_path / "big.int8.npz")
+    with zipfile.ZipFile(int8_file) as source, zipfile.ZipFile(big, "w", zipfile.ZIP_DEFLATED) as target:
+        for info in source.infolist():
+            target.writestr(info.filename, source.read(info))
+        with target.open("extra.npy", "w", force_zip64=True) as f:  # (the limit's double; 3 GiB is as refused)
+            np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": (128 << 20,)})
+            f.write(bytes(128 << 20))
+    assert os.path.getsize(big) < 20 << 20
+    with pytest.raises(ValueError, match=r"bytes: more than an int8 ResNet-18 holds"):
+        int8.load(big)
+    lying = str(tmp_path / "lying.int8.npz")
+    with zipfile.ZipFile(lying, "w") as target:
+        with target.open("header.json.npy", "w") as f:
+            np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": (1 << 40,)})
+    with pytest.raises(ValueError, match=r"claims shape \(1099511627776,\), more than its"):
+        int8.load(lying)
+
+
+@pytest.mark.parametrize("shape, classes", [((1, 3, 64, 64), 10), ((1, 3, 32, 32), 100)])
+def test_eval_refuses_a_mindir_of_another_network(shape, classes, synthetic_dir, tmp_path, capsys, monkeypatch):
+    import mindspore.nn as nn
+
+    net = nn.SequentialCell([nn.Flatten(), nn.Dense(int(np.prod(shape[1:])), classes)])
+    path = str(tmp_path / "other")
+    ms.export(net, ms.Tensor(np.zeros(shape, np.float32)), file_name=path, file_format="MINDIR")
+    monkeypatch.setattr(inference, "predict", lambda *args: pytest.fail("evaluated a foreign MindIR"))
+    expect_error(evaluate.main, ["-loc", path + ".mindir", "-data", synthetic_dir], capsys,
+                 f"is a MindIR of another network: inputs [{list(shape)}], outputs [[1, {classes}]]")

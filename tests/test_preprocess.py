@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import preprocess
+from conftest import expect_error
 from preprocess import CIFAR10_MEAN, CIFAR10_STD, DatasetError
 
 
@@ -47,7 +48,7 @@ def test_training_draws_different_samples_each_epoch(synthetic_dir):
 
 
 def test_synthetic_refuses_to_overwrite(synthetic_dir):
-    with pytest.raises(DatasetError, match="already holds CIFAR files"):
+    with pytest.raises(DatasetError, match="is not empty: it holds data_batch_1.bin and more"):
         preprocess.write_synthetic(synthetic_dir)
 
 
@@ -83,9 +84,79 @@ def test_bad_label_is_named(tmp_path):
         preprocess.check_data_dir(str(tmp_path), training=False)
 
 
-def test_class_names_from_meta_file(synthetic_dir, tmp_path):
+def test_class_names_from_meta_file(synthetic_dir, tmp_path, capsys):
     assert preprocess.class_names(synthetic_dir)[3] == "synthetic_3"
     assert preprocess.class_names(str(tmp_path)) == [str(i) for i in range(10)]
+    (tmp_path / preprocess.META_FILE).write_text("cat\ndog\n")
+    assert preprocess.class_names(str(tmp_path)) == [str(i) for i in range(10)]
+    assert "names 2 classes, not 10; classes are numbered instead" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content, why", [(b"\xff\xfe\x00binary" * 3, "it is not UTF-8 text"),
+                                          (b"x" * 5000, "it is over 4096 bytes")])
+def test_unreadable_class_names_are_an_error(content, why, tmp_path):
+    (tmp_path / preprocess.META_FILE).write_bytes(content)
+    with pytest.raises(DatasetError, match=f"cannot read the class names in .*batches.meta.txt \\({why}\\)"):
+        preprocess.class_names(str(tmp_path))
+
+
+def full_file(path, label=0):
+    records = np.zeros((preprocess.RECORDS_PER_FILE, preprocess.RECORD_BYTES), np.uint8)
+    records[:, 0] = label
+    records.tofile(path)
+
+
+@pytest.mark.parametrize("name, training", [("old_test_batch.bin", False), ("test_batch_old.bin", False),
+                                            (".test_batch.bin", False), ("backup_data_batch_1.bin", True),
+                                            ("data_batch_1_copy.bin", True)])
+def test_a_stray_file_that_cifar10dataset_would_read_is_named(name, training, tmp_path):
+    """MindSpore's Cifar10Dataset reads every *.bin holding data_batch or test_batch: a stray full-size copy would
+    double the split without a word, a short one fail in the pipeline."""
+    full_file(tmp_path / ("data_batch_1.bin" if training else "test_batch.bin"))
+    full_file(tmp_path / name)
+    with pytest.raises(DatasetError, match=f"{name} is not a CIFAR-10 file name, but MindSpore's Cifar10Dataset "
+                                           f"would read it .*move it out of"):
+        preprocess.check_data_dir(str(tmp_path), training)
+    os.remove(tmp_path / name)
+    preprocess.check_data_dir(str(tmp_path), training)
+
+
+def test_links_and_folders_among_the_data_files_are_named(tmp_path):
+    os.symlink(tmp_path / "gone.bin", tmp_path / "test_batch.bin")
+    with pytest.raises(DatasetError, match="cannot read .*test_batch.bin \\(No such file or directory\\)"):
+        preprocess.check_data_dir(str(tmp_path), training=False)
+    os.remove(tmp_path / "test_batch.bin")
+    os.symlink("test_batch.bin", tmp_path / "test_batch.bin")  # a loop
+    with pytest.raises(DatasetError, match="cannot read .*test_batch.bin \\(Too many levels of symbolic links\\)"):
+        preprocess.check_data_dir(str(tmp_path), training=False)
+    os.remove(tmp_path / "test_batch.bin")
+    os.mkdir(tmp_path / "test_batch.bin")
+    with pytest.raises(DatasetError, match="test_batch.bin is not a file; move it out"):
+        preprocess.check_data_dir(str(tmp_path), training=False)
+    os.symlink("loop", tmp_path / "loop")
+    with pytest.raises(DatasetError, match="data folder .*loop is a broken symbolic link \\(or a loop\\)"):
+        preprocess.check_data_dir(str(tmp_path / "loop"), training=False)
+
+
+def test_synthetic_refuses_a_folder_that_holds_anything(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    expect_error(preprocess.main, ["--synthetic", str(tmp_path)], capsys, "is not empty: it holds notes.txt",
+                 "choose an empty or new folder")
+    assert os.listdir(tmp_path) == ["notes.txt"] and (tmp_path / "notes.txt").read_text() == "mine"
+    expect_error(preprocess.main, ["--synthetic", str(tmp_path / "notes.txt")], capsys, "exists and is not a folder")
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--url", "/data/cifar-10-binary.tar.gz"], "argument --url: takes an http://, https:// or file:// URL"),
+    (["--url", "ftp://example.org/c.tar.gz"], "argument --url: takes an http://, https:// or file:// URL"),
+    (["--md5", "abc"], "argument --md5: takes an MD5 digest (32 hexadecimal digits)"),
+    (["--seed", "-1"], "argument --seed: must be an integer from 0 to 4294967295, got -1"),
+    (["--seed", "4294967296"], "argument --seed: must be an integer from 0 to 4294967295"),
+])
+def test_preprocess_flags_are_checked(flags, fragment, tmp_path, capsys):
+    action = ["--synthetic", str(tmp_path / "s")] if flags[0] == "--seed" else ["--download", "-data", str(tmp_path)]
+    expect_error(preprocess.main, action + flags, capsys, fragment)
+    assert os.listdir(tmp_path) == []
 
 
 # --- download, against a server on 127.0.0.1 that serves an archive built here --------------
@@ -176,3 +247,65 @@ def test_interrupted_download_leaves_nothing(tmp_path, serve, archive):
     with pytest.raises(DatasetError, match="download of .*(failed|stopped after)"):
         preprocess.download(str(tmp_path / "cifar"), url, hashlib.md5(archive).hexdigest())
     assert os.listdir(tmp_path) == []
+
+
+def test_download_refuses_a_synthetic_folder(synthetic_dir, capsys):
+    before = os.listdir(synthetic_dir)
+    expect_error(preprocess.main, ["--download", "-data", synthetic_dir], capsys,
+                 "holds synthetic data (SYNTHETIC.txt), not CIFAR-10; give another -data folder")
+    assert os.listdir(synthetic_dir) == before
+
+
+def test_download_from_a_file_url(tmp_path, archive):
+    (tmp_path / "c.tar.gz").write_bytes(archive)
+    target = str(tmp_path / "cifar")
+    preprocess.download(target, (tmp_path / "c.tar.gz").as_uri(), hashlib.md5(archive).hexdigest())
+    assert sorted(os.listdir(target)) == ["data_batch_1.bin", "test_batch.bin"]
+
+
+def linked_archive(kind):
+    """The CIFAR-10 folder as a link to a sibling folder (kind "symlink"), or a data file hard-linked to another."""
+    buffer = io.BytesIO()
+    content = bytes(preprocess.FILE_BYTES)
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name in ("real/data_batch_1.bin", "real/test_batch.bin"):
+            info = tarfile.TarInfo(name)
+            info.size = len(content)
+            tar.addfile(info, io.BytesIO(content))
+        link = tarfile.TarInfo(preprocess.ARCHIVE_FOLDER if kind == "symlink" else
+                               f"{preprocess.ARCHIVE_FOLDER}/test_batch.bin")
+        link.type = tarfile.SYMTYPE if kind == "symlink" else tarfile.LNKTYPE
+        link.linkname = "real" if kind == "symlink" else "real/test_batch.bin"
+        tar.addfile(link)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("kind", ["symlink", "hardlink"])
+def test_download_refuses_links_in_the_archive(kind, tmp_path, serve, capsys):
+    payload = linked_archive(kind)
+    target = tmp_path / "cifar"
+    with pytest.raises(SystemExit) as exit_info:
+        preprocess.main(["--download", "-data", str(target), "--url", serve(payload),
+                         "--md5", hashlib.md5(payload).hexdigest()])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress lines
+    assert error.startswith("error: the archive's member") and "is a link; the CIFAR-10 archive has none" in error
+    assert os.listdir(tmp_path) == []
+
+
+def test_download_refuses_an_oversized_member_before_extracting_it(tmp_path, serve):
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        info = tarfile.TarInfo(f"{preprocess.ARCHIVE_FOLDER}/data_batch_1.bin")
+        info.size = preprocess.FILE_BYTES + 1
+        tar.addfile(info, io.BytesIO(bytes(info.size)))
+    payload = buffer.getvalue()
+    with pytest.raises(DatasetError, match=f"is {preprocess.FILE_BYTES + 1} bytes, larger than a CIFAR-10 file"):
+        preprocess.download(str(tmp_path / "cifar"), serve(payload), hashlib.md5(payload).hexdigest())
+    assert os.listdir(tmp_path) == []
+
+
+def test_download_refuses_a_broken_symbolic_link_as_the_target(tmp_path, capsys):
+    os.symlink(tmp_path / "elsewhere", tmp_path / "cifar")
+    expect_error(preprocess.main, ["--download", "-data", str(tmp_path / "cifar")], capsys,
+                 "is a broken symbolic link; remove it")

@@ -1,6 +1,7 @@
 """train.main and eval.main end to end on tiny synthetic data, and every bad input they must refuse."""
 import json
 import os
+import shutil
 
 import mindspore as ms
 import mindspore.nn as nn
@@ -150,10 +151,17 @@ def test_train_refuses_bad_data(kind, fragments, tmp_path, savedir, capsys):
 
 
 @pytest.mark.parametrize("flags, fragment", [
-    (["-bsize", "0"], "--batchsize: must be a positive integer"),
-    (["--batchsize", "-4"], "--batchsize: must be a positive integer"),
-    (["-e", "0"], "--epoch: must be a positive integer"),
-    (["-repeatNum", "0"], "--repeatNum: must be a positive integer"),
+    (["-bsize", "0"], "--batchsize: must be an integer from 1 to 2147483647, got 0"),
+    (["--batchsize", "-4"], "--batchsize: must be an integer from 1 to 2147483647, got -4"),
+    (["-e", "0"], "--epoch: must be an integer from 1 to 2147483647"),
+    (["-e", "2147483648"], "--epoch: must be an integer from 1 to 2147483647, got 2147483648"),
+    (["-e", "100000000", "--lr_schedule", "cosine"], "-e 100000000 x 312 steps per epoch is more than the 100000000 "
+                                                     "steps a run can count; give at most 320512 epochs"),
+    (["-e", "10000000"], "-e 10000000 x 312 steps per epoch is more than the 2147483647 steps"),
+    (["--bn_fold", "--freeze_bn", "10000000"], "--freeze_bn 10000000 x 312 steps per epoch is more than"),
+    (["-repeatNum", "0"], "--repeatNum: must be an integer from 1"),
+    (["--seed", "-1"], "--seed: must be an integer from 0 to 4294967295, got -1"),
+    (["--quant_delay", "2147483648"], "--quant_delay: must be an integer from 0 to 2147483647"),
     (["-lr", "0"], "--learningRate: must be a positive finite number"),
     (["-lr", "-0.1"], "--learningRate: must be a positive finite number"),
     (["-lr", "nan"], "--learningRate: must be a positive finite number, got nan"),
@@ -163,8 +171,8 @@ def test_train_refuses_bad_data(kind, fragments, tmp_path, savedir, capsys):
     (["-bsize", "many"], "not a valid int: 'many'"),
     (["--device", "GPU"], "--device GPU: this MindSpore has no usable GPU backend"),
     (["-bsize", "64", "--num_samples", "32"], "batch size 64 is larger than 32 training images"),
-    (["--keep", "0"], "--keep: must be a positive integer"),
-    (["--eval_every", "-1"], "--eval_every: must be 0 or more"),
+    (["--keep", "0"], "--keep: must be an integer from 1 to 2147483647"),
+    (["--eval_every", "-1"], "--eval_every: must be an integer from 0 to 2147483647"),
     (["--amp", "O2"], "--amp O2 needs a GPU"),
     (["--amp", "O3"], "--amp: invalid choice: 'O3'"),
     (["--distributed"], "--distributed: this process was not started by msrun (MS_ROLE"),
@@ -237,14 +245,19 @@ def test_eval_refuses_bad_checkpoints(which, fragments, tmp_path, synthetic_dir,
     expect_error(evaluate.main, ["-loc", paths[which], "-data", synthetic_dir], capsys, *fragments)
 
 
-def test_eval_defaults_to_the_newest_checkpoint(untrained, synthetic_dir, tmp_path, monkeypatch, capsys):
+def test_eval_defaults_to_the_checkpoint_train_printed_last(untrained, synthetic_dir, tmp_path, monkeypatch, capsys):
+    """The newest periodic or interrupt checkpoint in checkpoints/, not best.ckpt even when it is newer; named."""
     monkeypatch.chdir(tmp_path)
-    expect_error(evaluate.main, ["-data", synthetic_dir], capsys, "no checkpoint given and no .ckpt in checkpoints/")
-    path = untrained["float32"]
+    expect_error(evaluate.main, ["-data", synthetic_dir], capsys, "no checkpoint given and no "
+                 "<prefix>-<epoch>_<step>.ckpt in checkpoints/")
     os.mkdir("checkpoints")
-    os.symlink(path, os.path.join("checkpoints", "latest.ckpt"))
+    for age, name in enumerate(["resnet18-1_4.ckpt", "resnet18-2_1-interrupt.ckpt", "best.ckpt"]):
+        shutil.copy(untrained["float32"], os.path.join("checkpoints", name))
+        os.utime(os.path.join("checkpoints", name), (1000 + age, 1000 + age))
     evaluate.main(["-data", synthetic_dir, "--num_samples", "5"])
-    assert "checkpoints/latest.ckpt" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "note: evaluating checkpoints/resnet18-2_1-interrupt.ckpt, the newest checkpoint in checkpoints/" in out
+    assert "float32 checkpoints/resnet18-2_1-interrupt.ckpt on" in out
 
 
 def test_eval_needs_the_test_file(untrained, tmp_path, capsys):
