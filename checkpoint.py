@@ -160,6 +160,13 @@ def series_prefix(savedir, base, resumed=None):
     return prefix
 
 
+def newest_first(folder):
+    """The paths of the periodic and interrupt checkpoints in folder (files, not broken links), newest first."""
+    names = os.listdir(folder) if os.path.isdir(folder) else []  # (a data-parallel worker on another host)
+    paths = [os.path.join(folder, name) for name in names if NAME.match(name)]
+    return sorted((path for path in paths if os.path.isfile(path)), key=os.path.getmtime, reverse=True)
+
+
 def find_resume(spec, savedir):
     """(path, parameters) of --resume PATH, or with `auto` of the newest loadable training checkpoint in savedir.
 
@@ -168,9 +175,7 @@ def find_resume(spec, savedir):
     """
     if spec != "auto":
         return spec, load(spec, "--resume")
-    names = os.listdir(savedir) if os.path.isdir(savedir) else []  # (a data-parallel worker on another host)
-    paths = [os.path.join(savedir, name) for name in names if NAME.match(name)]
-    for path in sorted(paths, key=os.path.getmtime, reverse=True):
+    for path in newest_first(savedir):
         try:
             return path, read(path)
         except UNREADABLE as e:
@@ -229,25 +234,27 @@ def write_atomically(path, write, mode=None, overwrite=True):
     directory = os.path.dirname(path) or "."
     folder = os.path.join(directory, f".partial-{os.getpid()}")
     tmp = os.path.join(folder, os.path.basename(path))
-    try:
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(folder)  # (not makedirs: a save folder removed meanwhile is an error, not made anew)
-        write(tmp)
-        if mode is not None:
-            os.chmod(tmp, mode)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            os.link(tmp, path)
-        descriptor = os.open(directory, os.O_RDONLY)
+    with cli.temporary(folder):  # (removed also when Ctrl-C must end a script at once: see cli.run)
         try:
-            os.fsync(descriptor)  # the rename itself
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(folder)  # (not makedirs: a save folder removed meanwhile is an error, not made anew)
+            with cli.mindspore_log_quiet():  # what fails is raised, and reported once by the caller
+                write(tmp)
+            if mode is not None:
+                os.chmod(tmp, mode)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            if overwrite:
+                os.replace(tmp, path)
+            else:
+                os.link(tmp, path)
+            descriptor = os.open(directory, os.O_RDONLY)
+            try:
+                os.fsync(descriptor)  # the rename itself
+            finally:
+                os.close(descriptor)
         finally:
-            os.close(descriptor)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def write_text(path, text):
@@ -283,6 +290,10 @@ def check_save_dir(path):
     """Raise InputError, before any work, if checkpoints cannot be written into the folder `path`."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise cli.InputError(f"save directory {path} is a file; give a folder with -dir")
+    for name in ("args.json", "metrics.jsonl", BEST_FILE):  # files train.py writes, folders here by mistake
+        if os.path.isdir(os.path.join(path, name)):
+            raise cli.InputError(f"{os.path.join(path, name)} is a folder, where train.py writes a file; move it away "
+                                 "or give another -dir")
     try:
         os.makedirs(path, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):

@@ -12,20 +12,25 @@
 
 Ctrl-C: MindSpore's runtime turns SIGINT into SIGTERM (exit status 143, no message), so each
 script, run as a script, blocks SIGINT before it imports this module (and MindSpore starts
-threads, which inherit the mask); `run` takes it on a thread of its own, which raises
-KeyboardInterrupt in the main thread: `finally` blocks clean up, and the script says what
-was left. train.py takes it between steps instead (callbacks.Guard).
+threads, which inherit the mask); `run` waits for it on a thread of its own, which then
+raises KeyboardInterrupt in the main thread (by SIGUSR1, which also breaks off a blocking
+call): `finally` blocks clean up, and the script says what was left. Where MindSpore holds
+the main thread (compiling a graph) the process ends at once instead, after removing the
+temporary files in flight (`temporary`). train.py takes Ctrl-C between steps instead
+(callbacks.Guard).
 
 Import this module before MindSpore: it quiets MindSpore's log (GLOG_v), which is
 read once, when MindSpore is first imported.
 """
-import _thread
 import argparse
+import contextlib
 import math
 import os
+import shutil
 import signal
 import sys
 import threading
+import time
 
 # MindSpore's INFO and WARNING lines (plugin probing, deprecations) would bury our output
 # and our error lines; the user can still ask for them with GLOG_v=1 or 2.
@@ -40,6 +45,7 @@ ONEDNN_ISA = "AVX2"
 INT32_MAX = 2 ** 31 - 1  # step counters and observer counts are int32 Parameters
 SEED_MAX = 2 ** 32 - 1   # mindspore.dataset.config.set_seed's range
 EXIT_INTERRUPTED = 128 + signal.SIGINT
+WAKE_SIGNAL = signal.SIGUSR1  # how run's Ctrl-C thread reaches the main thread, where SIGINT is blocked
 
 
 class InputError(Exception):
@@ -125,20 +131,85 @@ def _parse(kind, text):
 def run(work, args, interrupted):
     """work(args), as a script's main runs it: InputError as one `error:` line and exit status 2; Ctrl-C as one
     line, `interrupted: <interrupted>` (what was kept or left), and exit status 130. Returns what work returns."""
+    global _message
+    _message = interrupted
     if signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, []):
-        threading.Thread(target=_forward_interrupt, daemon=True, name="ctrl-c").start()
+        signal.signal(WAKE_SIGNAL, _raise_interrupt)
+        threading.Thread(target=_forward_interrupt, args=(threading.get_ident(),), daemon=True, name="ctrl-c").start()
     try:
-        return work(args)
+        result = work(args)
+        _raised.set()  # finished before Ctrl-C could stop it: nothing more to interrupt
+        return result
     except InputError as e:
-        fail(str(e))
+        if not _interrupt.is_set():
+            fail(str(e))
     except KeyboardInterrupt:
-        print(f"interrupted: {interrupted}", file=sys.stderr, flush=True)
-        raise SystemExit(EXIT_INTERRUPTED) from None
+        pass
+    except Exception:
+        if not _interrupt.is_set():
+            raise
+        # else: a library call broken off by the interrupt raised something of its own
+    _raised.set()  # (the Ctrl-C thread stands down)
+    print(f"interrupted: {interrupted}", file=sys.stderr, flush=True)
+    raise SystemExit(EXIT_INTERRUPTED)
 
 
-def _forward_interrupt():
+@contextlib.contextmanager
+def mindspore_log_quiet():
+    """Within the block MindSpore's Python log says nothing: for calls whose failure the caller reports itself, in
+    one line (save_checkpoint logs a failed write as CRITICAL, then raises)."""
+    logger = ms.log._get_logger()  # (private: MindSpore's logger is named after the process id)
+    disabled, logger.disabled = logger.disabled, True
+    try:
+        yield
+    finally:
+        logger.disabled = disabled
+
+
+@contextlib.contextmanager
+def temporary(path):
+    """Within the block, the temporary folder `path` is removed if Ctrl-C must end the process at once."""
+    _temporary.add(path)
+    try:
+        yield path
+    finally:
+        _temporary.discard(path)
+
+
+_interrupt, _raised = threading.Event(), threading.Event()  # Ctrl-C was pressed; KeyboardInterrupt was raised
+_message, _temporary = "", set()
+MINDSPORE_DIR = os.path.dirname(ms.__file__) + os.sep
+PATIENCE_S = 1.0  # how long Ctrl-C waits for the main thread to leave MindSpore's code
+
+
+def _forward_interrupt(main_thread):
+    """Wait for Ctrl-C; then signal the main thread every 0.1 s until it raised KeyboardInterrupt (each signal
+    also breaks off a blocking call, a download's). If MindSpore keeps it for PATIENCE_S (compiling a graph, which
+    cannot be broken off cleanly), remove the temporary files in flight and end the process at once."""
     signal.sigwait({signal.SIGINT})
-    _thread.interrupt_main(signal.SIGINT)  # KeyboardInterrupt in the main thread, at its next Python line
+    _interrupt.set()
+    deadline = time.monotonic() + PATIENCE_S
+    while not _raised.is_set():
+        if time.monotonic() > deadline:
+            for path in list(_temporary):
+                shutil.rmtree(path, ignore_errors=True)
+            print(f"interrupted: {_message}", file=sys.stderr, flush=True)
+            os._exit(EXIT_INTERRUPTED)
+        signal.pthread_kill(main_thread, WAKE_SIGNAL)
+        time.sleep(0.1)
+
+
+def _raise_interrupt(signum, frame):
+    """KeyboardInterrupt, unless MindSpore's own Python code is running: broken off there (in a graph compilation)
+    its C++ side logs pages of errors."""
+    if _raised.is_set():
+        return
+    while frame is not None:
+        if frame.f_code.co_filename.startswith(MINDSPORE_DIR):
+            return
+        frame = frame.f_back
+    _raised.set()
+    raise KeyboardInterrupt
 
 
 def setup_device(name="auto", pynative=False):

@@ -85,12 +85,11 @@ def evaluate(args):
 
 def newest_checkpoint(folder):
     """The checkpoint train.py printed last: the newest periodic or interrupt checkpoint in folder."""
-    names = os.listdir(folder) if os.path.isdir(folder) else []
-    paths = [os.path.join(folder, name) for name in names if checkpoint.NAME.match(name)]
+    paths = checkpoint.newest_first(folder)
     if not paths:
         raise cli.InputError(f"no checkpoint given and no <prefix>-<epoch>_<step>.ckpt in {folder}/; give one with "
                              "-loc (train.py prints its path)")
-    path = max(paths, key=os.path.getmtime)
+    path = paths[0]
     print(f"note: evaluating {path}, the newest checkpoint in {folder}/ (give another with -loc)")
     return path
 

@@ -51,6 +51,7 @@ MAX_META_BYTES = 4096  # batches.meta.txt: ten short class names
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
 CIFAR10_MD5 = "c32a1d4ab5d03f1284b67883e8d87530"
 ARCHIVE_FOLDER = "cifar-10-batches-bin"  # the folder the official archive extracts to
+MAX_ARCHIVE_MEMBERS = 20  # the official archive has 9: the folder, 6 .bin files, batches.meta.txt, readme.html
 DEFAULT_DATA_DIR = os.path.join("data", ARCHIVE_FOLDER)
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
 
@@ -200,16 +201,22 @@ def write_synthetic(data_dir, seed=0):
         cifar = [name for name in existing if name.endswith(".bin")]
         raise DatasetError(f"{data_dir} is not empty: it holds {(cifar or existing)[0]}"
                            f"{' and more' if len(existing) > 1 else ''}; choose an empty or new folder")
-    os.makedirs(data_dir, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for name in ("data_batch_1.bin", TEST_FILE):
-        labels = rng.permutation(np.arange(RECORDS_PER_FILE) % NUM_CLASSES).astype(np.uint8)
-        write_records(os.path.join(data_dir, name), labels, synthetic_images(labels, rng))
-    checkpoint.write_text(os.path.join(data_dir, META_FILE), "".join(f"synthetic_{i}\n" for i in range(NUM_CLASSES)))
-    checkpoint.write_text(os.path.join(data_dir, SYNTHETIC_MARKER),
-                          "SYNTHETIC data written by `python preprocess.py --synthetic`, not CIFAR-10.\n"
-                          "Class-dependent colours and stripes plus noise: learnable, for trying the commands "
-                          "offline.\n")
+    parent = os.path.dirname(os.path.abspath(data_dir))
+    os.makedirs(parent, exist_ok=True)
+    # Written into a hidden folder beside data_dir, renamed into place when complete: never half a data set.
+    with (tempfile.TemporaryDirectory(dir=parent, prefix=".synthetic-", ignore_cleanup_errors=True) as tmp,
+          cli.temporary(tmp)):
+        rng = np.random.default_rng(seed)
+        for name in ("data_batch_1.bin", TEST_FILE):
+            labels = rng.permutation(np.arange(RECORDS_PER_FILE) % NUM_CLASSES).astype(np.uint8)
+            write_records(os.path.join(tmp, name), labels, synthetic_images(labels, rng))
+        checkpoint.write_text(os.path.join(tmp, META_FILE), "".join(f"synthetic_{i}\n" for i in range(NUM_CLASSES)))
+        checkpoint.write_text(os.path.join(tmp, SYNTHETIC_MARKER),
+                              "SYNTHETIC data written by `python preprocess.py --synthetic`, not CIFAR-10.\n"
+                              "Class-dependent colours and stripes plus noise: learnable, for trying the commands "
+                              "offline.\n")
+        os.chmod(tmp, 0o755)  # (mkdtemp makes it 0700)
+        os.rename(tmp, data_dir)  # (onto an empty folder too)
 
 
 def is_synthetic(data_dir):
@@ -240,7 +247,7 @@ def download(data_dir=DEFAULT_DATA_DIR, url=CIFAR10_URL, md5=CIFAR10_MD5):
         return data_dir
     parent = os.path.dirname(os.path.abspath(data_dir))
     os.makedirs(parent, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=parent, prefix=".cifar10-download-") as tmp:
+    with tempfile.TemporaryDirectory(dir=parent, prefix=".cifar10-download-") as tmp, cli.temporary(tmp):
         archive = os.path.join(tmp, "cifar-10-binary.tar.gz")
         fetch(url, archive, md5)
         extracted = os.path.join(tmp, "extracted")
@@ -284,24 +291,28 @@ def fetch(url, path, md5, chunk=1 << 20):
 
 def extract(archive, target):
     """Extract the archive's folders and regular files (never a link, device or member that would land outside
-    target), each member's size checked before it is read."""
+    target), each member's size checked before it is read, at most MAX_ARCHIVE_MEMBERS of them."""
+    count = 0
+
+    def member_filter(member, path):
+        """tarfile's "data" filter (no absolute paths, nothing outside the target), and no links, devices or
+        members larger than a CIFAR-10 file: the official archive holds 9 folders and files of at most that size."""
+        nonlocal count
+        count += 1
+        problem = ("a link" if member.issym() or member.islnk() else "not a file or folder"
+                   if not (member.isfile() or member.isdir()) else f"{member.size} bytes, larger than a CIFAR-10 file"
+                   if member.size > FILE_BYTES else f"number {count}, more than the {MAX_ARCHIVE_MEMBERS} allowed"
+                   if count > MAX_ARCHIVE_MEMBERS else None)
+        if problem:
+            raise DatasetError(f"the archive's member {member.name} is {problem}: this is not the CIFAR-10 binary "
+                               "archive; use the official one (another --url)")
+        return tarfile.data_filter(member, path)
+
     try:
         with tarfile.open(archive, "r:gz") as tar:
             tar.extractall(target, filter=member_filter)
     except (tarfile.TarError, OSError) as e:
         raise DatasetError(f"cannot extract {archive}: {e}") from None
-
-
-def member_filter(member, path):
-    """tarfile's "data" filter (no absolute paths, nothing outside the target), and no links, devices or
-    members larger than a CIFAR-10 file: the official archive holds folders and files of at most that size."""
-    problem = ("a link" if member.issym() or member.islnk() else "not a file or folder"
-               if not (member.isfile() or member.isdir()) else f"{member.size} bytes, larger than a CIFAR-10 file"
-               if member.size > FILE_BYTES else None)
-    if problem:
-        raise DatasetError(f"the archive's member {member.name} is {problem}; the CIFAR-10 archive has none: "
-                           "use the official archive (another --url)")
-    return tarfile.data_filter(member, path)
 
 
 # --- command line --------------------------------------------------------------------------

@@ -3,14 +3,16 @@ import hashlib
 import http.server
 import io
 import os
+import signal
 import tarfile
 import threading
+import time
 
 import numpy as np
 import pytest
 
 import preprocess
-from conftest import expect_error
+from conftest import expect_error, start_script
 from preprocess import CIFAR10_MEAN, CIFAR10_STD, DatasetError
 
 
@@ -289,7 +291,7 @@ def test_download_refuses_links_in_the_archive(kind, tmp_path, serve, capsys):
                          "--md5", hashlib.md5(payload).hexdigest()])
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress lines
-    assert error.startswith("error: the archive's member") and "is a link; the CIFAR-10 archive has none" in error
+    assert error.startswith("error: the archive's member") and "is a link: this is not the CIFAR-10" in error
     assert os.listdir(tmp_path) == []
 
 
@@ -305,7 +307,53 @@ def test_download_refuses_an_oversized_member_before_extracting_it(tmp_path, ser
     assert os.listdir(tmp_path) == []
 
 
+def test_download_refuses_an_archive_of_many_members(tmp_path, serve):
+    """A bomb of many small members (each within the size limit) is stopped after the 20th."""
+    payload = cifar_archive(members=[f"x{i}.txt" for i in range(25)])
+    with pytest.raises(DatasetError, match="x20.txt is number 21, more than the 20 allowed"):
+        preprocess.download(str(tmp_path / "cifar"), serve(payload), hashlib.md5(payload).hexdigest())
+    assert os.listdir(tmp_path) == []
+
+
 def test_download_refuses_a_broken_symbolic_link_as_the_target(tmp_path, capsys):
     os.symlink(tmp_path / "elsewhere", tmp_path / "cifar")
     expect_error(preprocess.main, ["--download", "-data", str(tmp_path / "cifar")], capsys,
                  "is a broken symbolic link; remove it")
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_a_download_ends_with_one_line_and_leaves_nothing(tmp_path):
+    """The server sends the headers, then nothing: Ctrl-C breaks off the waiting read at once (not after the
+    60 s timeout) and the temporary folder goes."""
+    asked, release = threading.Event(), threading.Event()
+
+    class Stalling(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "1000000")
+            self.end_headers()
+            self.wfile.flush()
+            asked.set()
+            release.wait(120)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Stalling)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        process = start_script("preprocess.py", "--download", "-data", str(tmp_path / "cifar"), "--url",
+                               f"http://127.0.0.1:{server.server_address[1]}/c.tar.gz")
+        assert asked.wait(60)
+        time.sleep(0.5)  # the client is now waiting in its read
+        started = time.time()
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+        assert time.time() - started < 10
+    finally:
+        release.set()
+        server.shutdown()
+        server.server_close()
+    assert process.returncode == 130
+    assert stderr.splitlines() == ["interrupted: no data was completed"]
+    assert os.listdir(tmp_path) == []

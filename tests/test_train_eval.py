@@ -183,6 +183,18 @@ def test_train_refuses_bad_flags(flags, fragment, synthetic_dir, savedir, capsys
     assert snapshot(savedir) == before
 
 
+def test_train_refuses_a_stray_test_file_before_writing_anything(synthetic_dir, tmp_path, capsys):
+    """A stray *test_batch*.bin would double (or break) the validation split; the save folder is not even made."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("data_batch_1.bin", "test_batch.bin", "old_test_batch.bin"):
+        os.symlink(os.path.join(synthetic_dir, name.replace("old_", "")), data / name)
+    savedir = tmp_path / "run"
+    expect_error(train.main, ["-data", str(data), "-dir", str(savedir)], capsys,
+                 f"{data}/old_test_batch.bin is not a CIFAR-10 file name", "move it out of")
+    assert not savedir.exists()
+
+
 def test_validation_needs_the_test_file(synthetic_dir, tmp_path, savedir, capsys):
     data = tmp_path / "train_only"
     data.mkdir()
@@ -199,6 +211,10 @@ def test_train_refuses_unusable_save_directory(synthetic_dir, savedir, capsys):
     expect_error(train.main, ["-data", synthetic_dir, "-dir", a_file], capsys, "is a file")
     expect_error(train.main, ["-data", synthetic_dir, "-dir", os.path.join(a_file, "sub")], capsys,
                  "cannot write to save directory", "Not a directory")
+    os.mkdir(os.path.join(savedir, "metrics.jsonl"))
+    before = snapshot(savedir)
+    expect_error(train.main, ["-data", synthetic_dir, "-dir", savedir], capsys,
+                 "metrics.jsonl is a folder, where train.py writes a file; move it away")
     assert snapshot(savedir) == before
 
 
@@ -254,10 +270,25 @@ def test_eval_defaults_to_the_checkpoint_train_printed_last(untrained, synthetic
     for age, name in enumerate(["resnet18-1_4.ckpt", "resnet18-2_1-interrupt.ckpt", "best.ckpt"]):
         shutil.copy(untrained["float32"], os.path.join("checkpoints", name))
         os.utime(os.path.join("checkpoints", name), (1000 + age, 1000 + age))
+    os.symlink("gone.ckpt", os.path.join("checkpoints", "resnet18-3_1.ckpt"))  # a broken link is no checkpoint
     evaluate.main(["-data", synthetic_dir, "--num_samples", "5"])
     out = capsys.readouterr().out
     assert "note: evaluating checkpoints/resnet18-2_1-interrupt.ckpt, the newest checkpoint in checkpoints/" in out
     assert "float32 checkpoints/resnet18-2_1-interrupt.ckpt on" in out
+
+
+def test_eval_checks_the_predictions_path_before_evaluating(untrained, synthetic_dir, tmp_path, capsys, monkeypatch):
+    (tmp_path / "earlier.npy").write_bytes(b"kept")
+    os.symlink(untrained["QAT"], tmp_path / "model.npy")
+    before = snapshot(tmp_path)
+    monkeypatch.setattr(evaluate.inference, "load_model", lambda path: pytest.fail("loaded the model"))
+    for path, fragment in [(tmp_path, "is a folder; give a file name"),
+                           (tmp_path / "missing" / "p.npy", "does not exist; create it or give another path"),
+                           (tmp_path / "earlier.npy", "exists; give another path, or add --overwrite"),
+                           (tmp_path / "model.npy", "is the model file; give another path")]:
+        expect_error(evaluate.main, ["-loc", str(tmp_path / "model.npy"), "-data", synthetic_dir,
+                                     "--save_predictions", str(path)], capsys, "--save_predictions", fragment)
+    assert snapshot(tmp_path) == before
 
 
 def test_eval_needs_the_test_file(untrained, tmp_path, capsys):

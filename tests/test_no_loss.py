@@ -1,0 +1,166 @@
+"""Nothing lost when a run is cut short or crowded: Ctrl-C in every script, a disk that fills, two train.py runs
+into one folder. Each starts the scripts as a user does, in a process of their own.
+(Interrupted and killed training runs are in test_crash.py.)"""
+import errno
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import mindspore as ms
+import pytest
+
+from conftest import ROOT, run_script, start_script
+
+pytestmark = pytest.mark.slow
+UNBUFFERED = dict(os.environ, PYTHONUNBUFFERED="1")  # progress lines as they are printed
+RUN = ["-bsize", "16", "--num_samples", "64", "--eval_every", "0", "--quant_delay", "1"]  # 4 steps an epoch
+
+
+def wait_for_line(process, text):
+    for line in process.stdout:
+        if text in line:
+            return
+    raise AssertionError(f"{process.args} ended without a line {text!r}: {process.stderr.read()[-2000:]}")
+
+
+def interrupt(process):
+    """Ctrl-C, and what the process then says: (exit status, stderr)."""
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    return process.returncode, stderr
+
+
+def assert_interrupted(status, stderr, said):
+    assert status == 130, stderr
+    assert stderr.splitlines() == [f"interrupted: {said}"], stderr
+
+
+@pytest.mark.parametrize("model", ["checkpoint", "int8"])
+def test_ctrl_c_ends_eval_with_one_line_and_130(model, untrained, int8_file, synthetic_dir):
+    """MindSpore would turn Ctrl-C into SIGTERM (status 143, no word) with a checkpoint; numpy's int8 inference
+    would end in a KeyboardInterrupt traceback."""
+    path = untrained["QAT"] if model == "checkpoint" else int8_file
+    process = start_script("eval.py", "-loc", path, "-data", synthetic_dir, env=UNBUFFERED)
+    wait_for_line(process, "running on CPU")
+    assert_interrupted(*interrupt(process), "evaluation stopped; nothing was written")
+
+
+def test_ctrl_c_ends_export_and_leaves_no_file(untrained, tmp_path):
+    output = str(tmp_path / "m.mindir")
+    process = start_script("export.py", "-loc", untrained["QAT"], "--format", "mindir", "-o", output, env=UNBUFFERED)
+    wait_for_line(process, "running on CPU")
+    assert_interrupted(*interrupt(process), "no file was written")
+    assert os.listdir(tmp_path) == []
+
+
+def test_ctrl_c_ends_bench_and_removes_its_data(tmp_path):
+    """A terminal's Ctrl-C reaches bench.py and the measurement it runs (one process group)."""
+    process = subprocess.Popen([sys.executable, "bench.py", "--steps", "1", "--repeats", "1"], cwd=ROOT,
+                               env=dict(UNBUFFERED, TMPDIR=str(tmp_path)), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 60
+    while not glob.glob(str(tmp_path / "*" / "data" / "test_batch.bin")) and time.time() < deadline:
+        time.sleep(0.5)  # until the synthetic data is written and the first measurement starts
+    os.killpg(process.pid, signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert_interrupted(process.returncode, stderr, "no figures (the temporary data folder is removed)")
+    assert os.listdir(tmp_path) == []
+
+
+# --- a disk that fills ------------------------------------------------------------------------------
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 300 MB tmpfs (two QAT training checkpoints are 268 MB), unmounted afterwards; the test is skipped where
+    it cannot be mounted (mounting needs root, or CAP_SYS_ADMIN)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    try:
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300m", "tmpfs", str(mount)], capture_output=True,
+                                text=True)
+    except FileNotFoundError:
+        pytest.skip("no mount command to make a small disk to fill")
+    if result.returncode:
+        pytest.skip(f"cannot mount a tmpfs to fill ({result.stderr.strip()}): needs root or CAP_SYS_ADMIN")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def fill(disk):
+    """Write a file that takes all the space left on the disk."""
+    with open(disk / "filler", "wb", buffering=0) as f:
+        for size in (1 << 20, 4096, 1):
+            try:
+                while True:
+                    f.write(bytes(size))
+            except OSError as e:
+                assert e.errno == errno.ENOSPC
+    assert os.statvfs(disk).f_bavail == 0
+
+
+def assert_whole(folder):
+    """No partial or empty file, every checkpoint loads with its CRC, every metrics record is whole JSON."""
+    assert not glob.glob(os.path.join(folder, ".partial-*"))
+    for name in os.listdir(folder):
+        assert os.path.getsize(os.path.join(folder, name)) > 0, name
+    for path in glob.glob(os.path.join(folder, "*.ckpt")):
+        ms.load_checkpoint(path, crc_check=True)
+    if os.path.exists(os.path.join(folder, "metrics.jsonl")):
+        with open(os.path.join(folder, "metrics.jsonl")) as f:
+            return [json.loads(line) for line in f]
+    return []
+
+
+def test_a_full_disk_at_the_start_stops_train_with_1_before_training(small_disk, synthetic_dir):
+    fill(small_disk)
+    folder = small_disk / "run"
+    result = run_script("train.py", "-data", synthetic_dir, "-dir", str(folder), "-e", "1", *RUN)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.splitlines() == [f"error: could not write {folder}/args.json (No space left on device); "
+                                          "nothing was trained; free space or fix the save folder, then run again"]
+    assert os.listdir(folder) == []
+
+
+def test_a_disk_that_fills_during_training_stops_it_with_1_and_keeps_what_was_saved(small_disk, synthetic_dir):
+    folder = small_disk / "run"
+    process = start_script("train.py", "-data", synthetic_dir, "-dir", str(folder), "-e", "3", *RUN, env=UNBUFFERED)
+    wait_for_line(process, "epoch 1/3 done")  # its checkpoint is saved
+    fill(small_disk)
+    stdout, stderr = process.communicate(timeout=600)
+    assert process.returncode == 1, stderr
+    assert len(stderr.splitlines()) == 1, stderr
+    [line] = stderr.splitlines()
+    assert line.startswith(f"error: could not save {folder}/") and "(No space left on device)" in line
+    assert f"the last checkpoint saved, {folder}/resnet18_qat-1_4.ckpt, is intact" in line
+    records = assert_whole(folder)
+    assert [r["epoch"] for r in records] in ([], [1])  # the disk filled before or after epoch 1's record
+    assert "resnet18_qat-1_4.ckpt" in os.listdir(folder) and "resnet18_qat-2_4.ckpt" not in os.listdir(folder)
+    os.remove(small_disk / "filler")
+    result = run_script("train.py", "-data", synthetic_dir, "-dir", str(folder), "-e", "3", *RUN, "--resume", "auto",
+                        "--keep", "1")  # (room for two checkpoints: the new one is written before the old goes)
+    assert result.returncode == 0, result.stderr
+    assert "checkpoint: " + str(folder / "resnet18_qat-3_4.ckpt") in result.stdout
+    assert [r["epoch"] for r in assert_whole(folder)][-2:] == [2, 3]
+
+
+# --- one run per save folder ------------------------------------------------------------------------
+
+def test_a_second_run_into_the_same_folder_is_refused_and_the_first_keeps_its_files(synthetic_dir, tmp_path):
+    folder = str(tmp_path / "run")
+    first = start_script("train.py", "-data", synthetic_dir, "-dir", folder, "-e", "2", *RUN, env=UNBUFFERED)
+    wait_for_line(first, "first step done")
+    second = run_script("train.py", "-data", synthetic_dir, "-dir", folder, "-e", "2", *RUN, "--seed", "7")
+    assert second.returncode == 2
+    assert second.stderr.splitlines() == [f"error: save directory {folder} is in use by another train.py run "
+                                          f"(process {first.pid}); wait for it to end, or give another -dir"]
+    stdout, stderr = first.communicate(timeout=600)
+    assert first.returncode == 0, stderr
+    assert sorted(os.listdir(folder)) == ["args.json", "metrics.jsonl", "resnet18_qat-1_4.ckpt",
+                                          "resnet18_qat-2_4.ckpt"]
+    assert [r["epoch"] for r in assert_whole(folder)] == [1, 2]
+    with open(os.path.join(folder, "args.json")) as f:
+        assert json.load(f)["seed"] == 1  # the first run's
