@@ -327,7 +327,7 @@ def learning_rates(run, steps_per_epoch):
     lr, total = run.learningRate, run.epoch * steps_per_epoch
     if run.lr_schedule == "constant" and not run.warmup_epochs:
         return lr
-    warmup = min(round(run.warmup_epochs * steps_per_epoch), total)
+    warmup = round(min(run.warmup_epochs, run.epoch) * steps_per_epoch)  # (a longer warmup: the whole run)
     if run.lr_schedule == "onecycle" and not run.warmup_epochs:
         warmup = round(0.3 * total)
     rates = []

@@ -7,6 +7,7 @@ import math
 import pytest
 
 import bench
+from conftest import expect_error
 
 KEYS = ("train_ips_float", "train_ips_qat", "qat_over_float", "eval_ips", "int8_ips", "pipeline_ips",
         "pipeline_over_train", "first_step_s", "first_step_s_float", "peak_rss_mb", "peak_rss_mb_qat")
@@ -42,3 +43,9 @@ def test_bench_reports_every_figure(capsys):
     low, high = results["train_ips_qat_range"]
     assert low <= results["train_ips_qat"] <= high
     assert results["device"] == "CPU" and results["onednn_isa"] == "AVX2"
+
+
+def test_bench_flags_are_bounded_by_its_data(capsys):
+    """Its synthetic data has 10,000 images a split: a larger batch or image count is refused, not attempted."""
+    expect_error(bench.main, ["--batch", "10001"], capsys, "argument --batch: must be an integer from 1 to 10000")
+    expect_error(bench.main, ["--int8_images", "0"], capsys, "argument --int8_images: must be an integer from 1")

@@ -21,7 +21,9 @@ INT8_SAMPLES = 300  # the first 300 of the 500: the numpy reference runs about 1
 def predictions(path, data, tmp_path, capsys, samples=SAMPLES):
     out = str(tmp_path / (os.path.basename(path) + ".npy"))
     evaluate.main(["-loc", path, "-data", data, "--num_samples", samples, "--json", "--save_predictions", out])
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    printed = capsys.readouterr().out
+    result = json.loads(printed.strip().splitlines()[-1])
+    result["printed"] = printed
     return np.load(out), result
 
 
@@ -36,6 +38,8 @@ def test_mindir_predicts_as_the_checkpoint(trained, synthetic_dir, checkpoint_pr
     assert "% of the 44.7 MB of float32 parameters" in capsys.readouterr().out
     predicted, result = predictions(path, synthetic_dir, tmp_path, capsys)
     assert result["model"] == "MindIR" and result["total"] == 500  # 500 = 7 x 64 + a padded batch of 52
+    assert "has a fixed batch size of 64 (export.py --batch 64): it runs on batches of 64, not -bsize 100" in \
+        result["printed"]
     assert (predicted == checkpoint_predictions).mean() >= 0.999
 
 

@@ -323,6 +323,8 @@ def test_learning_rate_schedules():
     onecycle = schedule("--lr_schedule", "onecycle")
     assert onecycle[0] == pytest.approx(0.004 + 0.096 / 15) and max(onecycle) == pytest.approx(0.1)
     assert onecycle.index(max(onecycle)) == 14 and onecycle[-1] < 0.001
+    endless = schedule("--warmup_epochs", "1e308")  # longer than the run: a warmup over the whole run
+    assert len(endless) == 50 and endless[-1] == pytest.approx(0.1) and endless[0] == pytest.approx(0.002)
 
 
 def test_label_smoothing_loss():
