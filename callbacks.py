@@ -226,9 +226,11 @@ class Validator(Callback):
 
 
 def previous_best(path):
-    if not os.path.exists(path):
+    if not os.path.lexists(path):
         return None
     try:
+        if not os.path.isfile(path):  # (a broken link; a FIFO would block the read)
+            raise OSError(f"{path} is not a file")
         params = checkpoint.read(path, choice_func=lambda name: name == "val_accuracy")
         return float(params["val_accuracy"].asnumpy())
     except (*checkpoint.UNREADABLE, KeyError):

@@ -316,6 +316,10 @@ def lock_save_dir(folder):
         os.close(descriptor)
         raise cli.InputError(f"save directory {folder} is in use by another train.py run (process "
                              f"{lock_holder(folder)}); wait for it to end, or give another -dir") from None
+    except OSError as e:  # a file system without locks (some network ones)
+        os.close(descriptor)
+        print(f"warning: cannot lock save directory {folder} ({e.strerror}); nothing stops a second run into it")
+        return
     _locks.append(descriptor)
 
 

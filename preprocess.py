@@ -52,6 +52,7 @@ CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
 CIFAR10_MD5 = "c32a1d4ab5d03f1284b67883e8d87530"
 ARCHIVE_FOLDER = "cifar-10-batches-bin"  # the folder the official archive extracts to
 MAX_ARCHIVE_MEMBERS = 20  # the official archive has 9: the folder, 6 .bin files, batches.meta.txt, readme.html
+MAX_DOWNLOAD_BYTES = MAX_ARCHIVE_MEMBERS * FILE_BYTES  # 615 MB: 20 members of at most a CIFAR-10 file's size
 DEFAULT_DATA_DIR = os.path.join("data", ARCHIVE_FOLDER)
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
 
@@ -148,6 +149,8 @@ def class_names(data_dir):
     path = os.path.join(data_dir, META_FILE)
     if not os.path.exists(path):
         return [str(i) for i in range(NUM_CLASSES)]
+    if not os.path.isfile(path):  # (a FIFO would block the read)
+        raise DatasetError(f"{path} is not a file; move it out of the data folder")
     try:
         with open(path, "rb") as f:
             data = f.read(MAX_META_BYTES + 1)
@@ -275,6 +278,9 @@ def fetch(url, path, md5, chunk=1 << 20):
                 out.write(block)
                 digest.update(block)
                 done += len(block)
+                if done > MAX_DOWNLOAD_BYTES:
+                    raise DatasetError(f"{url} sends more than {MAX_DOWNLOAD_BYTES} bytes, more than any archive "
+                                       "of CIFAR-10's files can be; give the CIFAR-10 binary archive's URL")
                 if done >= next_report or done == total:
                     next_report = done + step
                     size = f"{done / 1e6:.1f}/{total / 1e6:.1f} MB" if total else f"{done / 1e6:.1f} MB"

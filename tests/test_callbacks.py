@@ -272,4 +272,26 @@ def test_one_run_per_save_folder_and_the_lock_dies_with_its_process(tmp_path, ca
         holder.kill()
         holder.wait()
     checkpoint.lock_save_dir(str(tmp_path))  # the OS released it
+    checkpoint.release_locks()
     assert os.listdir(tmp_path) == []  # the lock is on the folder itself: no file
+
+
+def test_an_unreadable_best_checkpoint_is_replaced_not_read(tmp_path, capsys):
+    """A garbage file, a broken link or a FIFO (whose read would block) where best.ckpt is: a warning, no best."""
+    best = tmp_path / "best.ckpt"
+    assert callbacks.previous_best(str(best)) is None and capsys.readouterr().out == ""
+    for make in (lambda: best.write_bytes(b"garbage"), lambda: os.symlink("gone", best), lambda: os.mkfifo(best)):
+        make()
+        assert callbacks.previous_best(str(best)) is None
+        assert "unreadable or has no val_accuracy; this run's best model will replace it" in capsys.readouterr().out
+        os.remove(best)
+    checkpoint.save(nn.Dense(3, 2), str(best), {"epoch_num": 1, "val_accuracy": 0.75})
+    assert callbacks.previous_best(str(best)) == 0.75
+
+
+def test_a_save_folder_that_cannot_be_locked_is_used_with_a_warning(tmp_path, monkeypatch, capsys):
+    def no_locks(descriptor, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+    monkeypatch.setattr(checkpoint.fcntl, "flock", no_locks)
+    checkpoint.lock_save_dir(str(tmp_path))
+    assert f"warning: cannot lock save directory {tmp_path} (No locks available)" in capsys.readouterr().out

@@ -102,6 +102,12 @@ def test_unreadable_class_names_are_an_error(content, why, tmp_path):
         preprocess.class_names(str(tmp_path))
 
 
+def test_class_names_from_a_fifo_are_refused_not_waited_for(tmp_path):
+    os.mkfifo(tmp_path / preprocess.META_FILE)
+    with pytest.raises(DatasetError, match="batches.meta.txt is not a file"):
+        preprocess.class_names(str(tmp_path))
+
+
 def full_file(path, label=0):
     records = np.zeros((preprocess.RECORDS_PER_FILE, preprocess.RECORD_BYTES), np.uint8)
     records[:, 0] = label
@@ -312,6 +318,13 @@ def test_download_refuses_an_archive_of_many_members(tmp_path, serve):
     payload = cifar_archive(members=[f"x{i}.txt" for i in range(25)])
     with pytest.raises(DatasetError, match="x20.txt is number 21, more than the 20 allowed"):
         preprocess.download(str(tmp_path / "cifar"), serve(payload), hashlib.md5(payload).hexdigest())
+    assert os.listdir(tmp_path) == []
+
+
+def test_download_stops_an_endless_stream(tmp_path, monkeypatch):
+    monkeypatch.setattr(preprocess, "MAX_DOWNLOAD_BYTES", 8 << 20)  # (615 MB in use: as stopped, only later)
+    with pytest.raises(DatasetError, match="file:///dev/zero sends more than 8388608 bytes"):
+        preprocess.download(str(tmp_path / "cifar"), "file:///dev/zero")
     assert os.listdir(tmp_path) == []
 
 
