@@ -74,14 +74,15 @@ def read(path, **options):
     MindSpore reports a wrong CRC as a failed read ("may not have permission"); this says so.
     Raises one of UNREADABLE for a file that does not load.
     """
-    try:
-        return ms.load_checkpoint(path, crc_check=True, **options)
-    except ValueError as error:
+    with cli.mindspore_log_quiet():  # MindSpore logs each failed read as an ERROR line; the caller reports it
         try:
-            ms.load_checkpoint(path, **options)
-        except UNREADABLE:
-            raise error from None
-        raise ValueError("its CRC32 does not match its contents: the file is corrupt") from None
+            return ms.load_checkpoint(path, crc_check=True, **options)
+        except ValueError as error:
+            try:
+                ms.load_checkpoint(path, **options)
+            except UNREADABLE:
+                raise error from None
+            raise ValueError("its CRC32 does not match its contents: the file is corrupt") from None
 
 
 def load(path, flag="-loc"):
@@ -238,7 +239,7 @@ def write_atomically(path, write, mode=None, overwrite=True):
         try:
             with contextlib.suppress(FileExistsError):
                 os.mkdir(folder)  # (not makedirs: a save folder removed meanwhile is an error, not made anew)
-            with cli.mindspore_log_quiet():  # what fails is raised, and reported once by the caller
+            with cli.mindspore_log_quiet(native=False):  # what fails is raised, and reported once by the caller
                 write(tmp)
             if mode is not None:
                 os.chmod(tmp, mode)

@@ -155,14 +155,25 @@ def run(work, args, interrupted):
 
 
 @contextlib.contextmanager
-def mindspore_log_quiet():
-    """Within the block MindSpore's Python log says nothing: for calls whose failure the caller reports itself, in
-    one line (save_checkpoint logs a failed write as CRITICAL, then raises)."""
+def mindspore_log_quiet(native=True):
+    """Within the block MindSpore logs nothing: for calls whose failure the caller reports itself, in one line (a
+    failed save_checkpoint logs a CRITICAL line from Python). With `native`, for short calls only, also nothing
+    from C++ (a failed mindspore.load logs three ERROR lines straight to file descriptor 2, which is closed off
+    meanwhile for every thread)."""
     logger = ms.log._get_logger()  # (private: MindSpore's logger is named after the process id)
     disabled, logger.disabled = logger.disabled, True
+    saved = None
+    if native:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
     try:
         yield
     finally:
+        if saved is not None:
+            os.dup2(saved, 2)
+            os.close(saved)
         logger.disabled = disabled
 
 

@@ -79,7 +79,8 @@ def load_mindir(path):
                              f"runs a batch of {image} images to {preprocess.NUM_CLASSES} class scores, "
                              "[batch, 3, 32, 32] -> [batch, 10] (-1: any batch size)")
     try:
-        graph = nn.GraphCell(ms.load(path))
+        with cli.mindspore_log_quiet():
+            graph = nn.GraphCell(ms.load(path))
     except Exception as e:  # MindSpore raises RuntimeError, ValueError, ... with dozens of lines
         raise cli.InputError(f"{path} is not a MindIR file MindSpore can load ({cli.first_line(e)})") from None
     return Model(graph, "MindIR", inputs[0][0] if inputs[0][0] > 0 else None)

@@ -27,6 +27,8 @@ VERSION = 1
 HEADER_KEY = "header.json"
 ADD_PRECISION_BITS = 16  # extra fraction bits of residual additions, rounded away once at the end
 MAX_MEMBERS, MAX_BYTES = 1000, 64 << 20  # an int8 ResNet-18 file: 84 arrays, 11.2 MB
+MAX_NODES = 1000  # operations; ResNet-18 has 31
+MAX_COLUMNS = 1 << 20  # values per image of a convolution's im2col or output (ResNet-18: at most 589,824)
 
 
 def save(path, header, arrays):
@@ -51,7 +53,7 @@ def load(path):
         raise ValueError(f"no {HEADER_KEY} in the archive")
     try:
         header = json.loads(arrays.pop(HEADER_KEY).tobytes())
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # (UnicodeDecodeError is a ValueError; nesting too deep a RecursionError)
         raise ValueError(f"{HEADER_KEY} is not JSON") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT or header.get("version") != VERSION:
         found = (header.get("format"), header.get("version")) if isinstance(header, dict) else type(header).__name__
@@ -90,6 +92,8 @@ def check(model):
     if not (isinstance(graph, list) and graph and all(isinstance(node, dict) for node in graph)
             and isinstance(tensors, dict)):
         raise ValueError("the header has no graph (a list of operations) or no tensors")
+    if len(graph) > MAX_NODES:
+        raise ValueError(f"the graph has {len(graph)} operations, more than the {MAX_NODES} this reference runs")
     input_shape = header.get("input_shape")
     if not (isinstance(input_shape, list) and len(input_shape) == 3 and all(_int(n, 1, 4096) for n in input_shape)):
         raise ValueError(f"input_shape {input_shape!r} is not [channels, height, width]")
@@ -137,6 +141,9 @@ def _check_node(node, tensors, arrays, shapes, input_shape, last):
         height, width = ((n + 2 * padding - k) // stride + 1 for n in shape[1:])
         if height < 1 or width < 1:
             raise ValueError(f"a {k}x{k} kernel does not fit an input of shape {shape}")
+        if height * width * max(channels * k * k, out_channels) > MAX_COLUMNS:
+            raise ValueError(f"a {height}x{width} output of {out_channels} channels from {channels}x{k}x{k} windows is "
+                             f"more than the {MAX_COLUMNS} values per image this reference computes in memory")
         scale = _weight_parameters(node, arrays, weight)
         _multiplier(tensors[sources[0]]["scale"] * scale.astype(np.float64) / tensors[out]["scale"])
         shapes[out] = (out_channels, height, width)

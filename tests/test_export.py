@@ -11,7 +11,7 @@ import export
 import inference
 import int8
 import quant
-from conftest import expect_error, snapshot, train_in_subprocess
+from conftest import expect_error, run_script, snapshot, train_in_subprocess
 
 FLOAT32_BYTES = 4 * 11_173_962
 SAMPLES = "500"
@@ -241,6 +241,12 @@ TAMPERINGS = {
     "zero scale": (lambda h, a: set_key(h["tensors"]["t5"], "scale", 0.0), "tensor 't5' has no scale > 0"),
     "used before defined": (lambda h, a: h["graph"].insert(1, h["graph"].pop(5)), "is not an earlier operation's"),
     "pickled weight": (lambda h, a: set_key(a, "fc.bias", np.array([object()] * 10)), "not an .npz archive of arrays"),
+    "endless graph": (lambda h, a: set_key(h, "graph", h["graph"][:1] + [h["graph"][1]] * 2000),
+                      "the graph has 2001 operations, more than the 1000"),
+    "huge layer": (lambda h, a: a.update({"conv1.weight": np.zeros((2048, 3, 3, 3), np.int8),
+                                          "conv1.weight_scale": np.ones(2048, np.float32),
+                                          "conv1.bias": np.zeros(2048, np.int32)}),
+                   "a 32x32 output of 2048 channels from 3x3x3 windows is more than the 1048576 values per image"),
 }
 
 
@@ -292,3 +298,27 @@ def test_eval_refuses_a_mindir_of_another_network(shape, classes, synthetic_dir,
     monkeypatch.setattr(inference, "predict", lambda *args: pytest.fail("evaluated a foreign MindIR"))
     expect_error(evaluate.main, ["-loc", path + ".mindir", "-data", synthetic_dir], capsys,
                  f"is a MindIR of another network: inputs [{list(shape)}], outputs [[1, {classes}]]")
+
+
+def test_an_int8_header_nested_too_deep_is_refused(tmp_path):
+    path = tmp_path / "deep.int8.npz"
+    np.savez(path, **{"header.json": np.frombuffer(b"[" * 100000 + b"]" * 100000, np.uint8)})
+    with pytest.raises(ValueError, match="header.json is not JSON"):
+        int8.load(str(path))
+
+
+def test_a_mindir_that_does_not_load_gets_one_line_from_the_script(untrained, synthetic_dir, tmp_path):
+    """Its graph's input and output are right, its nodes gone: MindSpore's C++ loader logs ERROR lines of its own
+    to file descriptor 2 (not seen by capsys: checked in a process)."""
+    from mindspore.train import mind_ir_pb2
+
+    good = export.main(["-loc", untrained["float32"], "--format", "mindir", "-o", str(tmp_path / "good.mindir")])
+    proto = mind_ir_pb2.ModelProto()
+    with open(good, "rb") as f:
+        proto.ParseFromString(f.read())
+    del proto.graph.node[:]
+    (tmp_path / "hollow.mindir").write_bytes(proto.SerializeToString())
+    result = run_script("eval.py", "-loc", str(tmp_path / "hollow.mindir"), "-data", synthetic_dir, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [f"error: {tmp_path / 'hollow.mindir'} is not a MindIR file MindSpore can "
+                                          "load (Load MindIR failed.)"]

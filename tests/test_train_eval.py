@@ -261,6 +261,14 @@ def test_eval_refuses_bad_checkpoints(which, fragments, tmp_path, synthetic_dir,
     expect_error(evaluate.main, ["-loc", paths[which], "-data", synthetic_dir], capsys, *fragments)
 
 
+@pytest.mark.parametrize("which", ["flipped", "garbage"])
+def test_a_corrupt_checkpoint_gets_one_line_from_the_script(which, tmp_path, synthetic_dir):
+    """MindSpore logs a failed read as an ERROR line of its own, outside what capsys sees: checked in a process."""
+    result = run_script("eval.py", "-loc", foreign_checkpoints(tmp_path)[which], "-data", synthetic_dir, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: "), result.stderr
+
+
 def test_eval_defaults_to_the_checkpoint_train_printed_last(untrained, synthetic_dir, tmp_path, monkeypatch, capsys):
     """The newest periodic or interrupt checkpoint in checkpoints/, not best.ckpt even when it is newer; named."""
     monkeypatch.chdir(tmp_path)
