@@ -300,15 +300,10 @@ def extract(archive, target):
     target), each member's size checked before it is read, at most MAX_ARCHIVE_MEMBERS of them."""
     count = 0
 
-    def member_filter(member, path):
-        """tarfile's "data" filter (no absolute paths, nothing outside the target), and no links, devices or
-        members larger than a CIFAR-10 file: the official archive holds 9 folders and files of at most that size."""
+    def member_filter(member, path):  # tarfile's "data" filter (nothing outside target), and member_problem
         nonlocal count
         count += 1
-        problem = ("a link" if member.issym() or member.islnk() else "not a file or folder"
-                   if not (member.isfile() or member.isdir()) else f"{member.size} bytes, larger than a CIFAR-10 file"
-                   if member.size > FILE_BYTES else f"number {count}, more than the {MAX_ARCHIVE_MEMBERS} allowed"
-                   if count > MAX_ARCHIVE_MEMBERS else None)
+        problem = member_problem(member, count)
         if problem:
             raise DatasetError(f"the archive's member {member.name} is {problem}: this is not the CIFAR-10 binary "
                                "archive; use the official one (another --url)")
@@ -319,6 +314,20 @@ def extract(archive, target):
             tar.extractall(target, filter=member_filter)
     except (tarfile.TarError, OSError) as e:
         raise DatasetError(f"cannot extract {archive}: {e}") from None
+
+
+def member_problem(member, number):
+    """What is wrong with the archive's member `number` (counted from 1), or None: the official archive holds 9
+    folders and files, none larger than a CIFAR-10 file."""
+    if member.issym() or member.islnk():
+        return "a link"
+    if not (member.isfile() or member.isdir()):
+        return "not a file or folder"
+    if member.size > FILE_BYTES:
+        return f"{member.size} bytes, larger than a CIFAR-10 file"
+    if number > MAX_ARCHIVE_MEMBERS:
+        return f"number {number}, more than the {MAX_ARCHIVE_MEMBERS} allowed"
+    return None
 
 
 # --- command line --------------------------------------------------------------------------

@@ -22,7 +22,6 @@ import cli  # noqa: E402, I001  (first: quiets MindSpore's log before it loads)
 
 import argparse
 import json
-import math
 import os
 
 import mindspore as ms
@@ -35,6 +34,7 @@ import checkpoint
 import parallel
 import preprocess
 import quant
+import schedules
 from quant import QuantConfig, quantize
 from resnetv2 import resnet18
 
@@ -46,8 +46,6 @@ OPTIMIZERS = {  # name: (parameter groups, learning rate, run) -> optimizer
     "sgd": lambda groups, lr, run: nn.SGD(groups, learning_rate=lr, momentum=run.momentum,
                                           nesterov=run.momentum > 0),
 }
-SCHEDULES = ("constant", "cosine", "onecycle")
-MAX_SCHEDULE_STEPS = 10 ** 8  # a per-step schedule is a float32 Tensor of one rate per step: 400 MB
 
 
 def get_args_parser():
@@ -81,7 +79,7 @@ def get_args_parser():
     parser.add_argument("--freeze_bn", type=cli.non_negative_int, default=None, metavar="EPOCHS",
                         help="with --bn_fold: after EPOCHS epochs BatchNorm stops updating its statistics "
                              "and normalizes with them (default: never)")
-    parser.add_argument("--lr_schedule", choices=SCHEDULES, default="constant",
+    parser.add_argument("--lr_schedule", choices=schedules.SCHEDULES, default="constant",
                         help="learning rate over the run: constant, cosine (to 0), or onecycle")
     parser.add_argument("--warmup_epochs", type=cli.non_negative_float, default=0.0,
                         help="epochs of linear learning-rate warmup (onecycle: of its rising phase)")
@@ -143,7 +141,7 @@ def train(args):
     ds.config.set_seed(run.seed)  # and the same shuffle, of which each worker takes its own shard
     dataset = load_data(run, rank)  # the data folder is checked before anything is written
     steps_per_epoch = dataset.get_dataset_size()
-    check_step_count(run, steps_per_epoch)
+    schedules.check_step_count(run, steps_per_epoch)
     validation = load_validation_data(run)
     if writer:
         checkpoint.check_save_dir(run.savedir)
@@ -237,17 +235,6 @@ def start_save_dir(args, run, resumed):
     return checkpoint.series_prefix(run.savedir, checkpoint.series_base(model_kind(run)), resumed)
 
 
-def check_step_count(run, steps_per_epoch):
-    """The run's steps must fit the int32 step counters, and a per-step learning-rate schedule in memory."""
-    total, freeze = run.epoch * steps_per_epoch, (run.freeze_bn or 0) * steps_per_epoch
-    limit = cli.INT32_MAX if run.lr_schedule == "constant" and not run.warmup_epochs else MAX_SCHEDULE_STEPS
-    if max(total, freeze) > limit:
-        flag = "-e" if total > limit else "--freeze_bn"
-        raise cli.InputError(f"{flag} {run.epoch if total > limit else run.freeze_bn} x {steps_per_epoch} steps per "
-                             f"epoch is more than the {limit} steps a run can count; give at most "
-                             f"{limit // steps_per_epoch} epochs, or fewer steps per epoch")
-
-
 def model_kind(run):
     return checkpoint.kind(QuantConfig(bn_fold=run.bn_fold) if run.qat else None)
 
@@ -314,32 +301,7 @@ def make_optimizer(net, run, steps_per_epoch):
     decayed = [p for p in params if p.name.endswith(".weight")]
     others = [p for p in params if not p.name.endswith(".weight")]
     groups = [{"params": decayed, "weight_decay": run.weightDecay}, {"params": others, "weight_decay": 0.0}]
-    return OPTIMIZERS[run.optimizer](groups, learning_rates(run, steps_per_epoch), run)
-
-
-def learning_rates(run, steps_per_epoch):
-    """The learning rate: a float when constant, else one value per training step.
-
-    constant and cosine (to 0) start with a linear warmup of --warmup_epochs; onecycle rises
-    linearly from lr/25 to lr over --warmup_epochs (default 30 % of the run), then anneals to
-    lr/10^4 along a cosine (Smith & Topin 2019).
-    """
-    lr, total = run.learningRate, run.epoch * steps_per_epoch
-    if run.lr_schedule == "constant" and not run.warmup_epochs:
-        return lr
-    warmup = round(min(run.warmup_epochs, run.epoch) * steps_per_epoch)  # (a longer warmup: the whole run)
-    if run.lr_schedule == "onecycle" and not run.warmup_epochs:
-        warmup = round(0.3 * total)
-    rates = []
-    for step in range(total):
-        if step < warmup:
-            start = lr / 25 if run.lr_schedule == "onecycle" else 0.0
-            rates.append(start + (lr - start) * (step + 1) / warmup)
-            continue
-        cosine = 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
-        rates.append({"constant": lr, "cosine": lr * cosine, "onecycle": lr / 1e4 + (lr - lr / 1e4) * cosine}
-                     [run.lr_schedule])
-    return rates
+    return OPTIMIZERS[run.optimizer](groups, schedules.learning_rates(run, steps_per_epoch), run)
 
 
 def make_loss(run):

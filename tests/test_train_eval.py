@@ -10,6 +10,7 @@ import pytest
 
 import checkpoint
 import eval as evaluate
+import schedules
 import train
 from conftest import expect_error, run_script, snapshot, train_in_subprocess
 from quant import quantize
@@ -317,7 +318,8 @@ def test_scripts_fail_with_one_line_and_no_traceback(argv, tmp_path):
 
 
 def schedule(*flags, steps_per_epoch=10):
-    return train.learning_rates(train.get_args_parser().parse_args(["-lr", "0.1", "-e", "5", *flags]), steps_per_epoch)
+    run = train.get_args_parser().parse_args(["-lr", "0.1", "-e", "5", *flags])
+    return schedules.learning_rates(run, steps_per_epoch)
 
 
 def test_learning_rate_schedules():
