@@ -59,6 +59,7 @@ def export(args):
     """Write the model file; return its path."""
     if not args.check_point.endswith(".ckpt"):
         raise cli.InputError(f"{args.check_point} is not a .ckpt file; export.py reads checkpoints written by train.py")
+    checkpoint.check_file(args.check_point)
     output = args.output or args.check_point[: -len(".ckpt")] + FORMATS[args.format]
     check_output(output, args)
     cli.setup_device(args.device)

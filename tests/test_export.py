@@ -99,8 +99,11 @@ def test_export_rejects_bad_input(untrained, tmp_path, capsys):
     garbage = tmp_path / "garbage.ckpt"
     garbage.write_bytes(b"\x00" * 1000)
     (tmp_path / "folder.npz").mkdir()
+    (tmp_path / "earlier.npz").write_bytes(b"an earlier export")
     before = snapshot(tmp_path)
     expect_error(export.main, ["-loc", str(tmp_path / "none.ckpt")], capsys, "does not exist")
+    expect_error(export.main, ["-loc", str(tmp_path / "none.ckpt"), "-o", str(tmp_path / "earlier.npz")], capsys,
+                 "none.ckpt does not exist")
     expect_error(export.main, ["-loc", str(garbage), "-o", str(tmp_path / "x.npz")], capsys,
                  "not a readable MindSpore checkpoint")
     expect_error(export.main, ["-loc", str(tmp_path / "model.mindir")], capsys, "is not a .ckpt file")
