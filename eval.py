@@ -18,7 +18,6 @@ if __name__ == "__main__":
 import cli  # noqa: E402, I001  (first: quiets MindSpore's log before it loads)
 
 import json
-import os
 
 import numpy as np
 
@@ -56,7 +55,7 @@ def evaluate(args):
     """The accuracy of the model file on the test split; prints the report. Every input is checked first."""
     path = args.check_point or newest_checkpoint(DEFAULT_CHECKPOINT_DIR)
     if args.save_predictions:
-        check_predictions_path(args.save_predictions, path, args.overwrite)
+        checkpoint.check_new_file(args.save_predictions, "--save_predictions", path, "the model file", args.overwrite)
     cli.setup_device(args.device)
     model = inference.load_model(path)
     batch_size = model.fixed_batch or args.batchsize
@@ -92,19 +91,6 @@ def newest_checkpoint(folder):
     path = paths[0]
     print(f"note: evaluating {path}, the newest checkpoint in {folder}/ (give another with -loc)")
     return path
-
-
-def check_predictions_path(path, model_path, overwrite):
-    """Before the evaluation: --save_predictions names a new file (or --overwrite), not the model, in a folder."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise cli.InputError(f"--save_predictions {path} is a folder; give a file name")
-    if not os.path.isdir(folder):
-        raise cli.InputError(f"--save_predictions: folder {folder} does not exist; create it or give another path")
-    if os.path.exists(path) and os.path.exists(model_path) and os.path.samefile(path, model_path):
-        raise cli.InputError(f"--save_predictions {path} is the model file; give another path")
-    if os.path.lexists(path) and not overwrite:
-        raise cli.InputError(f"--save_predictions {path} exists; give another path, or add --overwrite to replace it")
 
 
 def confusion_matrix(labels, predictions, num_classes):

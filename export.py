@@ -21,7 +21,6 @@ if __name__ == "__main__":
 import cli  # noqa: E402, I001  (first: quiets MindSpore's log before it loads)
 
 import os
-import tempfile
 
 import mindspore as ms
 import numpy as np
@@ -81,26 +80,12 @@ def export(args):
 
 
 def check_output(path, args):
-    """Before any work: -o names a new file (or --overwrite) with the format's suffix, not the checkpoint, in a
-    writable folder."""
+    """Before any work: -o has the format's suffix and names a new file (or --overwrite), not the checkpoint."""
     suffix = ".mindir" if args.format == "mindir" else ".npz"  # what eval.py and inference.py go by
     if not path.endswith(suffix):
         raise cli.InputError(f"output {path} does not end in {suffix}, the suffix of --format {args.format}; "
                              f"give a -o ending in {suffix}")
-    if os.path.isdir(path):
-        raise cli.InputError(f"output {path} is a folder; give a file name with -o")
-    if os.path.exists(path) and os.path.samefile(path, args.check_point):
-        raise cli.InputError(f"output {path} is the checkpoint being exported; give another -o")
-    if os.path.lexists(path) and not args.overwrite:
-        raise cli.InputError(f"output {path} exists; give another -o, or add --overwrite to replace it")
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise cli.InputError(f"output folder {folder} does not exist; create it or give another -o")
-    try:
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as e:
-        raise cli.InputError(f"cannot write into {folder} ({e.strerror}); give a writable -o") from None
+    checkpoint.check_new_file(path, "-o", args.check_point, "the checkpoint being exported", args.overwrite)
 
 
 def write(path, write_file, overwrite):

@@ -293,7 +293,7 @@ def test_eval_checks_the_predictions_path_before_evaluating(untrained, synthetic
     monkeypatch.setattr(evaluate.inference, "load_model", lambda path: pytest.fail("loaded the model"))
     for path, fragment in [(tmp_path, "is a folder; give a file name"),
                            (tmp_path / "missing" / "p.npy", "does not exist; create it or give another path"),
-                           (tmp_path / "earlier.npy", "exists; give another path, or add --overwrite"),
+                           (tmp_path / "earlier.npy", "exists; give another --save_predictions, or add --overwrite"),
                            (tmp_path / "model.npy", "is the model file; give another path")]:
         expect_error(evaluate.main, ["-loc", str(tmp_path / "model.npy"), "-data", synthetic_dir,
                                      "--save_predictions", str(path)], capsys, "--save_predictions", fragment)
