@@ -135,7 +135,9 @@ def run(work, args, interrupted):
     _message = interrupted
     if signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, []):
         signal.signal(WAKE_SIGNAL, _raise_interrupt)
-        threading.Thread(target=_forward_interrupt, args=(threading.get_ident(),), daemon=True, name="ctrl-c").start()
+        # (its line goes to the stderr of now: mindspore_log_quiet may have closed off fd 2 when it must be said)
+        threading.Thread(target=_forward_interrupt, args=(threading.get_ident(), os.dup(2)), daemon=True,
+                         name="ctrl-c").start()
     try:
         result = work(args)
         _raised.set()  # finished before Ctrl-C could stop it: nothing more to interrupt
@@ -193,7 +195,7 @@ MINDSPORE_DIR = os.path.dirname(ms.__file__) + os.sep
 PATIENCE_S = 1.0  # how long Ctrl-C waits for the main thread to leave MindSpore's code
 
 
-def _forward_interrupt(main_thread):
+def _forward_interrupt(main_thread, stderr):
     """Wait for Ctrl-C; then signal the main thread every 0.1 s until it raised KeyboardInterrupt (each signal
     also breaks off a blocking call, a download's). If MindSpore keeps it for PATIENCE_S (compiling a graph, which
     cannot be broken off cleanly), remove the temporary files in flight and end the process at once."""
@@ -204,7 +206,8 @@ def _forward_interrupt(main_thread):
         if time.monotonic() > deadline:
             for path in list(_temporary):
                 shutil.rmtree(path, ignore_errors=True)
-            print(f"interrupted: {_message}", file=sys.stderr, flush=True)
+            sys.stderr.flush()
+            os.write(stderr, f"interrupted: {_message}\n".encode())
             os._exit(EXIT_INTERRUPTED)
         signal.pthread_kill(main_thread, WAKE_SIGNAL)
         time.sleep(0.1)

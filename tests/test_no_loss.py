@@ -49,6 +49,31 @@ def test_ctrl_c_ends_eval_with_one_line_and_130(model, untrained, int8_file, syn
     assert_interrupted(*interrupt(process), "evaluation stopped; nothing was written")
 
 
+QUIET_HARD_STOP = """
+import signal, time
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # as the scripts do
+import cli
+cli.MINDSPORE_DIR = ""  # every frame counts as MindSpore's: Ctrl-C must end the process at once
+
+
+def work(args):
+    with cli.mindspore_log_quiet():  # fd 2 closed off, as around a checkpoint's load
+        print("loading", flush=True)
+        time.sleep(60)
+
+
+cli.run(work, None, "nothing was written")
+"""
+
+
+def test_ctrl_c_is_said_while_mindspore_is_quieted():
+    """Ctrl-C while MindSpore holds the main thread with fd 2 closed off (eval.py loading a checkpoint): the one
+    line still reaches stderr."""
+    process = start_script("-c", QUIET_HARD_STOP, env=UNBUFFERED)
+    wait_for_line(process, "loading")
+    assert_interrupted(*interrupt(process), "nothing was written")
+
+
 def test_ctrl_c_ends_export_and_leaves_no_file(untrained, tmp_path):
     output = str(tmp_path / "m.mindir")
     process = start_script("export.py", "-loc", untrained["QAT"], "--format", "mindir", "-o", output, env=UNBUFFERED)
