@@ -1,11 +1,12 @@
-"""Evaluate a ResNet-18 model on the CIFAR-10 test split: a checkpoint, a MindIR graph or an int8 file.
+"""Evaluate a ResNet-18 model on the CIFAR-10 test split: a checkpoint, a MindIR graph, an int8 file or ONNX.
 
     python eval.py -loc checkpoints/resnet18_qat-40_1562.ckpt
     python eval.py -loc CKPT -data data/demo --num_samples 1000 --json
     python eval.py -loc checkpoints/resnet18_qat-40_1562.int8.npz     # integer-only inference (int8.py)
     python eval.py -loc checkpoints/resnet18_qat-40_1562.mindir
+    python eval.py -loc checkpoints/resnet18_qat-40_1562.onnx --threads 1   # ONNX Runtime (CPU)
 
-The format follows the file name (.ckpt, .mindir, .npz; see inference.py). Whether a checkpoint
+The format follows the file name (.ckpt, .mindir, .npz, .onnx; see inference.py). Whether a checkpoint
 is a QAT model is read from the checkpoint itself (its observer parameters); the network must
 match it exactly. Prints the accuracy per class, the confusion matrix and the accuracy; with
 --json the last line of stdout is {"accuracy": fraction, "correct": n, "total": n, ...}.
@@ -31,12 +32,14 @@ DEFAULT_CHECKPOINT_DIR = "checkpoints"  # train.py's default save directory
 def get_args_parser():
     parser = cli.ArgumentParser(prog="eval.py", description=__doc__.split("\n")[0])
     parser.add_argument("-loc", "--check_point", default=None,
-                        help=f"model file: .ckpt, .mindir or .npz (default: the newest periodic or interrupt "
+                        help=f"model file: .ckpt, .mindir, .npz or .onnx (default: the newest periodic or interrupt "
                              f"checkpoint in {DEFAULT_CHECKPOINT_DIR}/, the one train.py printed last)")
     parser.add_argument("-data", "--data_dir", default=preprocess.DEFAULT_DATA_DIR,
                         help="CIFAR-10 binary folder holding test_batch.bin")
     parser.add_argument("-bsize", "--batchsize", type=cli.positive_int, default=100, help="batch size")
     cli.add_device_argument(parser)
+    parser.add_argument("--threads", type=cli.int_range(1, 1024), default=None,
+                        help="ONNX models: ONNX Runtime's threads (default: one per physical core)")
     parser.add_argument("--num_samples", type=cli.positive_int, default=None,
                         help="evaluate the first N test images, in file order (default: all)")
     parser.add_argument("--json", action="store_true", help="end with one JSON line of the results")
@@ -56,8 +59,10 @@ def evaluate(args):
     path = args.check_point or newest_checkpoint(DEFAULT_CHECKPOINT_DIR)
     if args.save_predictions:
         checkpoint.check_new_file(args.save_predictions, "--save_predictions", path, "the model file", args.overwrite)
+    if args.threads and not path.endswith(".onnx"):
+        raise cli.InputError(f"--threads sets ONNX Runtime's threads; {path} is not an .onnx model (leave it out)")
     cli.setup_device(args.device)
-    model = inference.load_model(path)
+    model = inference.load_model(path, args.threads)
     batch_size = model.fixed_batch or args.batchsize
     if model.fixed_batch and model.fixed_batch != args.batchsize:
         print(f"note: {path} has a fixed batch size of {model.fixed_batch} (export.py --batch {model.fixed_batch}): "

@@ -1,6 +1,7 @@
-"""Export a checkpoint for deployment: a MindIR graph, or a true int8 model file.
+"""Export a checkpoint for deployment: a MindIR graph, a true int8 model file, or an ONNX model.
 
     python export.py -loc checkpoints/resnet18_qat-40_1562.ckpt --format int8     # -> ...-40_1562.int8.npz
+    python export.py -loc checkpoints/resnet18_qat-40_1562.ckpt --format onnx     # -> ...-40_1562.onnx
     python export.py -loc CKPT --format mindir -o model.mindir
 
 - `mindir`: `mindspore.export` of the inference network (QAT fake-quant or float32), its input
@@ -9,6 +10,10 @@
 - `int8`: BatchNorm folded into the convolutions, int8 weights with per-channel scales, int32
   biases and the observers' activation scales and zero points, in one .npz file that
   `int8.py` runs with integer arithmetic only (see there). Needs a QAT checkpoint.
+- `onnx`: for ONNX Runtime and other ONNX runtimes, any batch size. From a QAT checkpoint the
+  int8 model above in QDQ form, which ONNX Runtime runs with integer kernels; from a float32
+  checkpoint a float32 graph (see onnx_graph.py). The class names (from -data) and the
+  normalization travel in the file's metadata.
 
 The output is written under a temporary name and renamed into place when complete; an existing
 file is replaced only with --overwrite, the checkpoint itself never.
@@ -24,13 +29,16 @@ import os
 
 import mindspore as ms
 import numpy as np
+import onnx
 
 import checkpoint
 import int8
+import onnx_graph
 import preprocess
 import quant
+import resnetv2
 
-FORMATS = {"mindir": ".mindir", "int8": ".int8.npz"}
+FORMATS = {"mindir": ".mindir", "int8": ".int8.npz", "onnx": ".onnx"}
 MAX_BATCH = 65536  # a fixed batch is traced with a zero batch of that size: 786 MB at most
 
 
@@ -39,9 +47,12 @@ def get_args_parser():
     parser.add_argument("-loc", "--check_point", required=True, help="Model checkpoint file (.ckpt)")
     parser.add_argument("--format", choices=sorted(FORMATS), default="int8", help="what to write")
     parser.add_argument("-o", "--output", default=None,
-                        help="output file, ending in .mindir or .npz as --format says (default: the checkpoint's "
-                             "path with .mindir or .int8.npz)")
+                        help="output file, ending in .mindir, .npz or .onnx as --format says (default: the "
+                             "checkpoint's path with .mindir, .int8.npz or .onnx)")
     parser.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
+    parser.add_argument("-data", "--data_dir", default=preprocess.DEFAULT_DATA_DIR,
+                        help="int8 and onnx: the data folder whose batches.meta.txt names the classes in the model "
+                             "file (CIFAR-10's names if it has none)")
     parser.add_argument("--batch", type=cli.int_range(1, MAX_BATCH), default=None,
                         help="fix the MindIR graph's batch size, for runtimes that need a static shape "
                              "(default: any batch size)")
@@ -63,25 +74,43 @@ def export(args):
     check_output(output, args)
     cli.setup_device(args.device)
     net, config = checkpoint.load_network(args.check_point, preprocess.NUM_CLASSES)
-    if args.format == "int8":
-        if config is None:
-            raise cli.InputError(f"{args.check_point} is a float32 checkpoint; int8 export needs a QAT one "
-                                 "(train without --no-qat)")
-        header, arrays = int8_model(net, config)
-        header["source"] = os.path.basename(args.check_point)
-        write(output, lambda tmp: int8.save(tmp, header, arrays), args.overwrite)
-    else:
+    if args.format == "mindir":
         shape = (args.batch, 3, preprocess.IMAGE_SIZE, preprocess.IMAGE_SIZE)
         image = (ms.Tensor(np.zeros(shape, np.float32)) if args.batch
                  else ms.Tensor(shape=(None, *shape[1:]), dtype=ms.float32))  # a dynamic batch dimension
         write(output, lambda tmp: ms.export(net, image, file_name=tmp, file_format="MINDIR"), args.overwrite)
+    elif args.format == "int8" or config is not None:  # onnx of a QAT checkpoint: the int8 model in QDQ form
+        if config is None:
+            raise cli.InputError(f"{args.check_point} is a float32 checkpoint; int8 export needs a QAT one "
+                                 "(train without --no-qat)")
+        header, arrays = int8_model(net, config)
+        header.update(source=os.path.basename(args.check_point), class_names=class_names(args))
+        if args.format == "int8":
+            write(output, lambda tmp: int8.save(tmp, header, arrays), args.overwrite)
+        else:
+            model = onnx_graph.from_int8(header, arrays, metadata(header, "int8 QDQ"))
+            write(output, lambda tmp: onnx.save(model, tmp), args.overwrite)
+    else:
+        model = onnx_graph.from_float(net, metadata({"source": os.path.basename(args.check_point),
+                                                     "class_names": class_names(args)}, checkpoint.FLOAT32))
+        write(output, lambda tmp: onnx.save(model, tmp), args.overwrite)
     report_sizes(net, output)
     return output
 
 
+def class_names(args):
+    return preprocess.class_names(args.data_dir, default=preprocess.CIFAR10_CLASSES)
+
+
+def metadata(header, model):
+    """What an ONNX model carries besides the graph (each value JSON in its metadata_props)."""
+    return {"model": model, "source": header["source"], "class_names": header["class_names"],
+            "normalization": {"mean": preprocess.CIFAR10_MEAN, "std": preprocess.CIFAR10_STD}}
+
+
 def check_output(path, args):
     """Before any work: -o has the format's suffix and names a new file (or --overwrite), not the checkpoint."""
-    suffix = ".mindir" if args.format == "mindir" else ".npz"  # what eval.py and inference.py go by
+    suffix = {"int8": ".npz"}.get(args.format, FORMATS[args.format])  # what eval.py and inference.py go by
     if not path.endswith(suffix):
         raise cli.InputError(f"output {path} does not end in {suffix}, the suffix of --format {args.format}; "
                              f"give a -o ending in {suffix}")
@@ -114,15 +143,7 @@ def int8_model(net, config):
         raise cli.InputError(f"the int8 file holds 8-bit weights and activations; this checkpoint has "
                              f"{config.weight_bits}-bit weights and {config.act_bits}-bit activations")
     graph = Int8Graph(net, config)
-    t = graph.quantize_input(net.conv1.input_quant)
-    t = graph.conv(net.conv1, t)
-    for layer in (net.layer1, net.layer2, net.layer3, net.layer4):
-        for block in layer:  # BasicBlocks: two ConvBNs, and a ConvBN or identity shortcut
-            branch = graph.conv(block.conv2, graph.conv(block.conv1, t))
-            shortcut = graph.conv(block.shortcut, t) if isinstance(block.shortcut, quant.QuantConvBN) else t
-            t = graph.add(block.add, [branch, shortcut])
-    t = graph.mean(t, net.fc.input_quant)
-    graph.dense(net.fc, t)
+    resnetv2.walk(net, graph)
     header = {"format": int8.FORMAT, "version": int8.VERSION, "arch": "resnet18",
               "num_classes": net.fc.out_channels, "input_shape": [3, preprocess.IMAGE_SIZE, preprocess.IMAGE_SIZE],
               "normalization": {"mean": preprocess.CIFAR10_MEAN, "std": preprocess.CIFAR10_STD},
@@ -158,8 +179,8 @@ class Int8Graph:
         self.arrays[f"{name}.bias"] = np.round(bias.asnumpy().astype(np.float64) / bias_scale).astype(np.int32)
         return {"weight": f"{name}.weight", "weight_scale": f"{name}.weight_scale", "bias": f"{name}.bias"}
 
-    def quantize_input(self, observer):
-        out = self._tensor(observer)
+    def input(self, net):
+        out = self._tensor(net.conv1.input_quant)
         self.nodes.append({"op": "quantize", "input": "image", "output": out})
         return out
 
@@ -178,8 +199,8 @@ class Int8Graph:
         self.nodes.append({"op": "add", "name": self.names[id(cell)], "inputs": sources, "relu": True, "output": out})
         return out
 
-    def mean(self, source, observer):
-        out = self._tensor(observer)
+    def mean(self, source, fc):
+        out = self._tensor(fc.input_quant)
         self.nodes.append({"op": "mean", "input": source, "output": out})
         return out
 

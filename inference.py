@@ -1,14 +1,17 @@
-"""Models for inference, whatever their file: a checkpoint, a MindIR graph or an int8 file; and predicting with them.
+"""Models for inference, whatever their file: a checkpoint, a MindIR graph, an int8 file or an ONNX model; and
+predicting with them.
 
     >>> import inference
     >>> model = inference.load_model("checkpoints/resnet18_qat-40_1562.int8.npz")
+    >>> logits = model.logits(images)      # normalized float32 (N, 3, 32, 32) -> (N, 10), numpy in and out
     >>> dataset = preprocess.create_dataset("data/cifar-10-batches-bin", training=False, batch_size=100)
     >>> predictions, labels = inference.predict(model, dataset)
 
 The format follows the file name: `.mindir` (MindSpore's graph, `export.py --format mindir`),
-`.npz` (the int8 file, run by int8.py's integer reference), else a MindSpore checkpoint. Bad
-input raises `cli.InputError`.
+`.npz` (the int8 file, run by int8.py's integer reference), `.onnx` (run by ONNX Runtime on the
+CPU, `export.py --format onnx`), else a MindSpore checkpoint. Bad input raises `cli.InputError`.
 """
+import json
 from dataclasses import dataclass
 
 import mindspore as ms
@@ -27,14 +30,17 @@ INT8_CHUNK = 100  # images per call of the int8 reference, whatever the batch si
 
 @dataclass
 class Model:
-    run: object              # a network or GraphCell (MindSpore tensors in and out), or an int8 model (a dict)
+    logits: object           # normalized float32 images (N, 3, 32, 32) -> logits (N, classes), numpy arrays
     description: str         # what eval.py reports as `model`
     fixed_batch: int = None  # the batch size fixed in a MindIR graph (export.py --batch), else None
+    class_names: list = None  # the names the model file carries (int8 and ONNX files), else None
 
 
-def load_model(path):
-    """A Model of a .ckpt, .mindir or int8 .npz file."""
+def load_model(path, threads=None):
+    """A Model of a .ckpt, .mindir, int8 .npz or .onnx file; `threads`: ONNX Runtime's (default: its own)."""
     checkpoint.check_file(path)
+    if path.endswith(".onnx"):
+        return load_onnx(path, threads)
     if path.endswith(".mindir"):
         return load_mindir(path)
     if path.endswith(".npz"):
@@ -42,24 +48,79 @@ def load_model(path):
             model = int8.load(path)
         except ValueError as e:
             raise cli.InputError(f"{path} is not an int8 model written by export.py ({e})") from None
-        check_int8_input(path, model["header"])
-        return Model(model, "int8 (integer inference)")
+        check_input(path, model["header"]["input_shape"], model["header"]["num_classes"],
+                    model["header"].get("normalization"))
+        return Model(lambda images: int8_logits(model, images), "int8 (integer inference)",
+                     class_names=names_or_none(model["header"].get("class_names")))
     net, config = checkpoint.load_network(path, preprocess.NUM_CLASSES)
     kind = checkpoint.kind(config)
-    return Model(quant.freeze(net), kind if kind == checkpoint.FLOAT32 else f"{checkpoint.QAT} (int8 fake-quant)")
+    description = kind if kind == checkpoint.FLOAT32 else f"{checkpoint.QAT} (int8 fake-quant)"
+    return network_model(quant.freeze(net), description)
 
 
-def check_int8_input(path, header):
-    """The int8 file must take this pipeline's images (its shape and normalization) and give CIFAR-10's classes."""
+def network_model(net, description, fixed_batch=None):
+    """A Model of a MindSpore network or GraphCell; a short batch is padded to a fixed batch size."""
+    def logits(images):
+        count = len(images)
+        if fixed_batch and count < fixed_batch:
+            images = np.concatenate([images, np.zeros((fixed_batch - count,) + images.shape[1:], images.dtype)])
+        return net(ms.Tensor(images)).asnumpy()[:count]
+    return Model(logits, description, fixed_batch)
+
+
+def int8_logits(model, images):
+    """In chunks: the reference's im2col takes 4.7 MB per image."""
+    return np.concatenate([int8.run(model, images[i:i + INT8_CHUNK]) for i in range(0, len(images), INT8_CHUNK)])
+
+
+def names_or_none(names):
+    """A model file's class names, if they are NUM_CLASSES short strings (files are read as untrusted)."""
+    ok = (isinstance(names, list) and len(names) == preprocess.NUM_CLASSES
+          and all(isinstance(name, str) and 0 < len(name) <= 100 for name in names))
+    return names if ok else None
+
+
+def check_input(path, input_shape, classes, normalization):
+    """An int8 or ONNX model must take this pipeline's images (shape and normalization) and give CIFAR-10's
+    classes."""
     image = [3, preprocess.IMAGE_SIZE, preprocess.IMAGE_SIZE]
-    normalization = header.get("normalization")
     expected = {"mean": list(preprocess.CIFAR10_MEAN), "std": list(preprocess.CIFAR10_STD)}
-    classes = header["num_classes"]
-    if header["input_shape"] != image or classes != preprocess.NUM_CLASSES or normalization != expected:
-        raise cli.InputError(f"{path} is an int8 model for other data: input {header['input_shape']}, "
-                             f"{classes} classes, normalization {normalization}; this toolkit feeds "
-                             f"{image} CIFAR-10 images normalized with {expected} into {preprocess.NUM_CLASSES} "
-                             "classes")
+    if input_shape != image or classes != preprocess.NUM_CLASSES or normalization != expected:
+        raise cli.InputError(f"{path} is a model for other data: input {input_shape}, {classes} classes, "
+                             f"normalization {normalization}; this toolkit feeds {image} CIFAR-10 images "
+                             f"normalized with {expected} into {preprocess.NUM_CLASSES} classes")
+
+
+def load_onnx(path, threads=None):
+    """An ONNX model of this toolkit's input, output and normalization, in an ONNX Runtime CPU session."""
+    import onnxruntime as ort  # (here: the other formats do without it)
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # its warnings (e.g. initializers also listed as inputs) are not the user's
+    if threads:
+        options.intra_op_num_threads = threads
+    try:
+        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # ONNX Runtime raises its own Fail, InvalidGraph, InvalidProtobuf, ... errors
+        raise cli.InputError(f"{path} is not an ONNX model ONNX Runtime can load ({cli.first_line(e)})") from None
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    shapes = [[dim if isinstance(dim, int) else -1 for dim in value.shape] for value in inputs + outputs]
+    if len(inputs) != 1 or len(outputs) != 1 or inputs[0].type != "tensor(float)" or len(shapes[0]) != 4:
+        raise cli.InputError(f"{path} is an ONNX model of another network: inputs {shapes[:len(inputs)]}, outputs "
+                             f"{shapes[len(inputs):]}; eval.py runs a batch of float images to class scores, "
+                             "[batch, 3, 32, 32] -> [batch, 10]")
+    metadata = {}
+    for key, value in session.get_modelmeta().custom_metadata_map.items():
+        try:
+            metadata[key] = json.loads(value)
+        except (ValueError, RecursionError):
+            metadata[key] = value
+    check_input(path, shapes[0][1:], shapes[1][-1], metadata.get("normalization"))
+    name, description = inputs[0].name, f"ONNX {metadata.get('model', '')} (ONNX Runtime)".replace("  ", " ")
+
+    def logits(images):
+        return session.run(None, {name: images})[0]
+    return Model(logits, description, class_names=names_or_none(metadata.get("class_names")))
 
 
 def load_mindir(path):
@@ -83,27 +144,15 @@ def load_mindir(path):
             graph = nn.GraphCell(ms.load(path))
     except Exception as e:  # MindSpore raises RuntimeError, ValueError, ... with dozens of lines
         raise cli.InputError(f"{path} is not a MindIR file MindSpore can load ({cli.first_line(e)})") from None
-    return Model(graph, "MindIR", inputs[0][0] if inputs[0][0] > 0 else None)
+    return network_model(graph, "MindIR", inputs[0][0] if inputs[0][0] > 0 else None)
 
 
 def predict(model, dataset):
-    """Predicted and true labels of the whole dataset, in dataset order.
-
-    model: a Model, or a network in eval mode. A last, short batch is padded to a MindIR graph's fixed batch.
-    """
+    """Predicted and true labels of the whole dataset, in dataset order. model: a Model, or a network in eval mode."""
     if not isinstance(model, Model):
-        model = Model(model, "network")
+        model = network_model(model, "network")
     predictions, labels = [], []
     for images, batch_labels in dataset.create_tuple_iterator(num_epochs=1, output_numpy=True):
-        count = len(images)
-        if isinstance(model.run, dict):  # in chunks: the reference's im2col takes 4.7 MB per image
-            logits = np.concatenate([int8.run(model.run, images[i:i + INT8_CHUNK])
-                                     for i in range(0, count, INT8_CHUNK)])
-        else:
-            if model.fixed_batch and count < model.fixed_batch:
-                padding = np.zeros((model.fixed_batch - count,) + images.shape[1:], images.dtype)
-                images = np.concatenate([images, padding])
-            logits = model.run(ms.Tensor(images)).asnumpy()
-        predictions.append(logits[:count].argmax(axis=1))
+        predictions.append(model.logits(images).argmax(axis=1))
         labels.append(batch_labels)
     return np.concatenate(predictions), np.concatenate(labels)

@@ -39,6 +39,7 @@ NUM_CLASSES = 10
 IMAGE_SIZE = 32
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)   # per channel, of the training images scaled to [0, 1]
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 RECORD_BYTES = 1 + 3 * IMAGE_SIZE * IMAGE_SIZE
 RECORDS_PER_FILE = 10000  # Cifar10Dataset reads nothing else: it fails on shorter files
 FILE_BYTES = RECORD_BYTES * RECORDS_PER_FILE
@@ -143,12 +144,13 @@ def create_dataset(data_dir, training, batch_size, repeat_num=1, num_parallel_wo
     return data.repeat(repeat_num)
 
 
-def class_names(data_dir):
-    """Names from the folder's batches.meta.txt (UTF-8, one per line) when it names the 10 classes, else the
-    class indices; DatasetError for a file that is not small UTF-8 text."""
+def class_names(data_dir, default=None):
+    """Names from the folder's batches.meta.txt (UTF-8, one per line) when it names the 10 classes, else
+    `default` if the folder has no such file, else the class indices; DatasetError for a file that is not small
+    UTF-8 text."""
     path = os.path.join(data_dir, META_FILE)
     if not os.path.exists(path):
-        return [str(i) for i in range(NUM_CLASSES)]
+        return list(default or (str(i) for i in range(NUM_CLASSES)))
     if not os.path.isfile(path):  # (a FIFO would block the read)
         raise DatasetError(f"{path} is not a file; move it out of the data folder")
     try:

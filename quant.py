@@ -250,6 +250,12 @@ class ActQuant(nn.Cell):
         return low, high
 
 
+def fold_batchnorm(weight, bn):
+    """A convolution's weight and a bias with BatchNorm `bn`'s moving statistics folded in (inference only)."""
+    sigma = ops.sqrt(bn.moving_variance + bn.eps)
+    return weight * (bn.gamma / sigma).reshape(-1, 1, 1, 1), bn.beta - bn.gamma * bn.moving_mean / sigma
+
+
 class QuantConvBN(nn.Cell):
     """ConvBN with int8 per-channel weights and an 8-bit output; keeps the float cell's parameter names."""
 
@@ -278,10 +284,7 @@ class QuantConvBN(nn.Cell):
 
     def folded_weight_and_bias(self):
         """Conv weight and bias with BatchNorm's moving statistics folded in (what inference runs)."""
-        bn = self.bn
-        sigma = ops.sqrt(bn.moving_variance + bn.eps)
-        weight = self.conv.weight * (bn.gamma / sigma).reshape(-1, 1, 1, 1)
-        return weight, bn.beta - bn.gamma * bn.moving_mean / sigma
+        return fold_batchnorm(self.conv.weight, self.bn)
 
     def _folded(self, x):
         weight, bias = self.folded_weight_and_bias()

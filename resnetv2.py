@@ -105,6 +105,21 @@ class ResNet(nn.Cell):
         return self.fc(out)
 
 
+def walk(net, graph):
+    """The network's dataflow in order, for exporters: calls graph.input(net), graph.conv(unit, source),
+    graph.add(cell, [branch, shortcut]), graph.mean(source, fc) and graph.dense(fc, source), each returning the
+    name of the tensor it produced, on a ResNet or its quantized version; returns the logits' name."""
+    t = graph.conv(net.conv1, graph.input(net))
+    for layer in (net.layer1, net.layer2, net.layer3, net.layer4):
+        for block in layer:
+            branch = t
+            for unit in (block.conv1, block.conv2, getattr(block, "conv3", None)):
+                branch = graph.conv(unit, branch) if unit is not None else branch
+            shortcut = t if isinstance(block.shortcut, nn.Identity) else graph.conv(block.shortcut, t)
+            t = graph.add(block.add, [branch, shortcut])
+    return graph.dense(net.fc, graph.mean(t, net.fc))
+
+
 def resnet18(num_classes=10):
     return ResNet(BasicBlock, [2, 2, 2, 2], num_classes)
 
