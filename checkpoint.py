@@ -62,7 +62,8 @@ def check_file(path, flag="-loc"):
     for problem, found in (("does not exist", not os.path.exists(path)), ("is not a file", not os.path.isfile(path)),
                            ("is an empty file", os.path.isfile(path) and os.path.getsize(path) == 0)):
         if found:
-            raise cli.InputError(f"model file {path} {problem}; give a .ckpt file written by train.py with {flag}")
+            raise cli.InputError(f"model file {path} {problem}; give a checkpoint written by train.py (or a model "
+                                 f"written by export.py) with {flag}")
 
 
 UNREADABLE = (ValueError, RuntimeError, TypeError, OSError)  # what `read` raises for a file that does not load

@@ -59,8 +59,6 @@ def evaluate(args):
     path = args.check_point or newest_checkpoint(DEFAULT_CHECKPOINT_DIR)
     if args.save_predictions:
         checkpoint.check_new_file(args.save_predictions, "--save_predictions", path, "the model file", args.overwrite)
-    if args.threads and not path.endswith(".onnx"):
-        raise cli.InputError(f"--threads sets ONNX Runtime's threads; {path} is not an .onnx model (leave it out)")
     cli.setup_device(args.device)
     model = inference.load_model(path, args.threads)
     batch_size = model.fixed_batch or args.batchsize

@@ -39,6 +39,8 @@ class Model:
 def load_model(path, threads=None):
     """A Model of a .ckpt, .mindir, int8 .npz or .onnx file; `threads`: ONNX Runtime's (default: its own)."""
     checkpoint.check_file(path)
+    if threads and not path.endswith(".onnx"):
+        raise cli.InputError(f"--threads sets ONNX Runtime's threads; {path} is not an .onnx model (leave it out)")
     if path.endswith(".onnx"):
         return load_onnx(path, threads)
     if path.endswith(".mindir"):

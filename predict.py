@@ -1,0 +1,107 @@
+"""Classify image files with a trained model: the top classes of each image, with names and probabilities.
+
+    python predict.py -loc checkpoints/resnet18_qat-40_1562.onnx cat.png ship.jpg
+    python predict.py -loc checkpoints/resnet18_qat-40_1562.ckpt --top_k 5 --json photos/*.jpg
+
+Any model eval.py runs: a checkpoint (.ckpt), a MindIR graph, an int8 file (.npz) or an ONNX
+model (.onnx). Images are decoded by Pillow (PNG, JPEG, BMP, GIF, TIFF, WebP, PPM), in any size
+and mode: converted to RGB (an alpha channel is dropped), resized to 32x32 with Pillow's
+antialiased bilinear filter (CIFAR-10's images are photos reduced to 32x32, whatever their
+aspect) and normalized as in training. Every image is read before the model is loaded.
+
+Class names: those the model file carries (int8 and ONNX files), else -data's batches.meta.txt,
+else CIFAR-10's. With --json the last line of stdout is {"model": ..., "predictions": [{"image":
+path, "top": [{"class": name, "index": i, "probability": p}, ...]}, ...]}.
+"""
+import signal
+
+if __name__ == "__main__":
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # Ctrl-C: see cli.py
+
+import cli  # noqa: E402, I001  (first: quiets MindSpore's log before it loads)
+
+import json
+import os
+import warnings
+
+import numpy as np
+from PIL import Image
+
+import inference
+import preprocess
+
+FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")  # what Pillow may decode here
+MAX_PIXELS = 50_000_000  # larger images (a 7,000 x 7,000 photo) are refused before they are decoded
+BATCH = 100
+
+
+def get_args_parser():
+    parser = cli.ArgumentParser(prog="predict.py", description=__doc__.split("\n")[0])
+    parser.add_argument("-loc", "--check_point", required=True, help="model file: .ckpt, .mindir, .npz or .onnx")
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, BMP, ...)")
+    parser.add_argument("--top_k", type=cli.int_range(1, preprocess.NUM_CLASSES), default=3,
+                        help="classes shown per image")
+    parser.add_argument("-data", "--data_dir", default=preprocess.DEFAULT_DATA_DIR,
+                        help="where batches.meta.txt names the classes, for models that carry no names "
+                             "(CIFAR-10's names if it has none)")
+    parser.add_argument("--threads", type=cli.int_range(1, 1024), default=None,
+                        help="ONNX models: ONNX Runtime's threads (default: one per physical core)")
+    parser.add_argument("--json", action="store_true", help="end with one JSON line of the predictions")
+    cli.add_device_argument(parser)
+    return parser
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    return cli.run(predict, args, interrupted="nothing was classified")
+
+
+def predict(args):
+    """Print (and return) the top classes of each image."""
+    images = np.stack([load_image(path) for path in args.images])
+    cli.setup_device(args.device)
+    model = inference.load_model(args.check_point, args.threads)
+    names = model.class_names or preprocess.class_names(args.data_dir, default=preprocess.CIFAR10_CLASSES)
+    logits = np.concatenate([model.logits(images[i:i + BATCH]) for i in range(0, len(images), BATCH)])
+    results = [{"image": path, "top": top_classes(row, names, args.top_k)}
+               for path, row in zip(args.images, logits, strict=True)]
+    for result in results:
+        print(f"{result['image']}: " + ", ".join(f"{c['class']} {100 * c['probability']:.1f}%" for c in result["top"]))
+    if args.json:
+        print(json.dumps({"model": model.description, "check_point": args.check_point, "predictions": results}))
+    return results
+
+
+def load_image(path):
+    """A normalized float32 (3, 32, 32) image from an image file; InputError naming the file if it cannot be."""
+    if not os.path.isfile(path):
+        raise cli.InputError(f"image {path} {'is not a file' if os.path.exists(path) else 'does not exist'}; "
+                             "give image files (PNG, JPEG, BMP, ...)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path, formats=FORMATS) as image:
+                if image.width * image.height > MAX_PIXELS:
+                    raise ValueError(f"{image.width}x{image.height} pixels, more than {MAX_PIXELS:,}")
+                image = image.convert("RGB").resize((preprocess.IMAGE_SIZE,) * 2, Image.Resampling.BILINEAR)
+    except Image.UnidentifiedImageError:
+        raise cli.InputError(f"{path} is not an image file Pillow reads ({', '.join(FORMATS)})") from None
+    except (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else cli.first_line(e)
+        raise cli.InputError(f"cannot read image {path} ({why}); give a readable image file") from None
+    pixels = np.asarray(image, np.float32) / 255.0
+    normalized = (pixels - np.float32(preprocess.CIFAR10_MEAN)) / np.float32(preprocess.CIFAR10_STD)
+    return normalized.transpose(2, 0, 1).astype(np.float32)  # HWC -> CHW
+
+
+def top_classes(logits, names, k):
+    """The k most probable classes (softmax of the logits), most probable first."""
+    logits = logits.astype(np.float64)
+    probabilities = np.exp(logits - logits.max())
+    probabilities /= probabilities.sum()
+    order = np.argsort(-probabilities, kind="stable")[:k]
+    return [{"class": names[i], "index": int(i), "probability": float(probabilities[i])} for i in order]
+
+
+if __name__ == "__main__":
+    main()
