@@ -13,6 +13,15 @@ On synthetic CIFAR-format files it writes into a temporary folder, it measures
 - data-pipeline images/s: the training pipeline (decode, augmentation, batching) alone;
 - with --validation, also the issue-4 figure: train.py's images/s with and without validating
   after every epoch (--eval_every 1 vs 0).
+
+    python bench.py --deploy --json      # instead: inference as deployed, five models
+
+--deploy trains a float32 and a QAT checkpoint two steps each (speed does not depend on the
+weights), exports the int8 file and both ONNX models, and measures each model, as its own
+runtime runs it, in a fresh process (latency.py): MindSpore float32 and QAT fake-quant
+(checkpoints), the int8 NumPy reference, ONNX Runtime float32 and int8. Latency at batch 1
+(median and 95th percentile, one thread and all threads), images/s at batch 100 (all threads),
+file size and the process's peak memory; and the CPU's int8 instruction sets.
 """
 import signal
 
@@ -22,7 +31,6 @@ if __name__ == "__main__":
 import argparse  # noqa: E402
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -36,6 +44,7 @@ import inference
 import int8
 import preprocess
 import train
+from latency import peak_rss_mb
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 EVAL_BATCH = 100
@@ -57,6 +66,8 @@ def get_args_parser():
     parser.add_argument("--int8_images", type=IMAGES, default=200,
                         help="images for the int8 reference (NumPy, slow)")
     parser.add_argument("--json", action="store_true", help="end with one JSON line of the results")
+    parser.add_argument("--deploy", action="store_true",
+                        help="instead: inference speed, size and memory of the deployable models (see above)")
     parser.add_argument("--validation", action="store_true",
                         help="also time train.py with and without validation after every epoch")
     parser.add_argument("--epochs", type=cli.positive_int, default=4,
@@ -76,7 +87,8 @@ def main(argv=None):
         print(json.dumps(WORKERS[args.worker](args)))
         return None
     try:
-        return cli.run(benchmark, args, interrupted="no figures (the temporary data folder is removed)")
+        return cli.run(deployment if args.deploy else benchmark, args,
+                       interrupted="no figures (the temporary data folder is removed)")
     except MeasurementFailed as e:
         cli.fail(str(e), code=1)
 
@@ -111,9 +123,11 @@ def worker(kind, args):
     return json.loads(stdout.strip().splitlines()[-1])
 
 
-def run_script(what, script, *argv):
-    """Run one of the project's scripts in a fresh Python process; its stdout, or MeasurementFailed."""
-    result = subprocess.run([sys.executable, os.path.join(ROOT, script), *argv], capture_output=True, text=True)
+def run_script(what, script, *argv, env=None):
+    """Run one of the project's scripts in a fresh Python process (with `env` added to the environment); its stdout,
+    or MeasurementFailed."""
+    result = subprocess.run([sys.executable, os.path.join(ROOT, script), *argv], capture_output=True, text=True,
+                            env={**os.environ, **(env or {})})
     if result.returncode:
         lines = result.stderr.strip().splitlines()
         raise MeasurementFailed(f"{what} failed: {lines[-1] if lines else result.returncode}")
@@ -164,10 +178,6 @@ def timed_ips(model, dataset):
 
 
 WORKERS = {"float": train_worker, "qat": train_worker, "eval": eval_worker}
-
-
-def peak_rss_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
 
 
 def pipeline_speed(data, batch, passes=3):
@@ -222,6 +232,76 @@ def report(r):
               f"{r['train_ips_validating']:.1f} images/s against {r['train_ips']:.1f} without "
               f"(ratio {r['validating_over_plain']:.3f})")
     print(f"ONEDNN_MAX_CPU_ISA={r['onednn_isa']}")
+
+
+# --- --deploy: inference as deployed ----------------------------------------------------------------
+
+INT8_ISA = ("avx512_vnni", "avx_vnni", "amx_int8")  # what integer kernels (VNNI, AMX) can use
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def deployment(args):
+    """Every deployable model's figures; prints the table and returns them."""
+    with tempfile.TemporaryDirectory() as tmp:
+        args.data = os.path.join(tmp, "data")
+        preprocess.write_synthetic(args.data, seed=0)
+        files = {}
+        for kind, name in (("float", "mindspore_float32"), ("qat", "mindspore_qat")):
+            args.checkpoint = files[name] = os.path.join(tmp, f"{kind}.ckpt")
+            worker(kind, argparse.Namespace(**{**vars(args), "steps": 1}))
+        for name, source, form, output in (("int8_reference", "mindspore_qat", "int8", "model.int8.npz"),
+                                           ("onnx_float32", "mindspore_float32", "onnx", "float32.onnx"),
+                                           ("onnx_int8", "mindspore_qat", "onnx", "int8.onnx")):
+            files[name] = os.path.join(tmp, output)
+            run_script(f"the {name} export", "export.py", "-loc", files[source], "--format", form, "-o", files[name])
+        deploy = {name: measure(path) for name, path in files.items()}
+    onnx_int8, ms_float, onnx_float = deploy["onnx_int8"], deploy["mindspore_float32"], deploy["onnx_float32"]
+    results = {"deploy": deploy, "cpu": cpu_model(), "cpu_count": os.cpu_count(), "int8_isa": int8_isa(),
+               "int8_over_float_onnx_b100": onnx_int8["b100_ips"] / onnx_float["b100_ips"],
+               "int8_onnx_over_mindspore_b1": ms_float["b1_p50_ms"] / onnx_int8["b1_p50_ms"],
+               "int8_onnx_over_mindspore_b1_1thread": ms_float["b1_p50_ms_1thread"] / onnx_int8["b1_p50_ms_1thread"],
+               "onnx_int8_file_over_float32": onnx_int8["file_mb"] / onnx_float["file_mb"]}
+    report_deployment(results)
+    if args.json:
+        print(json.dumps(results))
+    return results
+
+
+def measure(path):
+    """latency.py on one model file: one thread (latency only), then all threads."""
+    one = json.loads(run_script(f"the measurement of {os.path.basename(path)}", "latency.py", path, "--threads", "1",
+                                "--batch", "0", env=ONE_THREAD).strip().splitlines()[-1])
+    every = json.loads(run_script(f"the measurement of {os.path.basename(path)}", "latency.py", path,
+                                  "--batch", str(EVAL_BATCH)).strip().splitlines()[-1])
+    return {"b1_p50_ms": every["b1_p50_ms"], "b1_p95_ms": every["b1_p95_ms"],
+            "b1_p50_ms_1thread": one["b1_p50_ms"], "b1_p95_ms_1thread": one["b1_p95_ms"],
+            "b100_ips": every[f"b{EVAL_BATCH}_ips"], "file_mb": os.path.getsize(path) / 1e6,
+            "peak_rss_mb": every["peak_rss_mb"]}
+
+
+def cpu_model():
+    with open("/proc/cpuinfo") as f:
+        return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown")
+
+
+def int8_isa():
+    with open("/proc/cpuinfo") as f:
+        flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    return [name for name in INT8_ISA if name in flags]
+
+
+def report_deployment(r):
+    print(f"inference on {r['cpu']}, {r['cpu_count']} CPUs, int8 instructions: {', '.join(r['int8_isa']) or 'none'}")
+    print(f"{'model':<18} {'file MB':>8} {'b1 p50 ms 1/all threads':>24} {'b1 p95 ms 1/all':>16} "
+          f"{'b100 images/s':>14} {'peak MB':>8}")
+    for name, m in r["deploy"].items():
+        print(f"{name:<18} {m['file_mb']:>8.1f} {m['b1_p50_ms_1thread']:>12.2f} / {m['b1_p50_ms']:<9.2f} "
+              f"{m['b1_p95_ms_1thread']:>7.2f} / {m['b1_p95_ms']:<6.2f} {m['b100_ips']:>14.1f} "
+              f"{m['peak_rss_mb']:>8.0f}")
+    print(f"ONNX int8 over ONNX float32 at batch 100: {r['int8_over_float_onnx_b100']:.2f}x the images/s; "
+          f"MindSpore float32 over ONNX int8 at batch 1: {r['int8_onnx_over_mindspore_b1']:.1f}x "
+          f"({r['int8_onnx_over_mindspore_b1_1thread']:.1f}x on one thread); ONNX int8 file "
+          f"{100 * r['onnx_int8_file_over_float32']:.1f}% of float32's")
 
 
 # --- --validation: the cost of validating during training (train.py's own figures) ----------------
