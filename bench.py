@@ -68,6 +68,8 @@ def get_args_parser():
     parser.add_argument("--json", action="store_true", help="end with one JSON line of the results")
     parser.add_argument("--deploy", action="store_true",
                         help="instead: inference speed, size and memory of the deployable models (see above)")
+    parser.add_argument("--seconds", type=cli.positive_float, default=2.0,
+                        help="with --deploy: least time of each latency and throughput measurement")
     parser.add_argument("--validation", action="store_true",
                         help="also time train.py with and without validation after every epoch")
     parser.add_argument("--epochs", type=cli.positive_int, default=4,
@@ -254,7 +256,7 @@ def deployment(args):
                                            ("onnx_int8", "mindspore_qat", "onnx", "int8.onnx")):
             files[name] = os.path.join(tmp, output)
             run_script(f"the {name} export", "export.py", "-loc", files[source], "--format", form, "-o", files[name])
-        deploy = {name: measure(path) for name, path in files.items()}
+        deploy = {name: measure(path, args.seconds) for name, path in files.items()}
     onnx_int8, ms_float, onnx_float = deploy["onnx_int8"], deploy["mindspore_float32"], deploy["onnx_float32"]
     results = {"deploy": deploy, "cpu": cpu_model(), "cpu_count": os.cpu_count(), "int8_isa": int8_isa(),
                "int8_over_float_onnx_b100": onnx_int8["b100_ips"] / onnx_float["b100_ips"],
@@ -267,12 +269,13 @@ def deployment(args):
     return results
 
 
-def measure(path):
+def measure(path, seconds):
     """latency.py on one model file: one thread (latency only), then all threads."""
-    one = json.loads(run_script(f"the measurement of {os.path.basename(path)}", "latency.py", path, "--threads", "1",
-                                "--batch", "0", env=ONE_THREAD).strip().splitlines()[-1])
-    every = json.loads(run_script(f"the measurement of {os.path.basename(path)}", "latency.py", path,
-                                  "--batch", str(EVAL_BATCH)).strip().splitlines()[-1])
+    def latency(*argv, env=None):
+        return json.loads(run_script(f"the measurement of {os.path.basename(path)}", "latency.py", path, "--seconds",
+                                     str(seconds), *argv, env=env).strip().splitlines()[-1])
+    one = latency("--threads", "1", "--batch", "0", env=ONE_THREAD)
+    every = latency("--batch", str(EVAL_BATCH))
     return {"b1_p50_ms": every["b1_p50_ms"], "b1_p95_ms": every["b1_p95_ms"],
             "b1_p50_ms_1thread": one["b1_p50_ms"], "b1_p95_ms_1thread": one["b1_p95_ms"],
             "b100_ips": every[f"b{EVAL_BATCH}_ips"], "file_mb": os.path.getsize(path) / 1e6,
