@@ -12,6 +12,7 @@ The format follows the file name: `.mindir` (MindSpore's graph, `export.py --for
 CPU, `export.py --format onnx`), else a MindSpore checkpoint. Bad input raises `cli.InputError`.
 """
 import json
+import os
 from dataclasses import dataclass
 
 import mindspore as ms
@@ -26,6 +27,7 @@ import preprocess
 import quant
 
 INT8_CHUNK = 100  # images per call of the int8 reference, whatever the batch size
+MAX_ONNX_BYTES = 256 << 20  # a float32 ResNet-18 is 44.7 MB; ONNX Runtime would read any size into memory
 
 
 @dataclass
@@ -97,6 +99,9 @@ def load_onnx(path, threads=None):
     """An ONNX model of this toolkit's input, output and normalization, in an ONNX Runtime CPU session."""
     import onnxruntime as ort  # (here: the other formats do without it)
 
+    if os.path.getsize(path) > MAX_ONNX_BYTES:
+        raise cli.InputError(f"{path} is {os.path.getsize(path) / 1e6:.0f} MB, more than a ResNet-18 model "
+                             f"({MAX_ONNX_BYTES >> 20} MiB at most); give an .onnx file written by export.py")
     options = ort.SessionOptions()
     options.log_severity_level = 3  # its warnings (e.g. initializers also listed as inputs) are not the user's
     if threads:
@@ -107,7 +112,8 @@ def load_onnx(path, threads=None):
         raise cli.InputError(f"{path} is not an ONNX model ONNX Runtime can load ({cli.first_line(e)})") from None
     inputs, outputs = session.get_inputs(), session.get_outputs()
     shapes = [[dim if isinstance(dim, int) else -1 for dim in value.shape] for value in inputs + outputs]
-    if len(inputs) != 1 or len(outputs) != 1 or inputs[0].type != "tensor(float)" or len(shapes[0]) != 4:
+    if (len(inputs) != 1 or len(outputs) != 1 or inputs[0].type != "tensor(float)" or len(shapes[0]) != 4
+            or len(shapes[1]) != 2):
         raise cli.InputError(f"{path} is an ONNX model of another network: inputs {shapes[:len(inputs)]}, outputs "
                              f"{shapes[len(inputs):]}; eval.py runs a batch of float images to class scores, "
                              "[batch, 3, 32, 32] -> [batch, 10]")

@@ -155,6 +155,10 @@ def test_onnx_export_and_eval_refuse_bad_input(untrained, float_onnx, synthetic_
     onnx.save(mnist, str(tmp_path / "mnist.onnx"))
     expect_error(evaluate.main, ["-loc", str(tmp_path / "mnist.onnx"), "-data", synthetic_dir], capsys,
                  "is a model for other data: input [1, 28, 28], 784 classes")
+    with open(tmp_path / "huge.onnx", "wb") as f:
+        f.truncate(inference.MAX_ONNX_BYTES + 1)  # (sparse: no disk used)
+    expect_error(evaluate.main, ["-loc", str(tmp_path / "huge.onnx"), "-data", synthetic_dir], capsys,
+                 "more than a ResNet-18 model")
 
 
 # --- predict.py ----------------------------------------------------------------------------------------
