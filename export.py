@@ -72,6 +72,8 @@ def export(args):
     checkpoint.check_file(args.check_point)
     output = args.output or args.check_point[: -len(".ckpt")] + FORMATS[args.format]
     check_output(output, args)
+    source = os.path.basename(args.check_point)
+    names = None if args.format == "mindir" else preprocess.class_names(args.data_dir, preprocess.CIFAR10_CLASSES)
     cli.setup_device(args.device)
     net, config = checkpoint.load_network(args.check_point, preprocess.NUM_CLASSES)
     if args.format == "mindir":
@@ -84,27 +86,22 @@ def export(args):
             raise cli.InputError(f"{args.check_point} is a float32 checkpoint; int8 export needs a QAT one "
                                  "(train without --no-qat)")
         header, arrays = int8_model(net, config)
-        header.update(source=os.path.basename(args.check_point), class_names=class_names(args))
+        header.update(source=source, class_names=names)
         if args.format == "int8":
             write(output, lambda tmp: int8.save(tmp, header, arrays), args.overwrite)
         else:
-            model = onnx_graph.from_int8(header, arrays, metadata(header, "int8 QDQ"))
+            model = onnx_graph.from_int8(header, arrays, metadata("int8 QDQ", source, names))
             write(output, lambda tmp: onnx.save(model, tmp), args.overwrite)
     else:
-        model = onnx_graph.from_float(net, metadata({"source": os.path.basename(args.check_point),
-                                                     "class_names": class_names(args)}, checkpoint.FLOAT32))
+        model = onnx_graph.from_float(net, metadata(checkpoint.FLOAT32, source, names))
         write(output, lambda tmp: onnx.save(model, tmp), args.overwrite)
     report_sizes(net, output)
     return output
 
 
-def class_names(args):
-    return preprocess.class_names(args.data_dir, default=preprocess.CIFAR10_CLASSES)
-
-
-def metadata(header, model):
+def metadata(model, source, class_names):
     """What an ONNX model carries besides the graph (each value JSON in its metadata_props)."""
-    return {"model": model, "source": header["source"], "class_names": header["class_names"],
+    return {"model": model, "source": source, "class_names": class_names,
             "normalization": {"mean": preprocess.CIFAR10_MEAN, "std": preprocess.CIFAR10_STD}}
 
 

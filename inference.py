@@ -117,10 +117,10 @@ def load_onnx(path, threads=None):
         raise cli.InputError(f"{path} is an ONNX model of another network: inputs {shapes[:len(inputs)]}, outputs "
                              f"{shapes[len(inputs):]}; eval.py runs a batch of float images to class scores, "
                              "[batch, 3, 32, 32] -> [batch, 10]")
-    metadata = {}
+    metadata = {}  # lists and dicts are JSON (onnx_graph.py), strings themselves
     for key, value in session.get_modelmeta().custom_metadata_map.items():
         try:
-            metadata[key] = json.loads(value)
+            metadata[key] = json.loads(value) if value[:1] in ("[", "{") else value
         except (ValueError, RecursionError):
             metadata[key] = value
     check_input(path, shapes[0][1:], shapes[1][-1], metadata.get("normalization"))

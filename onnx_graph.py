@@ -13,7 +13,8 @@ QLinearConv, an Add into QLinearAdd, the classifier into QGemm; only the input's
 and the logits are float. The numbers are the int8 file's, nothing is quantized a second time.
 
 BatchNorm is folded into the convolutions in both forms. The batch dimension is dynamic; the
-metadata (`metadata_props`) carries the normalization, the class names and where it came from.
+metadata (`metadata_props`) carries the normalization and the class names (as JSON), what the
+model is and the checkpoint it came from (plain strings).
 """
 import json
 
@@ -53,7 +54,8 @@ class Builder:
             initializer=self.initializers)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="export.py")
         model.ir_version = IR_VERSION
-        helper.set_model_props(model, {key: json.dumps(value) for key, value in metadata.items()})
+        helper.set_model_props(model, {key: value if isinstance(value, str) else json.dumps(value)
+                                       for key, value in metadata.items()})
         onnx.checker.check_model(model, full_check=True)
         return model
 

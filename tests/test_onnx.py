@@ -23,7 +23,9 @@ SYNTHETIC_NAMES = [f"synthetic_{i}" for i in range(10)]
 
 
 def metadata(path):
-    return {prop.key: json.loads(prop.value) for prop in onnx.load(path).metadata_props}
+    """Lists and dicts are JSON, strings themselves."""
+    return {prop.key: json.loads(prop.value) if prop.value[:1] in "[{" else prop.value
+            for prop in onnx.load(path).metadata_props}
 
 
 def optimized_ops(path, tmp_path):
