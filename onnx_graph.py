@@ -109,23 +109,24 @@ def from_int8(header, arrays, metadata):
 
 def from_float(net, metadata):
     """A float32 ResNet (eval mode) as an ONNX model, BatchNorm folded into the convolutions."""
-    graph = FloatGraph()
+    graph = FloatGraph(net)
     resnetv2.walk(net, graph)
     return graph.b.model("resnet18-float32", [3, 32, 32], net.fc.out_channels, metadata)
 
 
 class FloatGraph:
-    """resnetv2.walk's calls as float ONNX nodes."""
+    """resnetv2.walk's calls as float ONNX nodes; initializers are named after the network's cells."""
 
-    def __init__(self):
+    def __init__(self, net):
         self.b = Builder()
+        self.names = {id(cell): name for name, cell in net.cells_and_names()}
 
     def input(self, net):
         return INPUT
 
     def conv(self, unit, source):
         weight, bias = (t.asnumpy() for t in quant.fold_batchnorm(unit.conv.weight, unit.bn))
-        name, k = f"conv{self.b.count}", weight.shape[-1]
+        name, k = self.names[id(unit)], weight.shape[-1]
         padding = unit.conv.padding if unit.conv.pad_mode == "pad" else 0
         y = self.b.node("Conv", [source, self.b.constant(f"{name}.weight", weight),
                                  self.b.constant(f"{name}.bias", bias)],
@@ -139,5 +140,6 @@ class FloatGraph:
         return self.b.node("Flatten", [self.b.node("GlobalAveragePool", [source])])
 
     def dense(self, fc, source):
-        return self.b.node("Gemm", [source, self.b.constant("fc.weight", fc.weight.asnumpy()),
-                                    self.b.constant("fc.bias", fc.bias.asnumpy())], output=OUTPUT, transB=1)
+        name = self.names[id(fc)]
+        return self.b.node("Gemm", [source, self.b.constant(f"{name}.weight", fc.weight.asnumpy()),
+                                    self.b.constant(f"{name}.bias", fc.bias.asnumpy())], output=OUTPUT, transB=1)

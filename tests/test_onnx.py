@@ -120,6 +120,8 @@ def test_eval_runs_the_onnx_model_with_threads(trained_exports, synthetic_dir, c
 def test_float_onnx_agrees_with_the_float_checkpoint(float_onnx, synthetic_dir):
     checkpoint_path, path = float_onnx
     assert metadata(path)["model"] == "float32" and metadata(path)["class_names"] == list(preprocess.CIFAR10_CLASSES)
+    names = {t.name for t in onnx.load(path).graph.initializer}
+    assert {"conv1.weight", "layer4.1.conv2.bias", "layer2.0.shortcut.weight", "fc.weight"} <= names
     dataset = preprocess.create_dataset(synthetic_dir, training=False, batch_size=100, num_samples=AGREEMENT_IMAGES)
     onnx_model, checkpoint_model = inference.load_model(path), inference.load_model(checkpoint_path)
     assert (inference.predict(onnx_model, dataset)[0] == inference.predict(checkpoint_model, dataset)[0]).mean() \
