@@ -5,11 +5,16 @@
     python eval.py -loc checkpoints/resnet18_qat-40_1562.int8.npz     # integer-only inference (int8.py)
     python eval.py -loc checkpoints/resnet18_qat-40_1562.mindir
     python eval.py -loc checkpoints/resnet18_qat-40_1562.onnx --threads 1   # ONNX Runtime (CPU)
+    python eval.py -loc CKPT --attack pgd --eps 8/255 --steps 10 --save_adversarial data/adv   # robustness
 
 The format follows the file name (.ckpt, .mindir, .npz, .onnx; see inference.py). Whether a checkpoint
 is a QAT model is read from the checkpoint itself (its observer parameters); the network must
 match it exactly. Prints the accuracy per class, the confusion matrix and the accuracy; with
 --json the last line of stdout is {"accuracy": fraction, "correct": n, "total": n, ...}.
+
+With --attack (a checkpoint only; see attacks.py), every evaluated image is also attacked, and
+the report adds the robust accuracy, the accuracy on the adversarial images; --save_adversarial
+writes them as a CIFAR-format folder on which `eval.py -data DIR` evaluates any model file.
 """
 import signal
 
@@ -22,6 +27,7 @@ import json
 
 import numpy as np
 
+import attacks
 import checkpoint
 import inference
 import preprocess
@@ -46,6 +52,19 @@ def get_args_parser():
     parser.add_argument("--save_predictions", metavar="PATH", default=None,
                         help="write the predicted labels, in dataset order, to PATH (.npy)")
     parser.add_argument("--overwrite", action="store_true", help="replace the --save_predictions file if it exists")
+    attack = parser.add_argument_group("adversarial robustness (checkpoints only; pixel units: 8/255 or 0.0314)")
+    attack.add_argument("--attack", choices=attacks.METHODS, default=None,
+                        help="also attack every image (L-infinity) and report the robust accuracy")
+    attack.add_argument("--eps", type=attacks.pixel_fraction, default=None, help="the attack's bound (default 8/255)")
+    attack.add_argument("--steps", type=cli.int_range(1, 1000), default=None, help="pgd: steps (default 10)")
+    attack.add_argument("--step_size", type=attacks.pixel_fraction, default=None,
+                        help="pgd: size of a step (default 2.5 x eps / steps)")
+    attack.add_argument("--restarts", type=cli.int_range(1, 100), default=None,
+                        help="pgd: random starts; an image counts as broken if any breaks it (default 1)")
+    attack.add_argument("--attack_seed", type=cli.seed, default=None, help="pgd: seed of the random starts (default 0)")
+    attack.add_argument("--save_adversarial", metavar="DIR", default=None,
+                        help="write the attacked images as a CIFAR-format test folder (new or empty): the first "
+                             "--num_samples images attacked, the rest as they were")
     return parser
 
 
@@ -59,6 +78,7 @@ def evaluate(args):
     path = args.check_point or newest_checkpoint(DEFAULT_CHECKPOINT_DIR)
     if args.save_predictions:
         checkpoint.check_new_file(args.save_predictions, "--save_predictions", path, "the model file", args.overwrite)
+    attacks.resolve(args, path)
     cli.setup_device(args.device)
     model = inference.load_model(path, args.threads)
     batch_size = model.fixed_batch or args.batchsize
@@ -69,20 +89,63 @@ def evaluate(args):
     dataset = preprocess.create_dataset(args.data_dir, training=False, batch_size=batch_size,
                                         num_samples=args.num_samples)
     names = preprocess.class_names(args.data_dir)
-    predictions, labels = inference.predict(model, dataset)
+    if args.attack:
+        attack = attacks.Attack(model.network, args.attack, args.eps, args.steps, args.step_size, args.restarts,
+                                args.attack_seed)
+        predictions, robust, labels, records = attacks.evaluate(attack, dataset, keep=bool(args.save_adversarial))
+    else:
+        predictions, labels = inference.predict(model, dataset)
     correct, total = int((predictions == labels).sum()), len(labels)
     accuracy = correct / total
     confusion = confusion_matrix(labels, predictions, len(names))
     print(format_per_class(names, confusion))
     print(f"accuracy: {100 * accuracy:.2f}% ({correct}/{total}) of {model.description} {path} on {args.data_dir}")
+    result = {"accuracy": accuracy, "correct": correct, "total": total, "model": model.description,
+              "check_point": path, "per_class": per_class(names, confusion), "confusion": confusion.tolist()}
+    if args.attack:
+        result.update(report_attack(attack, names, labels, robust, accuracy, path, args))
+        if args.save_adversarial:
+            attacks.save_folder(args.save_adversarial, args.data_dir, records, adversarial_note(attack, path, args))
+            print(f"adversarial images: {args.save_adversarial} (evaluate any model file on them with "
+                  f"eval.py -data {args.save_adversarial} --num_samples {total})")
     if args.save_predictions:
         save_predictions(args.save_predictions, predictions, args.overwrite)
     if args.json:
-        per_class = {name: (int(row[i]) / int(row.sum()) if row.sum() else None)
-                     for i, (name, row) in enumerate(zip(names, confusion, strict=True))}
-        print(json.dumps({"accuracy": accuracy, "correct": correct, "total": total, "model": model.description,
-                          "check_point": path, "per_class": per_class, "confusion": confusion.tolist()}))
+        print(json.dumps(result))
     return accuracy
+
+
+def per_class(names, confusion):
+    return {name: (int(row[i]) / int(row.sum()) if row.sum() else None)
+            for i, (name, row) in enumerate(zip(names, confusion, strict=True))}
+
+
+def report_attack(attack, names, labels, robust, clean_accuracy, path, args):
+    """Print the robust accuracy; return its JSON fields."""
+    robust_accuracy = float((robust == labels).mean())
+    confusion = confusion_matrix(labels, robust, len(names))
+    print(f"robust accuracy: {100 * robust_accuracy:.2f}% ({int((robust == labels).sum())}/{len(labels)}) under "
+          f"{describe(attack)}; clean {100 * clean_accuracy:.2f}%")
+    print("robust accuracy per class: " + ", ".join(f"{name} {100 * value:.1f}%" for name, value in
+                                                   per_class(names, confusion).items() if value is not None))
+    return {"clean_accuracy": clean_accuracy, "robust_accuracy": robust_accuracy, "attack": attack.settings(),
+            "per_class_robust": per_class(names, confusion), "confusion_robust": confusion.tolist()}
+
+
+def describe(attack):
+    s = attack.settings()
+    eps = f"eps {s['eps']:.4f} = {255 * s['eps']:.1f}/255"
+    if s["method"] == "fgsm":
+        return f"FGSM ({eps})"
+    return (f"PGD ({eps}, {s['steps']} steps of {s['step_size']:.4f}, {s['restarts']} restart"
+            f"{'s' if s['restarts'] > 1 else ''}, seed {s['seed']})")
+
+
+def adversarial_note(attack, path, args):
+    return (f"Adversarial test images written by eval.py: the first images of {args.data_dir}/test_batch.bin "
+            f"(--num_samples {args.num_samples or 'all'}) attacked by {describe(attack)} on {path}, rounded to whole "
+            "pixel levels within eps; the remaining records are the originals. Evaluate any model file on them with "
+            f"python eval.py -loc MODEL -data <this folder> --num_samples {args.num_samples or 10000}\n")
 
 
 def newest_checkpoint(folder):

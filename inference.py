@@ -36,6 +36,7 @@ class Model:
     description: str         # what eval.py reports as `model`
     fixed_batch: int = None  # the batch size fixed in a MindIR graph (export.py --batch), else None
     class_names: list = None  # the names the model file carries (int8 and ONNX files), else None
+    network: object = None    # a checkpoint's network in eval mode (what attacks differentiate), else None
 
 
 def load_model(path, threads=None):
@@ -59,7 +60,9 @@ def load_model(path, threads=None):
     net, config = checkpoint.load_network(path, preprocess.NUM_CLASSES)
     kind = checkpoint.kind(config)
     description = kind if kind == checkpoint.FLOAT32 else f"{checkpoint.QAT} (int8 fake-quant)"
-    return network_model(quant.freeze(net), description)
+    model = network_model(quant.freeze(net), description)
+    model.network = net
+    return model
 
 
 def network_model(net, description, fixed_batch=None):

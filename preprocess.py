@@ -199,18 +199,7 @@ def write_records(path, labels, images):
 
 def write_synthetic(data_dir, seed=0):
     """Write a learnable CIFAR-format set: data_batch_1.bin and test_batch.bin, 10,000 images each."""
-    if os.path.lexists(data_dir) and not os.path.isdir(data_dir):
-        raise DatasetError(f"{data_dir} exists and is not a folder; choose an empty or new folder")
-    existing = sorted(os.listdir(data_dir)) if os.path.isdir(data_dir) else []
-    if existing:
-        cifar = [name for name in existing if name.endswith(".bin")]
-        raise DatasetError(f"{data_dir} is not empty: it holds {(cifar or existing)[0]}"
-                           f"{' and more' if len(existing) > 1 else ''}; choose an empty or new folder")
-    parent = os.path.dirname(os.path.abspath(data_dir))
-    os.makedirs(parent, exist_ok=True)
-    # Written into a hidden folder beside data_dir, renamed into place when complete: never half a data set.
-    with (tempfile.TemporaryDirectory(dir=parent, prefix=".synthetic-", ignore_cleanup_errors=True) as tmp,
-          cli.temporary(tmp)):
+    def write(tmp):
         rng = np.random.default_rng(seed)
         for name in ("data_batch_1.bin", TEST_FILE):
             labels = rng.permutation(np.arange(RECORDS_PER_FILE) % NUM_CLASSES).astype(np.uint8)
@@ -220,6 +209,29 @@ def write_synthetic(data_dir, seed=0):
                               "SYNTHETIC data written by `python preprocess.py --synthetic`, not CIFAR-10.\n"
                               "Class-dependent colours and stripes plus noise: learnable, for trying the commands "
                               "offline.\n")
+    write_folder(data_dir, write)
+
+
+def check_new_folder(data_dir):
+    """Raise DatasetError unless data_dir is a new or an empty folder."""
+    if os.path.lexists(data_dir) and not os.path.isdir(data_dir):
+        raise DatasetError(f"{data_dir} exists and is not a folder; choose an empty or new folder")
+    existing = sorted(os.listdir(data_dir)) if os.path.isdir(data_dir) else []
+    if existing:
+        cifar = [name for name in existing if name.endswith(".bin")]
+        raise DatasetError(f"{data_dir} is not empty: it holds {(cifar or existing)[0]}"
+                           f"{' and more' if len(existing) > 1 else ''}; choose an empty or new folder")
+
+
+def write_folder(data_dir, write):
+    """write(tmp) fills a hidden folder beside data_dir (a new or empty folder), which is then renamed into place
+    when complete: never half a data set."""
+    check_new_folder(data_dir)
+    parent = os.path.dirname(os.path.abspath(data_dir))
+    os.makedirs(parent, exist_ok=True)
+    with (tempfile.TemporaryDirectory(dir=parent, prefix=".cifar-", ignore_cleanup_errors=True) as tmp,
+          cli.temporary(tmp)):
+        write(tmp)
         os.chmod(tmp, 0o755)  # (mkdtemp makes it 0700)
         os.rename(tmp, data_dir)  # (onto an empty folder too)
 

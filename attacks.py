@@ -1,0 +1,169 @@
+"""Adversarial attacks on a MindSpore network (float32 or QAT), L-infinity, in pixel space: FGSM and PGD.
+
+    >>> attack = attacks.Attack(net, "pgd", eps=8 / 255, steps=10)
+    >>> adversarial = attack(images, labels)        # normalized float32 images in and out (numpy)
+
+The pipeline's images are normalized; an attack maps them back to pixels in [0, 1], perturbs the
+pixels, and differentiates the loss through the normalization, so that every adversarial image
+is within `eps` of the original pixel by pixel and inside [0, 1]. A QAT network's gradient is
+its straight-through estimate (quant.py), what an attacker of the fake-quant model gets.
+
+- FGSM (Goodfellow et al. 2015): one step of size eps along the gradient's sign.
+- PGD (Madry et al. 2018): a random start in the eps-ball, then `steps` signed-gradient steps
+  of `step_size`, each projected back into the ball and [0, 1]; with `restarts`, an image
+  counts as broken if any restart breaks it.
+"""
+import argparse
+import fractions
+import os
+import shutil
+
+import mindspore as ms
+import mindspore.nn as nn
+import numpy as np
+
+import checkpoint
+import cli
+import preprocess
+
+METHODS = ("fgsm", "pgd")
+DEFAULTS = {"eps": 8 / 255, "steps": 10, "restarts": 1, "attack_seed": 0}
+NOTE_FILE = "ADVERSARIAL.txt"
+MEAN = np.array(preprocess.CIFAR10_MEAN, np.float32).reshape(1, 3, 1, 1)
+STD = np.array(preprocess.CIFAR10_STD, np.float32).reshape(1, 3, 1, 1)
+
+
+def pixel_fraction(text):
+    """An argparse type: a value in pixel units from 0 to 1, written `8/255` or `0.0314`."""
+    try:
+        value = float(fractions.Fraction(text.strip()))
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"not a number or a fraction like 8/255: {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 1 in pixel units (8/255 is 0.0314), got {text}")
+    return value
+
+
+def resolve(args, path):
+    """Before any work: check eval.py's attack flags against each other and the model file, fill in the defaults,
+    and check that --save_adversarial names a new or empty folder. Raises cli.InputError."""
+    flags = {"--eps": args.eps, "--steps": args.steps, "--step_size": args.step_size, "--restarts": args.restarts,
+             "--attack_seed": args.attack_seed, "--save_adversarial": args.save_adversarial}
+    given = [flag for flag, value in flags.items() if value is not None]
+    if not args.attack:
+        if given:
+            raise cli.InputError(f"{given[0]} belongs to an attack; add --attack pgd (or fgsm)")
+        return
+    pgd_only = [flag for flag in given if flag in ("--steps", "--step_size", "--restarts", "--attack_seed")]
+    if args.attack == "fgsm" and pgd_only:
+        raise cli.InputError(f"FGSM is one step of size --eps; {pgd_only[0]} applies to --attack pgd")
+    if path.endswith((".npz", ".onnx", ".mindir")):
+        raise cli.InputError(f"{path} has no gradients to attack (only checkpoints do); attack the QAT checkpoint it "
+                             "was exported from with --save_adversarial DIR, then evaluate this file on those images "
+                             "with eval.py -data DIR")
+    for name, value in DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.step_size is None:
+        args.step_size = 2.5 * args.eps / args.steps  # Madry et al.'s 2/255 for 8/255 in 10 steps (7 steps there)
+    if args.save_adversarial:
+        preprocess.check_new_folder(args.save_adversarial)
+
+
+def to_pixels(images):
+    return images * STD + MEAN
+
+
+def to_normalized(pixels):
+    return ((pixels - MEAN) / STD).astype(np.float32)
+
+
+class PixelLoss(nn.Cell):
+    """The network's summed cross-entropy on pixel images: normalization inside, so gradients pass through it."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+        self.mean, self.std = ms.Tensor(MEAN), ms.Tensor(STD)
+        self.loss = nn.SoftmaxCrossEntropyWithLogits(sparse=True, reduction="sum")
+
+    def construct(self, pixels, labels):
+        return self.loss(self.net((pixels - self.mean) / self.std), labels)
+
+
+class Attack:
+    """An attack with its settings, applied batch by batch to a network in eval mode."""
+
+    def __init__(self, net, method, eps, steps=10, step_size=None, restarts=1, seed=0):
+        self.net, self.method, self.eps = net, method, eps
+        self.steps = 1 if method == "fgsm" else steps
+        self.step_size = eps if method == "fgsm" else (step_size if step_size is not None else 2.5 * eps / steps)
+        self.restarts = 1 if method == "fgsm" else restarts
+        self.seed, self.rng = seed, np.random.default_rng(seed)
+        self.gradient = ms.grad(PixelLoss(net), grad_position=0)
+
+    def settings(self):
+        return {"method": self.method, "eps": self.eps, "steps": self.steps, "step_size": self.step_size,
+                "restarts": self.restarts, "seed": self.seed}
+
+    def __call__(self, images, labels):
+        """Adversarial versions of normalized images (N, 3, 32, 32) with their labels; normalized, numpy."""
+        clean = to_pixels(images)
+        labels = ms.Tensor(labels.astype(np.int32))
+        best = clean
+        for restart in range(self.restarts):
+            pixels = clean
+            if self.method == "pgd":
+                pixels = np.clip(clean + self.rng.uniform(-self.eps, self.eps, clean.shape).astype(np.float32), 0, 1)
+            for _ in range(self.steps):
+                gradient = self.gradient(ms.Tensor(pixels.astype(np.float32)), labels).asnumpy()
+                pixels = pixels + self.step_size * np.sign(gradient)
+                pixels = np.clip(np.clip(pixels, clean - self.eps, clean + self.eps), 0, 1)
+            if restart == 0:
+                best = pixels
+            else:  # keep, per image, a restart that broke it
+                broken = self.predict(pixels) != labels.asnumpy()
+                best = np.where(broken[:, None, None, None], pixels, best)
+        return to_normalized(best)
+
+    def predict(self, pixels):
+        return self.net(ms.Tensor(to_normalized(pixels))).asnumpy().argmax(axis=1)
+
+
+def evaluate(attack, dataset, keep=False):
+    """Clean and robust predictions of the whole dataset, in order: (clean, robust, labels, records), records the
+    adversarial images as CIFAR pixels (N, 3, 32, 32 uint8) with `keep`, else None."""
+    clean, robust, labels, records = [], [], [], []
+    for images, batch_labels in dataset.create_tuple_iterator(num_epochs=1, output_numpy=True):
+        clean.append(attack.net(ms.Tensor(images)).asnumpy().argmax(axis=1))
+        adversarial = attack(images, batch_labels)
+        robust.append(attack.net(ms.Tensor(adversarial)).asnumpy().argmax(axis=1))
+        labels.append(batch_labels)
+        if keep:
+            records.append(to_uint8(adversarial, images, attack.eps))
+    return (np.concatenate(clean), np.concatenate(robust), np.concatenate(labels),
+            np.concatenate(records) if keep else None)
+
+
+def save_folder(folder, data_dir, records, description):
+    """A CIFAR-format test folder: test_batch.bin with `records` as its first images and the rest of data_dir's
+    test_batch.bin unchanged, its batches.meta.txt (and SYNTHETIC.txt), and a note saying how it was made."""
+    source = np.fromfile(os.path.join(data_dir, preprocess.TEST_FILE), np.uint8).reshape(-1, preprocess.RECORD_BYTES)
+    source[:len(records), 1:] = records.reshape(len(records), -1)
+
+    def write(tmp):
+        source.tofile(os.path.join(tmp, preprocess.TEST_FILE))
+        for name in (preprocess.META_FILE, preprocess.SYNTHETIC_MARKER):  # (regular files only: a FIFO would block)
+            if os.path.isfile(os.path.join(data_dir, name)):
+                shutil.copyfile(os.path.join(data_dir, name), os.path.join(tmp, name))
+        checkpoint.write_text(os.path.join(tmp, NOTE_FILE), description)
+    preprocess.write_folder(folder, write)
+
+
+def to_uint8(adversarial, images, eps):
+    """CIFAR records' pixels (N, 3, 32, 32 uint8) of adversarial images, rounded but still within eps (in whole
+    pixel levels) of the original images."""
+    original = np.round(to_pixels(images) * 255)
+    levels = np.floor(eps * 255 + 1e-6)
+    rounded = np.clip(np.round(to_pixels(adversarial) * 255), original - levels, original + levels)
+    return np.clip(rounded, 0, 255).astype(np.uint8)
