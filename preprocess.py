@@ -213,7 +213,13 @@ def write_synthetic(data_dir, seed=0):
 
 
 def check_new_folder(data_dir):
-    """Raise DatasetError unless data_dir is a new or an empty folder."""
+    """Raise DatasetError unless data_dir is a new or an empty folder that can be written (before any work)."""
+    ancestor = os.path.dirname(os.path.abspath(data_dir))
+    while not os.path.lexists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor) or not os.access(ancestor, os.W_OK | os.X_OK):
+        problem = "not a folder" if not os.path.isdir(ancestor) else "not writable"
+        raise DatasetError(f"cannot write {data_dir}: {ancestor} is {problem}; choose another folder")
     if os.path.lexists(data_dir) and not os.path.isdir(data_dir):
         raise DatasetError(f"{data_dir} exists and is not a folder; choose an empty or new folder")
     existing = sorted(os.listdir(data_dir)) if os.path.isdir(data_dir) else []
@@ -228,12 +234,16 @@ def write_folder(data_dir, write):
     when complete: never half a data set."""
     check_new_folder(data_dir)
     parent = os.path.dirname(os.path.abspath(data_dir))
-    os.makedirs(parent, exist_ok=True)
-    with (tempfile.TemporaryDirectory(dir=parent, prefix=".cifar-", ignore_cleanup_errors=True) as tmp,
-          cli.temporary(tmp)):
-        write(tmp)
-        os.chmod(tmp, 0o755)  # (mkdtemp makes it 0700)
-        os.rename(tmp, data_dir)  # (onto an empty folder too)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        with (tempfile.TemporaryDirectory(dir=parent, prefix=".cifar-", ignore_cleanup_errors=True) as tmp,
+              cli.temporary(tmp)):
+            write(tmp)
+            os.chmod(tmp, 0o755)  # (mkdtemp makes it 0700)
+            os.rename(tmp, data_dir)  # (onto an empty folder too)
+    except OSError as e:  # a full disk, or a folder that appeared meanwhile
+        raise DatasetError(f"cannot write {data_dir} ({e.strerror}); nothing was written, choose another folder") \
+            from None
 
 
 def is_synthetic(data_dir):

@@ -49,7 +49,9 @@ def test_attack_flags_are_checked_before_any_work(untrained, int8_file, syntheti
             (["--eps", "8/255"], ["--eps belongs to an attack; add --attack pgd"]),
             (["--save_adversarial", str(tmp_path / "adv")], ["--save_adversarial belongs to an attack"]),
             (["--attack", "fgsm", "--steps", "5"], ["FGSM is one step", "--steps applies to --attack pgd"]),
-            (["--attack", "pgd", "--save_adversarial", synthetic_dir], ["is not empty", "choose an empty or new"])):
+            (["--attack", "pgd", "--save_adversarial", synthetic_dir], ["is not empty", "choose an empty or new"]),
+            (["--attack", "pgd", "--save_adversarial", os.path.join(untrained["float32"], "adv")],
+             ["cannot write", "is not a folder"])):
         expect_error(evaluate.main, base + flags, capsys, *fragments)
     expect_error(evaluate.main, ["-loc", int8_file, "-data", synthetic_dir, "--attack", "pgd"], capsys,
                  "has no gradients to attack", "--save_adversarial DIR", "eval.py -data DIR")

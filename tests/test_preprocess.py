@@ -152,6 +152,8 @@ def test_synthetic_refuses_a_folder_that_holds_anything(tmp_path, capsys):
                  "choose an empty or new folder")
     assert os.listdir(tmp_path) == ["notes.txt"] and (tmp_path / "notes.txt").read_text() == "mine"
     expect_error(preprocess.main, ["--synthetic", str(tmp_path / "notes.txt")], capsys, "exists and is not a folder")
+    expect_error(preprocess.main, ["--synthetic", str(tmp_path / "notes.txt" / "data" / "x")], capsys,
+                 f"{tmp_path / 'notes.txt'} is not a folder")
 
 
 @pytest.mark.parametrize("flags, fragment", [
