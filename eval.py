@@ -103,7 +103,7 @@ def evaluate(args):
     result = {"accuracy": accuracy, "correct": correct, "total": total, "model": model.description,
               "check_point": path, "per_class": per_class(names, confusion), "confusion": confusion.tolist()}
     if args.attack:
-        result.update(report_attack(attack, names, labels, robust, accuracy, path, args))
+        result.update(report_attack(attack, names, labels, robust, accuracy))
         if args.save_adversarial:
             attacks.save_folder(args.save_adversarial, args.data_dir, records, adversarial_note(attack, path, args))
             print(f"adversarial images: {args.save_adversarial} (evaluate any model file on them with "
@@ -120,7 +120,7 @@ def per_class(names, confusion):
             for i, (name, row) in enumerate(zip(names, confusion, strict=True))}
 
 
-def report_attack(attack, names, labels, robust, clean_accuracy, path, args):
+def report_attack(attack, names, labels, robust, clean_accuracy):
     """Print the robust accuracy; return its JSON fields."""
     robust_accuracy = float((robust == labels).mean())
     confusion = confusion_matrix(labels, robust, len(names))
