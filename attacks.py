@@ -20,6 +20,7 @@ import shutil
 
 import mindspore as ms
 import mindspore.nn as nn
+import mindspore.ops as ops
 import numpy as np
 
 import checkpoint
@@ -82,13 +83,36 @@ class PixelLoss(nn.Cell):
     """The network's summed cross-entropy on pixel images: normalization inside, so gradients pass through it."""
 
     def __init__(self, net):
-        super().__init__()
+        super().__init__(auto_prefix=False)  # the network's parameters keep their names (a training step saves them)
         self.net = net
         self.mean, self.std = ms.Tensor(MEAN), ms.Tensor(STD)
         self.loss = nn.SoftmaxCrossEntropyWithLogits(sparse=True, reduction="sum")
 
     def construct(self, pixels, labels):
         return self.loss(self.net((pixels - self.mean) / self.std), labels)
+
+
+class SignedSteps(nn.Cell):
+    """The attack's steps as one compiled graph: from `start`, `steps` steps of `step_size` along the sign of the
+    loss's gradient, each projected into the eps-ball around `clean` and [0, 1] (pixels in, pixels out).
+
+    eval.py's attacks and train.py's adversarial training (adversarial.py) both run it; a Python
+    loop of gradient calls would cost a round trip per step and could not be part of a training step.
+    """
+
+    def __init__(self, net, eps, steps, step_size):
+        super().__init__(auto_prefix=False)
+        self.loss = PixelLoss(net)
+        self.gradient = ops.GradOperation()  # with respect to the pixels only
+        self.eps, self.steps, self.step_size = eps, steps, step_size
+
+    def construct(self, clean, start, labels):
+        low, high = ops.relu(clean - self.eps), ops.minimum(clean + self.eps, 1.0)
+        pixels = start
+        for _ in range(self.steps):  # unrolled: `steps` is fixed when the graph is compiled
+            pixels = pixels + self.step_size * ops.sign(self.gradient(self.loss)(pixels, labels))
+            pixels = ops.minimum(ops.maximum(pixels, low), high)
+        return ops.stop_gradient(pixels)
 
 
 class Attack:
@@ -100,7 +124,12 @@ class Attack:
         self.step_size = eps if method == "fgsm" else (step_size if step_size is not None else 2.5 * eps / steps)
         self.restarts = 1 if method == "fgsm" else restarts
         self.seed, self.rng = seed, np.random.default_rng(seed)
-        self.gradient = ms.grad(PixelLoss(net), grad_position=0)
+        self.signed_steps = SignedSteps(net, eps, self.steps, self.step_size)
+
+    def describe(self):
+        """Like `PGD-10, eps 8/255`."""
+        steps = f"-{self.steps}" if self.method == "pgd" else ""
+        return f"{self.method.upper()}{steps}, eps {self.eps * 255:.3g}/255"
 
     def settings(self):
         return {"method": self.method, "eps": self.eps, "steps": self.steps, "step_size": self.step_size,
@@ -112,13 +141,10 @@ class Attack:
         labels = ms.Tensor(labels.astype(np.int32))
         best = clean
         for restart in range(self.restarts):
-            pixels = clean
+            start = clean
             if self.method == "pgd":
-                pixels = np.clip(clean + self.rng.uniform(-self.eps, self.eps, clean.shape).astype(np.float32), 0, 1)
-            for _ in range(self.steps):
-                gradient = self.gradient(ms.Tensor(pixels.astype(np.float32)), labels).asnumpy()
-                pixels = pixels + self.step_size * np.sign(gradient)
-                pixels = np.clip(np.clip(pixels, clean - self.eps, clean + self.eps), 0, 1)
+                start = np.clip(clean + self.rng.uniform(-self.eps, self.eps, clean.shape).astype(np.float32), 0, 1)
+            pixels = self.signed_steps(ms.Tensor(clean), ms.Tensor(start.astype(np.float32)), labels).asnumpy()
             if restart == 0:
                 best = pixels
             else:  # keep, per image, a restart that broke it
@@ -134,6 +160,7 @@ def evaluate(attack, dataset, keep=False):
     """Clean and robust predictions of the whole dataset, in order: (clean, robust, labels, records), records the
     adversarial images as CIFAR pixels (N, 3, 32, 32 uint8) with `keep`, else None."""
     clean, robust, labels, records = [], [], [], []
+    attack.rng = np.random.default_rng(attack.seed)  # the same random starts for the same images, every time
     for images, batch_labels in dataset.create_tuple_iterator(num_epochs=1, output_numpy=True):
         clean.append(attack.net(ms.Tensor(images)).asnumpy().argmax(axis=1))
         adversarial = attack(images, batch_labels)

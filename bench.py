@@ -15,6 +15,7 @@ On synthetic CIFAR-format files it writes into a temporary folder, it measures
   after every epoch (--eval_every 1 vs 0).
 
     python bench.py --deploy --json      # instead: inference as deployed, five models
+    python bench.py --adversarial        # instead: the cost of adversarial training and of attacks
 
 --deploy trains a float32 and a QAT checkpoint two steps each (speed does not depend on the
 weights), exports the int8 file and both ONNX models, and measures each model, as its own
@@ -22,6 +23,10 @@ runtime runs it, in a fresh process (latency.py): MindSpore float32 and QAT fake
 (checkpoints), the int8 NumPy reference, ONNX Runtime float32 and int8. Latency at batch 1
 (median and 95th percentile, one thread and all threads), images/s at batch 100 (all threads),
 file size and the process's peak memory; and the CPU's int8 instruction sets.
+
+--adversarial times train.py's QAT training step clean, with FGSM from a random start and with
+PGD-k (--adv_train; fresh processes, alternating, as above), and eval.py's attacks per image on
+the QAT checkpoint: FGSM and PGD-10, against the clean forward pass.
 """
 import signal
 
@@ -37,6 +42,8 @@ import sys
 import tempfile
 import time
 
+import adversarial
+import attacks
 import checkpoint
 import cli
 import export
@@ -70,6 +77,13 @@ def get_args_parser():
                         help="instead: inference speed, size and memory of the deployable models (see above)")
     parser.add_argument("--seconds", type=cli.positive_float, default=2.0,
                         help="with --deploy: least time of each latency and throughput measurement")
+    parser.add_argument("--adversarial", action="store_true",
+                        help="instead: adversarial training steps (FGSM-RS, PGD-k) against clean ones, and attacks "
+                             "per image (see above)")
+    parser.add_argument("--adv_steps", type=cli.int_range(1, 100), default=adversarial.DEFAULT_PGD_STEPS,
+                        help="with --adversarial: k of the PGD-k training step")
+    parser.add_argument("--attack_images", type=IMAGES, default=100,
+                        help="with --adversarial: images per attack measurement")
     parser.add_argument("--validation", action="store_true",
                         help="also time train.py with and without validation after every epoch")
     parser.add_argument("--epochs", type=cli.positive_int, default=4,
@@ -77,7 +91,7 @@ def get_args_parser():
     parser.add_argument("--val_samples", type=IMAGES, default=500,
                         help="with --validation: validation images per epoch")
     # Internal: one measurement in a fresh process.
-    parser.add_argument("--worker", choices=("float", "qat", "eval"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
     return parser
@@ -89,7 +103,8 @@ def main(argv=None):
         print(json.dumps(WORKERS[args.worker](args)))
         return None
     try:
-        return cli.run(deployment if args.deploy else benchmark, args,
+        work = deployment if args.deploy else adversarial_cost if args.adversarial else benchmark
+        return cli.run(work, args,
                        interrupted="no figures (the temporary data folder is removed)")
     except MeasurementFailed as e:
         cli.fail(str(e), code=1)
@@ -121,7 +136,8 @@ def worker(kind, args):
     stdout = run_script(f"the {kind} measurement", "bench.py", "--worker", kind, "--data", args.data,
                         "--checkpoint", args.checkpoint, "--device", args.device, "--batch", str(args.batch),
                         "--steps", str(args.steps), "--eval_images", str(args.eval_images),
-                        "--int8_images", str(args.int8_images))
+                        "--int8_images", str(args.int8_images), "--adv_steps", str(args.adv_steps),
+                        "--attack_images", str(args.attack_images))
     return json.loads(stdout.strip().splitlines()[-1])
 
 
@@ -139,8 +155,11 @@ def run_script(what, script, *argv, env=None):
 def train_worker(args):
     """Time train.py's training step on one fixed batch: the first step (graph compilation), then --steps."""
     device = cli.setup_device(args.device)
-    flags = ["-bsize", str(args.batch), "--device", device, "--qat" if args.worker == "qat" else "--no-qat"]
+    flags = ["-bsize", str(args.batch), "--device", device, "--no-qat" if args.worker == "float" else "--qat"]
+    if args.worker in ("fgsm", "pgd"):
+        flags += ["--adv_train", args.worker] + (["--adv_steps", str(args.adv_steps)] if args.worker == "pgd" else [])
     train_args = train.get_args_parser().parse_args(flags)
+    adversarial.resolve(train_args)
     dataset = preprocess.create_dataset(args.data, training=True, batch_size=args.batch, num_samples=args.batch)
     images, labels = next(dataset.create_tuple_iterator(num_epochs=1))
     start = time.perf_counter()
@@ -179,7 +198,31 @@ def timed_ips(model, dataset):
     return len(predictions) / (time.perf_counter() - start)
 
 
-WORKERS = {"float": train_worker, "qat": train_worker, "eval": eval_worker}
+def attack_worker(args):
+    """Seconds per image of the clean forward pass, FGSM and PGD-10 on a checkpoint, as eval.py --attack runs them
+    (batch 100), each after a warm-up batch that compiles its graph."""
+    cli.setup_device(args.device)
+    net = inference.load_model(args.checkpoint).network
+    dataset = preprocess.create_dataset(args.data, training=False, batch_size=EVAL_BATCH,
+                                        num_samples=args.attack_images)
+    images, labels = next(dataset.create_tuple_iterator(num_epochs=1, output_numpy=True))
+    inference.predict(net, dataset)  # warm-up: graph compilation
+    seconds = {"clean": timed(lambda: inference.predict(net, dataset))}
+    for method in attacks.METHODS:
+        attack = attacks.Attack(net, method, eps=8 / 255, steps=10)
+        attack(images, labels)  # warm-up: graph compilation
+        seconds[method] = timed(lambda: attacks.evaluate(attack, dataset))  # noqa: B023 (called at once)
+    return {f"{name}_s_per_image": s / args.attack_images for name, s in seconds.items()}
+
+
+def timed(work):
+    start = time.perf_counter()
+    work()
+    return time.perf_counter() - start
+
+
+WORKERS = {"float": train_worker, "qat": train_worker, "fgsm": train_worker, "pgd": train_worker,
+           "eval": eval_worker, "attack": attack_worker}
 
 
 def pipeline_speed(data, batch, passes=3):
@@ -305,6 +348,39 @@ def report_deployment(r):
           f"MindSpore float32 over ONNX int8 at batch 1: {r['int8_onnx_over_mindspore_b1']:.1f}x "
           f"({r['int8_onnx_over_mindspore_b1_1thread']:.1f}x on one thread); ONNX int8 file "
           f"{100 * r['onnx_int8_file_over_float32']:.1f}% of float32's")
+
+
+# --- --adversarial: the cost of adversarial training and of attacks ---------------------------------
+
+def adversarial_cost(args):
+    """Adversarial training steps against clean ones, and attacks per image; prints them and returns the figures."""
+    with tempfile.TemporaryDirectory() as tmp:
+        args.data = os.path.join(tmp, "data")
+        preprocess.write_synthetic(args.data, seed=0)
+        runs = {"qat": [], "fgsm": [], "pgd": []}
+        for repeat in range(args.repeats):
+            for kind in runs:
+                args.checkpoint = os.path.join(tmp, f"{kind}-{repeat}.ckpt")
+                runs[kind].append(worker(kind, args))
+        attack = worker("attack", args)  # on the last PGD-trained checkpoint
+    step_s = {kind: statistics.median(s for run in runs[kind] for s in run["step_s"]) for kind in runs}
+    results = {"device": runs["qat"][0]["device"], "cpu": cpu_model(), "batch": args.batch, "steps": args.steps,
+               "repeats": args.repeats, "adv_steps": args.adv_steps, "step_s": step_s,
+               "fgsm_over_clean": step_s["fgsm"] / step_s["qat"], "pgd_over_clean": step_s["pgd"] / step_s["qat"],
+               "first_step_s": {kind: statistics.median(run["first_step_s"] for run in runs[kind]) for kind in runs},
+               "peak_rss_mb": {kind: max(run["peak_rss_mb"] for run in runs[kind]) for kind in runs}, **attack}
+    print(f"QAT training step on {results['device']} ({results['cpu']}), batch {args.batch}, {args.repeats} x "
+          f"{args.steps} steps: clean {step_s['qat']:.2f} s, FGSM-RS {step_s['fgsm']:.2f} s "
+          f"({results['fgsm_over_clean']:.2f}x), PGD-{args.adv_steps} {step_s['pgd']:.2f} s "
+          f"({results['pgd_over_clean']:.2f}x)")
+    print("first step (compilation): " + ", ".join(f"{kind} {s:.1f} s" for kind, s in results["first_step_s"].items())
+          + "; peak memory: " + ", ".join(f"{kind} {mb:.0f} MB" for kind, mb in results["peak_rss_mb"].items()))
+    print(f"eval.py per image (batch {min(EVAL_BATCH, args.attack_images)}, {args.attack_images} images): clean "
+          f"{1000 * attack['clean_s_per_image']:.1f} ms, FGSM {1000 * attack['fgsm_s_per_image']:.1f} ms, PGD-10 "
+          f"{1000 * attack['pgd_s_per_image']:.1f} ms")
+    if args.json:
+        print(json.dumps(results))
+    return results
 
 
 # --- --validation: the cost of validating during training (train.py's own figures) ----------------

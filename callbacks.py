@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 from mindspore.train import Callback
 
+import attacks
 import checkpoint
 import cli
 import inference
@@ -187,19 +188,21 @@ class Checkpointer(Callback):
 
 class Validator(Callback):
     """Accuracy on the test split every `every` epochs and after the last (`epochs`); keeps the best network as
-    best.ckpt (an earlier run's better one there is kept).
+    best.ckpt (an earlier run's better one there is kept). With an `attack` (attacks.Attack, --val_attack), also
+    the robust accuracy, and best.ckpt is the most robust network.
 
-    `results` maps each validated epoch to {"val_accuracy", "val_s"}; `last` is the latest accuracy.
-    Every worker of a data-parallel run validates (a worker that waited for another's validation in
-    its next all-reduce could time out); only the `writer` prints and saves.
+    `results` maps each validated epoch to {"val_accuracy", ["val_robust_accuracy",] "val_s"}; `last` is the
+    latest accuracy. Every worker of a data-parallel run validates (a worker that waited for another's
+    validation in its next all-reduce could time out); only the `writer` prints and saves.
     """
 
-    def __init__(self, net, dataset, every, epochs, savedir, guard, writer=True):
+    def __init__(self, net, dataset, every, epochs, savedir, guard, writer=True, attack=None):
         super().__init__()
         self.net, self.dataset, self.every, self.epochs = net, dataset, every, epochs
-        self.guard, self.writer = guard, writer
+        self.guard, self.writer, self.attack = guard, writer, attack
         self.path = os.path.join(savedir, checkpoint.BEST_FILE)
-        self.best = previous_best(self.path) if writer else None
+        self.key = "val_robust_accuracy" if attack else "val_accuracy"  # what best.ckpt is the best of
+        self.best = previous_best(self.path, self.key) if writer else None
         self.results, self.last = {}, None
 
     def on_train_epoch_end(self, run_context):
@@ -208,33 +211,44 @@ class Validator(Callback):
             return  # an interrupted or failed epoch is not validated
         start = time.time()
         self.net.set_train(False)
-        predictions, labels = inference.predict(self.net, self.dataset)
+        if self.attack:
+            predictions, robust, labels, _ = attacks.evaluate(self.attack, self.dataset)
+        else:
+            predictions, labels = inference.predict(self.net, self.dataset)
         self.net.set_train(True)
-        accuracy = self.last = float((predictions == labels).mean())
-        self.results[epoch] = {"val_accuracy": accuracy, "val_s": time.time() - start}
-        if not self.writer:
-            return
-        better = self.best is None or accuracy > self.best
-        print(f"validation accuracy {100 * accuracy:.2f}% on {len(labels)} test images"
+        result = {"val_accuracy": float((predictions == labels).mean())}
+        if self.attack:
+            result["val_robust_accuracy"] = float((robust == labels).mean())
+        self.last = result["val_accuracy"]
+        self.results[epoch] = {**result, "val_s": time.time() - start}
+        if self.writer:
+            self.report(epoch, result, len(labels))
+
+    def report(self, epoch, result, images):
+        score = result[self.key]
+        better = self.best is None or score > self.best
+        robust = f", robust accuracy {100 * score:.2f}% against {self.attack.describe()}" if self.attack else ""
+        print(f"validation accuracy {100 * result['val_accuracy']:.2f}%{robust} on {images} test images"
               + (f" (best so far: {self.path})" if better else f" (best: {100 * self.best:.2f}%)"), flush=True)
         if better:
             try:
-                checkpoint.save(self.net, self.path, {"epoch_num": epoch, "val_accuracy": accuracy})
-                self.best = accuracy
+                checkpoint.save(self.net, self.path, {"epoch_num": epoch, **result})
+                self.best = score
             except (OSError, RuntimeError) as e:
                 self.guard.report_save_failure(self.path, e)
 
 
-def previous_best(path):
+def previous_best(path, key="val_accuracy"):
+    """The `key` score recorded in an earlier run's best.ckpt, or None (no such file, or it lacks the score)."""
     if not os.path.lexists(path):
         return None
     try:
         if not os.path.isfile(path):  # (a broken link; a FIFO would block the read)
             raise OSError(f"{path} is not a file")
-        params = checkpoint.read(path, choice_func=lambda name: name == "val_accuracy")
-        return float(params["val_accuracy"].asnumpy())
+        params = checkpoint.read(path, choice_func=lambda name: name == key)
+        return float(params[key].asnumpy())
     except (*checkpoint.UNREADABLE, KeyError):
-        print(f"warning: {path} is unreadable or has no val_accuracy; this run's best model will replace it")
+        print(f"warning: {path} is unreadable or has no {key}; this run's best model will replace it")
         return None
 
 

@@ -29,6 +29,7 @@ import mindspore.dataset as ds
 import mindspore.nn as nn
 from mindspore.train import Model
 
+import adversarial
 import callbacks
 import checkpoint
 import parallel
@@ -115,6 +116,7 @@ def get_args_parser():
     parser.add_argument("--seed", type=cli.seed, default=1, help="random seed (weights, data order, augmentation)")
     parser.add_argument("--num_samples", type=cli.positive_int, default=None,
                         help="use N training images per epoch, drawn at random each epoch (default: all)")
+    adversarial.add_arguments(parser)
     return parser
 
 
@@ -149,7 +151,7 @@ def train(args):
 
     net = build_network(run, steps_per_epoch)
     optimizer = make_optimizer(net, run, steps_per_epoch)
-    train_net = build_train_network(net, optimizer, run)
+    train_net = build_train_network(net, optimizer, run, rank)
     if run.workers > 1:
         train_net = parallel.DataParallelStep(train_net, net, run.workers)
     resumed, start_step = resume(run, train_net, dataset, steps_per_epoch)
@@ -160,7 +162,8 @@ def train(args):
                                    start_step, guard, latest=resumed, writer=writer)
     validator = progress = None
     if validation:
-        validator = callbacks.Validator(net, validation, run.eval_every, run.epoch, run.savedir, guard, writer)
+        validator = callbacks.Validator(net, validation, run.eval_every, run.epoch, run.savedir, guard, writer,
+                                        attack=adversarial.validation_attack(net, run))
     if writer:
         progress = callbacks.Progress(run.global_batch, steps_per_epoch, run.epoch, start_step, run.log_every,
                                       os.path.join(run.savedir, METRICS_FILE), optimizer, guard, validator)
@@ -188,6 +191,7 @@ def resolve(args):
     run.device, run.workers, run.global_batch = device, workers, args.batchsize * workers
     run.eval_every = (1 if has_test else 0) if args.eval_every is None else args.eval_every
     run.learningRate = args.learningRate * workers if args.scale_lr else args.learningRate
+    adversarial.resolve(run)
     return run, rank
 
 
@@ -222,6 +226,8 @@ def start_save_dir(args, run, resumed):
     elif run.workers > 1:
         print(f"note: learning rate {run.learningRate:g} is not scaled for the {run.workers}x larger global batch "
               f"(--scale_lr multiplies it by {run.workers})")
+    if run.adv_train != "none":
+        print(adversarial.describe(run))
     if run.workers > 1:
         print(f"data parallel: {run.workers} workers, batch {run.batchsize} per worker, global batch "
               f"{run.global_batch}; each worker trains on its own 1/{run.workers} of every epoch", flush=True)
@@ -310,12 +316,21 @@ def make_loss(run):
     return nn.SoftmaxCrossEntropyWithLogits(sparse=True, reduction="mean")  # the seed's loss
 
 
-def build_train_network(net, optimizer, run):
-    """One training step (loss, gradients, optimizer update) as a Cell, in mixed precision with --amp: O2
-    keeps BatchNorm and the quantizers in float32 and scales the loss, dynamically on GPU (MindSpore's
-    default); CPU, where check_amp refuses --amp as slower but the tests build it, takes a fixed scale."""
-    if run.amp == "O0":
-        return nn.TrainOneStepCell(nn.WithLossCell(net, make_loss(run)), optimizer)
+def build_train_network(net, optimizer, run, rank=0):
+    """One training step (loss, gradients, optimizer update) as a Cell: with --adv_train, on adversarial images
+    (adversarial.py, with worker `rank`'s random starts); with --amp, in mixed precision (amp_step)."""
+    if run.amp != "O0":
+        return amp_step(net, optimizer, run)
+    step = nn.TrainOneStepCell(nn.WithLossCell(net, make_loss(run)), optimizer)
+    if run.adv_train != "none":
+        step = adversarial.AdversarialStep(step, net, run, rank)
+    return step
+
+
+def amp_step(net, optimizer, run):
+    """The training step in mixed precision: O2 keeps BatchNorm and the quantizers in float32 and scales the loss,
+    dynamically on GPU (MindSpore's default); CPU, where check_amp refuses --amp as slower but the tests build
+    it, takes a fixed scale."""
     options = {}
     if ms.get_context("device_target") == "CPU":
         options["loss_scale_manager"] = ms.FixedLossScaleManager(1024.0, drop_overflow_update=False)

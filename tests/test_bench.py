@@ -49,3 +49,15 @@ def test_bench_flags_are_bounded_by_its_data(capsys):
     """Its synthetic data has 10,000 images a split: a larger batch or image count is refused, not attempted."""
     expect_error(bench.main, ["--batch", "10001"], capsys, "argument --batch: must be an integer from 1 to 10000")
     expect_error(bench.main, ["--int8_images", "0"], capsys, "argument --int8_images: must be an integer from 1")
+
+
+@pytest.mark.slow
+def test_bench_reports_the_cost_of_adversarial_training_and_attacks(capsys):
+    results = bench.main(["--adversarial", "--device", "CPU", "--batch", "4", "--steps", "2", "--repeats", "1",
+                          "--adv_steps", "2", "--attack_images", "4", "--json"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == results
+    steps = results["step_s"]
+    assert set(steps) == {"qat", "fgsm", "pgd"} and all(s > 0 for s in steps.values())
+    assert results["fgsm_over_clean"] == steps["fgsm"] / steps["qat"]
+    assert results["pgd_over_clean"] == steps["pgd"] / steps["qat"]
+    assert all(results[f"{name}_s_per_image"] > 0 for name in ("clean", "fgsm", "pgd"))

@@ -1,0 +1,170 @@
+"""Adversarial training in train.py (adversarial.py): its random starts, its training step, its flags, and that it
+makes the model more robust, resumably."""
+import json
+import math
+import os
+import shutil
+
+import mindspore as ms
+import numpy as np
+import pytest
+
+import adversarial
+import attacks
+import eval as evaluate
+import quant
+import train
+from conftest import expect_error, snapshot, train_in_subprocess
+
+
+def test_random_starts_are_uniform_and_a_function_of_key_and_step():
+    starts = adversarial.UniformStarts((64, 3, 32, 32), key=7)
+    step = lambda n: starts(ms.Tensor([n], ms.int32)).asnumpy()  # noqa: E731
+    first = step(0)
+    assert first.dtype == np.float32 and first.min() >= -1 and first.max() < 1
+    assert abs(first.mean()) < 0.01 and abs(first.std() - 1 / math.sqrt(3)) < 0.01  # uniform on [-1, 1)
+    np.testing.assert_array_equal(first, step(0))
+    assert np.corrcoef(first.ravel(), step(1).ravel())[0, 1] < 0.02  # the next step: new numbers
+    other = adversarial.UniformStarts((64, 3, 32, 32), key=8)(ms.Tensor([0], ms.int32)).asnumpy()
+    assert np.corrcoef(first.ravel(), other.ravel())[0, 1] < 0.02  # another seed or worker: new numbers
+
+
+def test_signed_steps_stay_in_the_ball_and_the_pixel_range():
+    from resnetv2 import resnet18
+    rng = np.random.default_rng(0)
+    clean = rng.uniform(0, 1, (8, 3, 32, 32)).astype(np.float32)
+    clean[:, :, :4] = 0  # pixels at the range's ends
+    clean[:, :, -4:] = 1
+    eps = 8 / 255
+    start = np.clip(clean + rng.uniform(-eps, eps, clean.shape), 0, 1).astype(np.float32)
+    steps = attacks.SignedSteps(resnet18().set_train(False), eps, 3, 0.02)
+    pixels = steps(ms.Tensor(clean), ms.Tensor(start), ms.Tensor(rng.integers(0, 10, 8).astype(np.int32))).asnumpy()
+    assert np.abs(pixels - clean).max() <= eps + 1e-6 and pixels.min() >= 0 and pixels.max() <= 1
+    assert (np.abs(pixels - start) > 0.01).mean() > 0.5  # the steps moved most pixels
+
+
+def make_step(flags):
+    args = train.get_args_parser().parse_args(["-bsize", "8", *flags])
+    adversarial.resolve(args)
+    net = train.build_network(args, steps_per_epoch=1)
+    return net, train.build_train_network(net, train.make_optimizer(net, args, steps_per_epoch=1), args)
+
+
+@pytest.mark.parametrize("model", [["--bn_fold"], ["--no-qat"]])
+def test_the_attack_changes_no_state_and_checkpoints_keep_their_names(model):
+    """An adversarial step moves the QAT counters once, as a clean step does (the attack runs on an eval twin that
+    stays in eval mode), and its checkpoint holds exactly a clean step's parameters."""
+    net, step = make_step(["--adv_train", "pgd", "--adv_steps", "2", *model])
+    _, clean_step = make_step(model)
+    assert sorted(p.name for p in step.get_parameters()) == sorted(p.name for p in clean_step.get_parameters())
+    step.set_train(True)  # as Model.train does: the twin stays in eval mode
+    twins = [cell for _, cell in step.cells_and_names() if isinstance(cell, adversarial.EvalTwin)]
+    assert len(twins) == 1 and not any(cell.training for _, cell in twins[0].net.cells_and_names())
+    rng = np.random.default_rng(0)
+    loss = step(ms.Tensor(rng.normal(size=(8, 3, 32, 32)).astype(np.float32)),
+                ms.Tensor(rng.integers(0, 10, 8).astype(np.int32)))
+    assert np.isfinite(loss.asnumpy())
+    if model == ["--no-qat"]:  # no counters to count; the twin is a float network too
+        assert type(twins[0].net.conv1) is type(net.conv1) and not isinstance(net.conv1, quant.QuantConvBN)
+        return
+    counters = {p.name: int(p.asnumpy()) for p in net.get_parameters() if p.name.endswith("steps")}
+    assert counters and set(counters.values()) == {1}, counters
+    assert all(isinstance(cell, quant.QuantConvBN) for cell in (net.conv1, twins[0].net.conv1))
+
+
+@pytest.mark.parametrize("flags, fragments", [
+    (["--adv_eps", "4/255"], ["--adv_eps belongs to adversarial training", "--adv_train fgsm"]),
+    (["--adv_ratio", "0.5", "--val_attack", "pgd"], ["--adv_ratio belongs to adversarial training"]),
+    (["--adv_train", "fgsm", "--adv_steps", "3"], ["--adv_steps applies to --adv_train pgd"]),
+    (["--adv_train", "pgd", "--adv_eps=-1/255"], ["--adv_eps", "from 0 to 1"]),
+    (["--adv_train", "pgd", "--adv_eps", "1.5"], ["--adv_eps", "from 0 to 1"]),
+    (["--adv_train", "pgd", "--adv_steps", "0"], ["--adv_steps", "from 1 to 100"]),
+    (["--adv_train", "pgd", "--adv_ratio", "0"], ["--adv_ratio", "positive"]),
+    (["--adv_train", "pgd", "--adv_ratio", "1.5"], ["--adv_ratio", "(0, 1]"]),
+    (["--adv_train", "pgd-7"], ["invalid choice: 'pgd-7'"]),
+    (["--val_attack", "pgd", "--eval_every", "0"], ["--val_attack", "does not validate", "--eval_every N"]),
+])
+def test_bad_adversarial_flags_fail_before_anything_is_written(flags, fragments, synthetic_dir, tmp_path, capsys):
+    savedir = tmp_path / "run"
+    savedir.mkdir()
+    (savedir / "args.json").write_text("{}")
+    before = snapshot(savedir)
+    expect_error(train.main, ["-data", synthetic_dir, "-dir", str(savedir), "-e", "1", "--num_samples", "64",
+                              *flags], capsys, *fragments)
+    assert snapshot(savedir) == before
+
+
+def test_amp_is_refused_with_adversarial_training():
+    args = train.get_args_parser().parse_args(["--adv_train", "fgsm", "--amp", "O2"])
+    with pytest.raises(train.cli.InputError, match="drop --amp O2"):
+        adversarial.resolve(args)
+
+
+def test_defaults_follow_the_papers():
+    fgsm = train.get_args_parser().parse_args(["--adv_train", "fgsm"])
+    adversarial.resolve(fgsm)
+    assert (fgsm.adv_eps, fgsm.adv_steps, fgsm.adv_step_size, fgsm.adv_ratio) == (8 / 255, 1, 1.25 * 8 / 255, 1.0)
+    pgd = train.get_args_parser().parse_args(["--adv_train", "pgd", "--adv_eps", "4/255"])
+    adversarial.resolve(pgd)
+    assert (pgd.adv_steps, pgd.adv_step_size) == (7, 2.5 * (4 / 255) / 7)
+
+
+@pytest.mark.slow
+def test_an_adversarial_run_resumed_mid_epoch_ends_bit_identical(synthetic_dir, tmp_path):
+    """PGD training with random starts, half of each batch attacked, a per-step schedule and delayed observers: a
+    run resumed from its step-2 checkpoint ends exactly as the run that was not stopped."""
+    flags = ["-data", synthetic_dir, "-bsize", "16", "--num_samples", "64", "-e", "2", "--save_steps", "2",
+             "--keep", "20", "--lr_schedule", "cosine", "--quant_delay", "1", "--seed", "3", "--eval_every", "0",
+             "--adv_train", "pgd", "--adv_steps", "2", "--adv_ratio", "0.5"]
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    final = train_in_subprocess(*flags, "-dir", str(whole))
+    resumed.mkdir()
+    shutil.copy(whole / "resnet18_qat-1_2.ckpt", resumed)
+    path, stdout = train_in_subprocess(*flags, "-dir", str(resumed), "--resume", "auto", output=True)
+    assert "resuming from" in stdout and "after step 2 of 8" in stdout
+    assert os.path.basename(path) == os.path.basename(final) == "resnet18_qat-2_4.ckpt"
+    got, expected = ms.load_checkpoint(path), ms.load_checkpoint(final)
+    assert sorted(got) == sorted(expected)
+    for name in expected:
+        np.testing.assert_array_equal(got[name].asnumpy(), expected[name].asnumpy(), err_msg=name)
+    epochs = [[json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+              for folder in (whole, resumed)]
+    assert epochs[0][-1]["loss"] == epochs[1][-1]["loss"]  # epoch 2's mean loss, over the steps both ran
+
+
+@pytest.fixture(scope="module")
+def continued(trained, synthetic_dir, tmp_path_factory):
+    """The `trained` model (4 standard epochs) trained 2 more epochs, standard and FGSM-RS adversarial, both validated
+    against PGD-10 on 200 test images: {"standard": (its save folder, its last metrics record), "adversarial": ...}."""
+    runs = {}
+    for name, flags in (("standard", []), ("adversarial", ["--adv_train", "fgsm"])):
+        folder = tmp_path_factory.mktemp(name)
+        shutil.copy(trained[0], folder)
+        train_in_subprocess("-data", synthetic_dir, "-dir", str(folder), "-e", "6", "-bsize", "32", "--num_samples",
+                            "384", "--val_samples", "200", "--eval_every", "2", "--val_attack", "pgd", "--resume",
+                            "auto", *flags)
+        runs[name] = folder, json.loads((folder / "metrics.jsonl").read_text().splitlines()[-1])
+    return runs
+
+
+@pytest.mark.slow
+def test_adversarial_training_is_more_robust_than_standard_training_of_the_same_length(continued):
+    standard, adversarial_ = (continued[name][1]["val_robust_accuracy"] for name in ("standard", "adversarial"))
+    # Both on the same 200 images; the gap must exceed twice its standard error (binomial), whatever it is.
+    error = math.sqrt((standard * (1 - standard) + adversarial_ * (1 - adversarial_)) / 200)
+    assert adversarial_ - standard > 2 * error, (standard, adversarial_)
+    for name in continued:
+        record = continued[name][1]
+        assert record["epoch"] == 6 and record["val_robust_accuracy"] <= record["val_accuracy"]
+
+
+@pytest.mark.slow
+def test_robust_validation_is_eval_py_s_attack_and_keeps_the_most_robust_model(continued, synthetic_dir, capsys):
+    folder, record = continued["adversarial"]
+    final = folder / "resnet18_qat-6_12.ckpt"
+    evaluate.main(["-loc", str(final), "-data", synthetic_dir, "--num_samples", "200", "--attack", "pgd", "--json"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (result["clean_accuracy"], result["robust_accuracy"]) == (record["val_accuracy"],
+                                                                     record["val_robust_accuracy"])
+    best = ms.load_checkpoint(str(folder / "best.ckpt"))
+    assert float(best["val_robust_accuracy"].asnumpy()) == pytest.approx(record["val_robust_accuracy"])
