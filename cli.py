@@ -231,7 +231,8 @@ def setup_device(name="auto", pynative=False):
     gpu = ms.hal.is_available("GPU")
     if name == "GPU" and not gpu:
         raise InputError("--device GPU: this MindSpore has no usable GPU backend (it needs an NVIDIA driver "
-                         "and the CUDA 11.1 or 11.6 libraries with cuDNN, see docs/devices.md); use --device CPU")
+                         "and the CUDA 11.1 or 11.6 libraries with cuDNN; `python doctor.py` names those missing); "
+                         "use --device CPU")
     if name == "auto":
         name = "GPU" if gpu else "CPU"
         if name == "CPU":
