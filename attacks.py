@@ -161,7 +161,8 @@ def evaluate(attack, dataset, keep=False):
     adversarial images as CIFAR pixels (N, 3, 32, 32 uint8) with `keep`, else None."""
     clean, robust, labels, records = [], [], [], []
     attack.rng = np.random.default_rng(attack.seed)  # the same random starts for the same images, every time
-    for images, batch_labels in dataset.create_tuple_iterator(num_epochs=1, output_numpy=True):
+    batches = dataset.create_tuple_iterator(num_epochs=1, output_numpy=True)
+    for images, batch_labels in cli.progress(batches, dataset.get_dataset_size(), f"attacking ({attack.describe()})"):
         clean.append(attack.net(ms.Tensor(images)).asnumpy().argmax(axis=1))
         adversarial = attack(images, batch_labels)
         robust.append(attack.net(ms.Tensor(adversarial)).asnumpy().argmax(axis=1))

@@ -25,6 +25,7 @@ import attacks
 import checkpoint
 import cli
 import inference
+import plots
 
 EXIT_SAVE_FAILED, EXIT_DIVERGED = 1, 3  # and 2 for bad input, 128 + the signal when interrupted
 WORKER_0 = "worker 0's latest"  # the checkpoint a data-parallel worker that does not save points to
@@ -270,6 +271,8 @@ class Progress(Callback):
         self.first_step, self.every, self.metrics_path = first_step, every, metrics_path
         self.optimizer, self.guard, self.validator = optimizer, guard, validator
         self.total = epochs * steps_per_epoch
+        self.plot_failed = False
+        self.live, self.bar = cli.interactive(), None  # a terminal: one live bar per epoch instead of the lines
 
     def on_train_begin(self, run_context):
         self.start = time.time()
@@ -296,10 +299,14 @@ class Progress(Callback):
             self.timed_steps += 1
             self.epoch_timed_steps += 1
             self.epoch_timed_time += now - self.step_start
-            if step_in_epoch % self.every == 0 or step_in_epoch == self.steps_per_epoch:
+            if not self.live and (step_in_epoch % self.every == 0 or step_in_epoch == self.steps_per_epoch):
                 self.print_progress(epoch, step_in_epoch, step, now)
+        if self.live:
+            self.advance_bar(epoch, step_in_epoch, step, now)
         if step_in_epoch == self.steps_per_epoch and not self.guard.stopping:
+            self.close_bar()
             self.record = {"epoch": epoch, "step": step, "loss": sum(self.losses) / len(self.losses),
+                           "loss_min": min(self.losses), "loss_max": max(self.losses),
                            "lr": learning_rate(self.optimizer, step), "images_per_s": self.speed(),
                            "epoch_s": now - self.epoch_start, "elapsed_s": now - self.start,
                            "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
@@ -307,11 +314,33 @@ class Progress(Callback):
                   f"mean loss {self.record['loss']:.4f}", flush=True)
 
     def print_progress(self, epoch, step_in_epoch, step, now):
-        wall_per_step = (now - self.timed_start) / self.timed_steps  # with validations and saves, for the ETA
         print(f"epoch {epoch}/{self.epochs} step {step_in_epoch}/{self.steps_per_epoch} ({step}/{self.total}) "
               f"loss {self.losses[-1]:.4f} lr {learning_rate(self.optimizer, step):.3g} {self.speed() or 0:.1f} "
-              f"images/s elapsed {clock(now - self.start)} eta {clock(wall_per_step * (self.total - step))}",
-              flush=True)
+              f"images/s elapsed {clock(now - self.start)} eta {self.eta(step, now)}", flush=True)
+
+    def eta(self, step, now):
+        if not self.timed_steps:
+            return "?"
+        wall_per_step = (now - self.timed_start) / self.timed_steps  # with validations and saves
+        return clock(wall_per_step * (self.total - step))
+
+    def advance_bar(self, epoch, step_in_epoch, step, now):
+        """The epoch's live bar: its steps, then the loss, learning rate, images/s and the run's time left."""
+        if self.bar is None:
+            from tqdm import tqdm
+            self.bar = tqdm(total=self.steps_per_epoch, initial=step_in_epoch - 1, desc=f"epoch {epoch}/{self.epochs}",
+                            unit="step", file=sys.stdout, dynamic_ncols=True, leave=True)
+        self.bar.update(1)
+        self.bar.set_postfix_str(f"loss {self.losses[-1]:.4f} lr {learning_rate(self.optimizer, step):.3g} "
+                                 f"{self.speed() or 0:.1f} images/s, run eta {self.eta(step, now)}")
+
+    def close_bar(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def on_train_end(self, run_context):
+        self.close_bar()  # an interrupted epoch's bar
 
     def speed(self):
         """Images/s of this epoch's timed steps, or None."""
@@ -326,6 +355,18 @@ class Progress(Callback):
             checkpoint.append_line(self.metrics_path, json.dumps(self.record))
         except OSError as e:
             self.guard.report_save_failure(self.metrics_path, e)
+            return
+        self.draw_curves()
+
+    def draw_curves(self):
+        """curves.png beside metrics.jsonl; a failure is a warning (once), never the end of training."""
+        try:
+            plots.update_curves(os.path.dirname(self.metrics_path), os.path.basename(self.metrics_path))
+        except Exception as e:  # noqa: BLE001  (any plotting error: the run goes on)
+            if not self.plot_failed:
+                print(f"warning: could not draw {plots.CURVES_FILE} ({cli.first_line(e)}); training goes on, "
+                      "metrics.jsonl has the figures", flush=True)
+            self.plot_failed = True
 
 
 def loss_value(outputs):

@@ -80,6 +80,20 @@ class ArgumentParser(argparse.ArgumentParser):
         fail(f"{message} (see: python {self.prog} -h)")
 
 
+def interactive():
+    """Whether standard output is a terminal someone watches: live progress bars there, log lines elsewhere."""
+    return sys.stdout.isatty()
+
+
+def progress(iterable, total, what, unit="batch"):
+    """`iterable` with a live progress bar (tqdm) on an interactive terminal, which it leaves when done; the iterable
+    itself for a file or a pipe, so that logs stay as they are."""
+    if not interactive():
+        return iterable
+    from tqdm import tqdm
+    return tqdm(iterable, total=total, desc=what, unit=unit, file=sys.stdout, leave=False, dynamic_ncols=True)
+
+
 def add_device_argument(parser, help="auto: GPU when MindSpore has a GPU backend, else CPU"):
     parser.add_argument("--device", choices=DEVICES, default="auto", help=help)
 

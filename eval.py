@@ -24,12 +24,14 @@ if __name__ == "__main__":
 import cli  # noqa: E402, I001  (first: quiets MindSpore's log before it loads)
 
 import json
+import os
 
 import numpy as np
 
 import attacks
 import checkpoint
 import inference
+import plots
 import preprocess
 
 DEFAULT_CHECKPOINT_DIR = "checkpoints"  # train.py's default save directory
@@ -51,7 +53,10 @@ def get_args_parser():
     parser.add_argument("--json", action="store_true", help="end with one JSON line of the results")
     parser.add_argument("--save_predictions", metavar="PATH", default=None,
                         help="write the predicted labels, in dataset order, to PATH (.npy)")
-    parser.add_argument("--overwrite", action="store_true", help="replace the --save_predictions file if it exists")
+    parser.add_argument("--plot", metavar="PATH", default=None,
+                        help="draw the confusion matrix and the accuracy per class into PATH (.png)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the --save_predictions or --plot file if "
+                                                                  "it exists")
     attack = parser.add_argument_group("adversarial robustness (checkpoints only; pixel units: 8/255 or 0.0314)")
     attack.add_argument("--attack", choices=attacks.METHODS, default=None,
                         help="also attack every image (L-infinity) and report the robust accuracy")
@@ -78,6 +83,10 @@ def evaluate(args):
     path = args.check_point or newest_checkpoint(DEFAULT_CHECKPOINT_DIR)
     if args.save_predictions:
         checkpoint.check_new_file(args.save_predictions, "--save_predictions", path, "the model file", args.overwrite)
+    if args.plot:
+        if not args.plot.endswith(".png"):
+            raise cli.InputError(f"--plot {args.plot} must end in .png")
+        checkpoint.check_new_file(args.plot, "--plot", path, "the model file", args.overwrite)
     attacks.resolve(args, path)
     cli.setup_device(args.device)
     model = inference.load_model(path, args.threads)
@@ -110,6 +119,10 @@ def evaluate(args):
                   f"eval.py -data {args.save_adversarial} --num_samples {total})")
     if args.save_predictions:
         save_predictions(args.save_predictions, predictions, args.overwrite)
+    if args.plot:
+        plots.save_confusion(confusion, names, args.plot, f"{model.description} {os.path.basename(path)}: "
+                             f"{100 * accuracy:.2f}% of {total} images of {args.data_dir}")
+        print(f"wrote {args.plot}")
     if args.json:
         print(json.dumps(result))
     return accuracy

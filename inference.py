@@ -163,7 +163,8 @@ def predict(model, dataset):
     if not isinstance(model, Model):
         model = network_model(model, "network")
     predictions, labels = [], []
-    for images, batch_labels in dataset.create_tuple_iterator(num_epochs=1, output_numpy=True):
+    batches = dataset.create_tuple_iterator(num_epochs=1, output_numpy=True)
+    for images, batch_labels in cli.progress(batches, dataset.get_dataset_size(), "predicting"):
         predictions.append(model.logits(images).argmax(axis=1))
         labels.append(batch_labels)
     return np.concatenate(predictions), np.concatenate(labels)

@@ -1,0 +1,131 @@
+"""Pictures of runs and evaluations, as PNG files (matplotlib, no display needed).
+
+    >>> plots.save_curves({"run": records}, "curves.png")          # records: metrics.jsonl's lines
+    >>> plots.save_confusion(confusion, class_names, "confusion.png", title)
+
+`curves`: the loss per epoch with the spread of its steps (the band from the lowest to the highest
+step loss), the learning rate, and the validation accuracy (and the robust accuracy under
+--val_attack) with the best epoch marked; several runs on one figure compare them (plot.py).
+`confusion`: the confusion matrix as a heat map with the class names, and the accuracy per class
+as bars. Files are written atomically: a picture is whole or absent. Only matplotlib's
+object-oriented API is used (Figure and its Agg canvas), so nothing global changes on import.
+"""
+import json
+import os
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+import checkpoint
+
+CURVES_FILE = "curves.png"
+
+
+def read_metrics(path):
+    """The records of metrics.jsonl that belong to its latest run: the final stretch in which epochs rise (a resumed
+    run continues its epochs; a new run into the same folder starts again at 1). Unreadable lines are skipped."""
+    records = []
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("epoch"), int):
+                records.append(record)
+    start = len(records) - 1
+    while start > 0 and records[start - 1]["epoch"] < records[start]["epoch"]:
+        start -= 1
+    return records[max(start, 0):]
+
+
+def save_curves(runs, path):
+    """A figure of loss, learning rate and validation accuracy over epochs for each run ({label: records})."""
+    figure = Figure(figsize=(15, 4.5), layout="constrained")
+    loss, rate, accuracy = figure.subplots(1, 3)
+    for index, (label, records) in enumerate(runs.items()):
+        color = f"C{index}"
+        epochs = [r["epoch"] for r in records]
+        loss.plot(epochs, [r["loss"] for r in records], "o-", color=color, label=label, markersize=3)
+        if all("loss_min" in r for r in records):
+            loss.fill_between(epochs, [r["loss_min"] for r in records], [r["loss_max"] for r in records],
+                              color=color, alpha=0.15, linewidth=0)
+        rate.plot(epochs, [r["lr"] for r in records], "-", color=color, label=label)
+        plot_accuracy(accuracy, records, color, label, several=len(runs) > 1)
+    loss.set(title="training loss (epoch mean; band: its steps' range)", xlabel="epoch", ylabel="loss")
+    rate.set(title="learning rate (at the epoch's last step)", xlabel="epoch", ylabel="learning rate")
+    rate.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3), useOffset=False)
+    accuracy.set(title="validation accuracy (dashed: robust, under --val_attack)", xlabel="epoch",
+                 ylabel="accuracy (%)", ylim=(0, 103))
+    for axes in (loss, rate, accuracy):
+        axes.grid(alpha=0.3)
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if axes.get_legend_handles_labels()[0]:
+            axes.legend(fontsize="small")
+    save(figure, path)
+
+
+def plot_accuracy(axes, records, color, label, several):
+    validated = [r for r in records if "val_accuracy" in r]
+    if not validated:
+        return
+    epochs = [r["epoch"] for r in validated]
+    prefix = f"{label}: " if several else ""
+    axes.plot(epochs, [100 * r["val_accuracy"] for r in validated], "o-", color=color, label=prefix + "clean",
+              markersize=4)
+    key = "val_accuracy"
+    if all("val_robust_accuracy" in r for r in validated):
+        key = "val_robust_accuracy"  # best.ckpt is then the most robust epoch
+        axes.plot(epochs, [100 * r[key] for r in validated], "s--", color=color, label=prefix + "robust",
+                  markersize=4)
+    best = max(validated, key=lambda r: r[key])
+    axes.plot([best["epoch"]], [100 * best[key]], "*", color=color, markersize=14, markeredgecolor="black",
+              label=f"{prefix}best: epoch {best['epoch']}, {100 * best[key]:.1f}%")
+
+
+def save_confusion(confusion, names, path, title):
+    """The confusion matrix (rows: true class) as a heat map, and per-class accuracy as bars, in one PNG."""
+    confusion = np.asarray(confusion)
+    totals = confusion.sum(axis=1)
+    figure = Figure(figsize=(15, 6.5), layout="constrained")
+    heat, bars = figure.subplots(1, 2, width_ratios=[1.2, 1])
+    shares = confusion / np.maximum(totals, 1)[:, None]
+    image = heat.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    for (i, j), count in np.ndenumerate(confusion):
+        if count:
+            heat.text(j, i, str(count), ha="center", va="center", fontsize=8,
+                      color="white" if shares[i, j] > 0.5 else "black")
+    ticks = range(len(names))
+    heat.set_xticks(ticks, names, rotation=45, ha="right")
+    heat.set_yticks(ticks, names)
+    heat.set(xlabel="predicted class", ylabel="true class", title="confusion matrix (counts; colour: share of row)")
+    figure.colorbar(image, ax=heat, shrink=0.8)
+    accuracy = 100 * np.diag(confusion) / np.maximum(totals, 1)
+    bars.barh(list(ticks), accuracy, color=["C0" if total else "lightgrey" for total in totals])
+    bars.set_yticks(ticks, names)
+    bars.invert_yaxis()
+    bars.set(xlim=(0, 100), xlabel="accuracy (%)", title="accuracy per class")
+    for i, (value, total) in enumerate(zip(accuracy, totals, strict=True)):
+        text = f"{value:.1f}% of {total}" if total else "no images"
+        if value > 30:  # inside the bar, in white
+            bars.text(value - 1, i, text, va="center", ha="right", fontsize=8, color="white")
+        else:
+            bars.text(value + 1, i, text, va="center", fontsize=8)
+    figure.suptitle(title)
+    save(figure, path)
+
+
+def save(figure, path, overwrite=True):
+    FigureCanvasAgg(figure)
+    checkpoint.write_atomically(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100), mode=0o644,
+                                overwrite=overwrite)
+
+
+def update_curves(savedir, metrics_file):
+    """curves.png in savedir, redrawn from its metrics.jsonl; returns its path."""
+    path = os.path.join(savedir, CURVES_FILE)
+    save_curves({os.path.basename(os.path.abspath(savedir)): read_metrics(os.path.join(savedir, metrics_file))},
+                path)
+    return path

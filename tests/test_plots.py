@@ -1,0 +1,125 @@
+"""Pictures: train.py's curves.png, eval.py --plot, plot.py (files written, valid PNGs of the expected size; a
+plotting failure never stops training). The pictures themselves were checked by looking at them."""
+import json
+import os
+
+import mindspore.nn as nn
+import pytest
+from matplotlib.image import imread
+from test_callbacks import FakeRunContext
+
+import callbacks
+import eval as evaluate
+import plot
+import plots
+from conftest import expect_error, snapshot
+
+
+def assert_png(path, width, height):
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    image = imread(path)
+    assert image.shape[:2] == (height, width) and image.std() > 0.05  # drawn, not blank
+
+
+def records(epochs, robust=False, first=1):
+    out = []
+    for epoch in range(first, first + epochs):
+        record = {"epoch": epoch, "step": 10 * epoch, "loss": 2.0 / epoch, "loss_min": 1.0 / epoch,
+                  "loss_max": 3.0 / epoch, "lr": 0.001 * epoch, "images_per_s": 30.0}
+        if epoch % 2 == 0:
+            record.update(val_accuracy=0.5 + 0.04 * epoch, val_s=1.0)
+            if robust:
+                record["val_robust_accuracy"] = 0.2 + 0.03 * epoch
+        out.append(record)
+    return out
+
+
+def write_metrics(folder, lines):
+    folder.mkdir(exist_ok=True)
+    (folder / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
+
+
+def test_read_metrics_keeps_the_latest_run_with_its_resumed_part(tmp_path):
+    earlier = [json.dumps(r) for r in records(3)]  # a run of 3 epochs, then a new run into the same folder
+    latest = [json.dumps(r) for r in records(2)] + ["not json", "[1, 2]"] + [json.dumps(r) for r in records(2, first=3)]
+    write_metrics(tmp_path / "run", earlier + latest)
+    assert [r["epoch"] for r in plots.read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("robust", [False, True])
+def test_curves_are_drawn_from_metrics_records(robust, tmp_path):
+    path = tmp_path / "curves.png"
+    plots.save_curves({"run": records(6, robust)}, str(path))
+    assert_png(path, 1500, 450)
+
+
+def test_progress_redraws_the_curves_and_a_plotting_failure_is_one_warning(tmp_path, capsys, monkeypatch):
+    optimizer = nn.Adam(nn.Dense(3, 2).trainable_params(), learning_rate=0.01)
+    metrics = tmp_path / "metrics.jsonl"
+    progress = callbacks.Progress(8, steps_per_epoch=1, epochs=3, first_step=0, every=50, metrics_path=str(metrics),
+                                  optimizer=optimizer, guard=callbacks.Guard(0, 1))
+    progress.on_train_begin(None)
+
+    def epoch(number):
+        progress.on_train_epoch_begin(None)
+        progress.on_train_step_begin(None)
+        progress.on_train_step_end(FakeRunContext(number, number, loss=1.0 / number))
+        progress.on_train_epoch_end(FakeRunContext(number, number))
+
+    epoch(1)
+    assert_png(tmp_path / "curves.png", 1500, 450)
+    before = (tmp_path / "curves.png").read_bytes()
+    monkeypatch.setattr(plots, "save_curves", lambda runs, path: 1 / 0)
+    capsys.readouterr()
+    epoch(2)
+    epoch(3)
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning")]
+    assert warnings == ["warning: could not draw curves.png (division by zero); training goes on, metrics.jsonl has "
+                        "the figures"]
+    assert (tmp_path / "curves.png").read_bytes() == before  # the last good picture stays whole
+    assert [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_train_py_leaves_curves_png_beside_metrics(trained):
+    assert_png(os.path.join(trained[1], "curves.png"), 1500, 450)
+
+
+def test_eval_plot_draws_the_confusion_matrix(untrained, synthetic_dir, tmp_path, capsys):
+    path = tmp_path / "confusion.png"
+    evaluate.main(["-loc", untrained["float32"], "-data", synthetic_dir, "--num_samples", "100", "--plot", str(path)])
+    assert_png(path, 1500, 650)
+    assert f"wrote {path}" in capsys.readouterr().out
+
+
+def test_eval_plot_is_checked_before_the_evaluation(untrained, synthetic_dir, tmp_path, capsys):
+    base = ["-loc", untrained["float32"], "-data", synthetic_dir, "--num_samples", "100"]
+    (tmp_path / "old.png").write_bytes(b"old")
+    before = snapshot(tmp_path)
+    expect_error(evaluate.main, base + ["--plot", str(tmp_path / "c.jpg")], capsys, "--plot", "must end in .png")
+    expect_error(evaluate.main, base + ["--plot", str(tmp_path / "old.png")], capsys, "exists", "--overwrite")
+    expect_error(evaluate.main, base + ["--plot", str(tmp_path / "none" / "c.png")], capsys, "does not exist")
+    assert snapshot(tmp_path) == before
+
+
+def test_plot_py_compares_runs(tmp_path, capsys):
+    write_metrics(tmp_path / "standard", [json.dumps(r) for r in records(4)])
+    write_metrics(tmp_path / "adversarial", [json.dumps(r) for r in records(4, robust=True)])
+    output = tmp_path / "compare.png"
+    assert plot.main([str(tmp_path / "standard"), str(tmp_path / "adversarial"), "-o", str(output)]) == str(output)
+    assert_png(output, 1500, 450)
+    assert plot.main([str(tmp_path / "standard")]) == str(tmp_path / "standard" / "curves.png")  # its own picture
+
+
+def test_plot_py_refuses_what_it_cannot_draw(tmp_path, capsys):
+    write_metrics(tmp_path / "a", [json.dumps(r) for r in records(2)])
+    write_metrics(tmp_path / "empty", ["garbage"])
+    (tmp_path / "taken.png").write_bytes(b"x")
+    for argv, fragments in (([str(tmp_path / "a"), str(tmp_path / "a")], ["name it with -o"]),
+                            ([str(tmp_path)], ["has no metrics.jsonl"]),
+                            ([str(tmp_path / "empty")], ["holds no epoch record"]),
+                            ([str(tmp_path / "a"), "-o", str(tmp_path / "c.pdf")], ["must end in .png"]),
+                            ([str(tmp_path / "a"), "-o", str(tmp_path / "taken.png")], ["exists", "--overwrite"])):
+        expect_error(plot.main, argv, capsys, *fragments)
+    assert (tmp_path / "taken.png").read_bytes() == b"x"

@@ -1,0 +1,52 @@
+"""Live progress bars on a terminal (a pseudo-terminal here), log lines unchanged in files and pipes."""
+import fcntl
+import os
+import pty
+import struct
+import subprocess
+import sys
+import termios
+
+import pytest
+
+from conftest import ROOT
+
+
+def run_on_terminal(*argv, timeout=600):
+    """`python argv...` with its stdout and stderr on a pseudo-terminal: (exit status, everything it wrote)."""
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))  # 160 columns (a new pty has 0)
+    process = subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdin=subprocess.DEVNULL, stdout=follower,
+                               stderr=follower, close_fds=True)
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the terminal closed: the process ended
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(leader)
+    return process.wait(timeout=timeout), b"".join(chunks).decode(errors="replace")
+
+
+@pytest.mark.slow
+def test_train_py_draws_one_live_bar_per_epoch_on_a_terminal(synthetic_dir, tmp_path):
+    status, output = run_on_terminal("train.py", "-data", synthetic_dir, "-dir", str(tmp_path), "-e", "2",
+                                     "-bsize", "16", "--num_samples", "64", "--val_samples", "100", "--log_every", "1")
+    assert status == 0, output[-3000:]
+    assert "\r" in output and "epoch 1/2" in output and "epoch 2/2" in output and "4/4" in output
+    assert "images/s, run eta" in output
+    assert "epoch 1/2 step " not in output  # the log lines are for files and pipes
+    assert "epoch 2/2 done in" in output and "validation accuracy" in output and "checkpoint: " in output
+
+
+def test_eval_py_shows_a_bar_on_a_terminal_and_none_in_a_pipe(untrained, synthetic_dir):
+    argv = ("eval.py", "-loc", untrained["float32"], "-data", synthetic_dir, "--num_samples", "300", "-bsize", "50")
+    status, output = run_on_terminal(*argv)
+    assert status == 0, output[-3000:]
+    assert "predicting" in output and "6/6" in output and "accuracy: " in output
+    piped = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True)
+    assert piped.returncode == 0 and "predicting" not in piped.stdout + piped.stderr and "\r" not in piped.stdout
