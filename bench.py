@@ -116,10 +116,7 @@ def benchmark(args):
         args.data = os.path.join(tmp, "data")
         preprocess.write_synthetic(args.data, seed=0)
         runs = {"float": [], "qat": []}
-        for repeat in range(args.repeats):
-            for kind in runs:
-                args.checkpoint = os.path.join(tmp, f"{kind}-{repeat}.ckpt")
-                runs[kind].append(worker(kind, args))
+        measure_alternating(runs, args, tmp)
         evaluation = worker("eval", args)  # the last QAT run's checkpoint
         pipeline = pipeline_speed(args.data, args.batch)
         validation = validation_cost(args, tmp) if args.validation else {}
@@ -129,6 +126,15 @@ def benchmark(args):
     if args.json:
         print(json.dumps(results))
     return results
+
+
+def measure_alternating(runs, args, tmp):
+    """--repeats measurements of each kind in `runs` ({kind: []}, filled in), alternating, each in a fresh process;
+    a live bar over them on a terminal."""
+    jobs = [(repeat, kind) for repeat in range(args.repeats) for kind in runs]
+    for repeat, kind in cli.progress(jobs, len(jobs), "measuring", unit="run"):
+        args.checkpoint = os.path.join(tmp, f"{kind}-{repeat}.ckpt")
+        runs[kind].append(worker(kind, args))
 
 
 def worker(kind, args):
@@ -299,7 +305,8 @@ def deployment(args):
                                            ("onnx_int8", "mindspore_qat", "onnx", "int8.onnx")):
             files[name] = os.path.join(tmp, output)
             run_script(f"the {name} export", "export.py", "-loc", files[source], "--format", form, "-o", files[name])
-        deploy = {name: measure(path, args.seconds) for name, path in files.items()}
+        deploy = {name: measure(path, args.seconds)
+                  for name, path in cli.progress(list(files.items()), len(files), "measuring", unit="model")}
     onnx_int8, ms_float, onnx_float = deploy["onnx_int8"], deploy["mindspore_float32"], deploy["onnx_float32"]
     results = {"deploy": deploy, "cpu": cpu_model(), "cpu_count": os.cpu_count(), "int8_isa": int8_isa(),
                "int8_over_float_onnx_b100": onnx_int8["b100_ips"] / onnx_float["b100_ips"],
@@ -358,10 +365,7 @@ def adversarial_cost(args):
         args.data = os.path.join(tmp, "data")
         preprocess.write_synthetic(args.data, seed=0)
         runs = {"qat": [], "fgsm": [], "pgd": []}
-        for repeat in range(args.repeats):
-            for kind in runs:
-                args.checkpoint = os.path.join(tmp, f"{kind}-{repeat}.ckpt")
-                runs[kind].append(worker(kind, args))
+        measure_alternating(runs, args, tmp)
         attack = worker("attack", args)  # on the last PGD-trained checkpoint
     step_s = {kind: statistics.median(s for run in runs[kind] for s in run["step_s"]) for kind in runs}
     results = {"device": runs["qat"][0]["device"], "cpu": cpu_model(), "batch": args.batch, "steps": args.steps,

@@ -29,6 +29,7 @@ import plots
 
 EXIT_SAVE_FAILED, EXIT_DIVERGED = 1, 3  # and 2 for bad input, 128 + the signal when interrupted
 WORKER_0 = "worker 0's latest"  # the checkpoint a data-parallel worker that does not save points to
+SUMMARY_SCALARS = ("loss", "lr", "images_per_s", "val_accuracy", "val_robust_accuracy")  # --summary_dir, per epoch
 
 
 @dataclass
@@ -265,7 +266,7 @@ class Progress(Callback):
     """
 
     def __init__(self, batch_size, steps_per_epoch, epochs, first_step, every, metrics_path, optimizer, guard,
-                 validator=None):
+                 validator=None, summary_dir=None):
         super().__init__()
         self.batch_size, self.steps_per_epoch, self.epochs = batch_size, steps_per_epoch, epochs
         self.first_step, self.every, self.metrics_path = first_step, every, metrics_path
@@ -273,10 +274,14 @@ class Progress(Callback):
         self.total = epochs * steps_per_epoch
         self.plot_failed = False
         self.live, self.bar = cli.interactive(), None  # a terminal: one live bar per epoch instead of the lines
+        self.summary_dir, self.summary = summary_dir, None
 
     def on_train_begin(self, run_context):
         self.start = time.time()
         self.timed_start, self.timed_steps = None, 0  # measured from the end of the first step
+        if self.summary_dir:
+            from tensorboardX import SummaryWriter
+            self.summary = SummaryWriter(self.summary_dir, flush_secs=10)
 
     def on_train_epoch_begin(self, run_context):
         self.epoch_start = time.time()
@@ -291,6 +296,8 @@ class Progress(Callback):
         self.losses.append(loss_value(cb.net_outputs))
         now = time.time()
         step = self.first_step + cb.cur_step_num
+        if self.summary:
+            self.summary.add_scalar("train/step_loss", self.losses[-1], step)
         epoch, step_in_epoch = checkpoint.position(step, self.steps_per_epoch)
         if self.timed_start is None:
             print(f"first step done in {now - self.start:.1f} s (includes graph compilation)", flush=True)
@@ -341,6 +348,15 @@ class Progress(Callback):
 
     def on_train_end(self, run_context):
         self.close_bar()  # an interrupted epoch's bar
+        if self.summary:
+            self.summary.close()
+
+    def write_summary(self, record):
+        """The epoch's figures as TensorBoard scalars, at the run's step count."""
+        for key in SUMMARY_SCALARS:
+            if record.get(key) is not None:
+                self.summary.add_scalar(f"epoch/{key}", record[key], record["step"])
+        self.summary.flush()
 
     def speed(self):
         """Images/s of this epoch's timed steps, or None."""
@@ -357,6 +373,8 @@ class Progress(Callback):
             self.guard.report_save_failure(self.metrics_path, e)
             return
         self.draw_curves()
+        if self.summary:
+            self.write_summary(self.record)
 
     def draw_curves(self):
         """curves.png beside metrics.jsonl; a failure is a warning (once), never the end of training."""

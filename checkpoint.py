@@ -308,10 +308,12 @@ def check_new_file(path, flag, source, source_label, overwrite):
         raise cli.InputError(f"cannot write into {folder} ({e.strerror}); give a writable {flag}") from None
 
 
-def check_save_dir(path):
-    """Raise InputError, before any work, if checkpoints cannot be written into the folder `path`."""
+def check_save_dir(path, flag="-dir"):
+    """Raise InputError, before any work, if checkpoints (or, with `flag` --summary_dir, event files) cannot be
+    written into the folder `path`; create it."""
+    what = "save directory" if flag == "-dir" else flag
     if os.path.exists(path) and not os.path.isdir(path):
-        raise cli.InputError(f"save directory {path} is a file; give a folder with -dir")
+        raise cli.InputError(f"{what} {path} is a file; give a folder with {flag}")
     for name in ("args.json", "metrics.jsonl", BEST_FILE):  # files train.py writes, folders here by mistake
         if os.path.isdir(os.path.join(path, name)):
             raise cli.InputError(f"{os.path.join(path, name)} is a folder, where train.py writes a file; move it away "
@@ -321,8 +323,8 @@ def check_save_dir(path):
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as e:
-        raise cli.InputError(f"cannot write to save directory {path} ({e.strerror}); "
-                             "give a writable folder with -dir") from None
+        raise cli.InputError(f"cannot write to {what} {path} ({e.strerror}); "
+                             f"give a writable folder with {flag}") from None
 
 
 _locks = []  # the open save folders of this process: the OS releases their locks when it ends, however it ends

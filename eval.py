@@ -23,6 +23,7 @@ if __name__ == "__main__":
 
 import cli  # noqa: E402, I001  (first: quiets MindSpore's log before it loads)
 
+import csv
 import json
 import os
 
@@ -55,8 +56,10 @@ def get_args_parser():
                         help="write the predicted labels, in dataset order, to PATH (.npy)")
     parser.add_argument("--plot", metavar="PATH", default=None,
                         help="draw the confusion matrix and the accuracy per class into PATH (.png)")
-    parser.add_argument("--overwrite", action="store_true", help="replace the --save_predictions or --plot file if "
-                                                                  "it exists")
+    parser.add_argument("--csv", metavar="PATH", default=None,
+                        help="write the accuracy per class and the confusion matrix to PATH (.csv, for a spreadsheet)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the --save_predictions, --plot or --csv "
+                                                                  "file if it exists")
     attack = parser.add_argument_group("adversarial robustness (checkpoints only; pixel units: 8/255 or 0.0314)")
     attack.add_argument("--attack", choices=attacks.METHODS, default=None,
                         help="also attack every image (L-infinity) and report the robust accuracy")
@@ -83,10 +86,11 @@ def evaluate(args):
     path = args.check_point or newest_checkpoint(DEFAULT_CHECKPOINT_DIR)
     if args.save_predictions:
         checkpoint.check_new_file(args.save_predictions, "--save_predictions", path, "the model file", args.overwrite)
-    if args.plot:
-        if not args.plot.endswith(".png"):
-            raise cli.InputError(f"--plot {args.plot} must end in .png")
-        checkpoint.check_new_file(args.plot, "--plot", path, "the model file", args.overwrite)
+    for flag, output, suffix in (("--plot", args.plot, ".png"), ("--csv", args.csv, ".csv")):
+        if output and not output.endswith(suffix):
+            raise cli.InputError(f"{flag} {output} must end in {suffix}")
+        if output:
+            checkpoint.check_new_file(output, flag, path, "the model file", args.overwrite)
     attacks.resolve(args, path)
     cli.setup_device(args.device)
     model = inference.load_model(path, args.threads)
@@ -123,6 +127,10 @@ def evaluate(args):
         plots.save_confusion(confusion, names, args.plot, f"{model.description} {os.path.basename(path)}: "
                              f"{100 * accuracy:.2f}% of {total} images of {args.data_dir}")
         print(f"wrote {args.plot}")
+    if args.csv:
+        checkpoint.write_atomically(args.csv, lambda tmp: write_csv(tmp, names, confusion), mode=0o644,
+                                    overwrite=args.overwrite)
+        print(f"wrote {args.csv}")
     if args.json:
         print(json.dumps(result))
     return accuracy
@@ -189,6 +197,17 @@ def format_per_class(names, confusion):
     lines.append(" " * 4 + "".join(f"{i:>{cell}}" for i in range(len(names))))
     lines += [f"{i:>4}" + "".join(f"{count:>{cell}}" for count in row) for i, row in enumerate(confusion)]
     return "\n".join(lines)
+
+
+def write_csv(path, names, confusion):
+    """One row per true class: its images, correct ones, accuracy (%), then its confusion row (predicted classes)."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["class", "images", "correct", "accuracy_percent"] + [f"predicted {name}" for name in names])
+        for i, (name, row) in enumerate(zip(names, confusion, strict=True)):
+            total = int(row.sum())
+            writer.writerow([name, total, int(row[i]), f"{100 * row[i] / total:.2f}" if total else ""]
+                            + [int(count) for count in row])
 
 
 def save_predictions(path, predictions, overwrite):

@@ -93,6 +93,7 @@ def get_args_parser():
                         help="validate on the first N test images (default: all)")
     parser.add_argument("--keep", type=cli.positive_int, default=5, metavar="N",
                         help="keep the newest N periodic checkpoints (best.ckpt is kept besides)")
+    parser.add_argument("--summary_dir", metavar="DIR", help="write the run's scalars as TensorBoard events into DIR")
     parser.add_argument("--log_every", type=cli.positive_int, default=50, metavar="N",
                         help="print a progress line every N steps (and at the end of each epoch)")
     parser.add_argument("--save_steps", type=cli.non_negative_int, default=0, metavar="N",
@@ -147,6 +148,8 @@ def train(args):
     validation = load_validation_data(run)
     if writer:
         checkpoint.check_save_dir(run.savedir)
+        if run.summary_dir:
+            checkpoint.check_save_dir(run.summary_dir, "--summary_dir")
         checkpoint.lock_save_dir(run.savedir)  # one run per save folder, held until this process ends
 
     net = build_network(run, steps_per_epoch)
@@ -166,7 +169,8 @@ def train(args):
                                         attack=adversarial.validation_attack(net, run))
     if writer:
         progress = callbacks.Progress(run.global_batch, steps_per_epoch, run.epoch, start_step, run.log_every,
-                                      os.path.join(run.savedir, METRICS_FILE), optimizer, guard, validator)
+                                      os.path.join(run.savedir, METRICS_FILE), optimizer, guard, validator,
+                                      run.summary_dir)
     Model(train_net).train(run.epoch, dataset, callbacks=[cb for cb in (guard, saver, validator, progress) if cb],
                            dataset_sink_mode=False, initial_epoch=start_step // steps_per_epoch)
     if run.workers > 1:  # in each worker's own log: the workers' networks (and validations) must agree

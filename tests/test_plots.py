@@ -12,7 +12,7 @@ import callbacks
 import eval as evaluate
 import plot
 import plots
-from conftest import expect_error, snapshot
+from conftest import expect_error, snapshot, train_in_subprocess
 
 
 def assert_png(path, width, height):
@@ -123,3 +123,41 @@ def test_plot_py_refuses_what_it_cannot_draw(tmp_path, capsys):
                             ([str(tmp_path / "a"), "-o", str(tmp_path / "taken.png")], ["exists", "--overwrite"])):
         expect_error(plot.main, argv, capsys, *fragments)
     assert (tmp_path / "taken.png").read_bytes() == b"x"
+
+
+@pytest.mark.slow
+def test_summary_dir_holds_what_tensorboard_reads(synthetic_dir, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    summary = tmp_path / "tb"
+    train_in_subprocess("-data", synthetic_dir, "-dir", str(tmp_path / "run"), "-e", "2", "-bsize", "16",
+                        "--num_samples", "32", "--val_samples", "100", "--summary_dir", str(summary))
+    events = EventAccumulator(str(summary)).Reload()  # TensorBoard's own reader, as its dashboard loads the folder
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [e.step for e in events.Scalars("train/step_loss")] == [1, 2, 3, 4]
+    for key in ("loss", "lr", "images_per_s", "val_accuracy"):
+        scalars = events.Scalars(f"epoch/{key}")
+        assert [e.step for e in scalars] == [2, 4]
+        assert [e.value for e in scalars] == pytest.approx([m[key] for m in metrics], rel=1e-6), key
+
+
+def test_a_summary_dir_that_is_a_file_is_refused_before_training(synthetic_dir, tmp_path, capsys):
+    import train
+    (tmp_path / "tb").write_text("x")
+    expect_error(train.main, ["-data", synthetic_dir, "-dir", str(tmp_path / "run"), "-e", "1", "--num_samples", "32",
+                              "--summary_dir", str(tmp_path / "tb")], capsys, "--summary_dir", "is a file")
+    assert not (tmp_path / "run" / "args.json").exists()
+
+
+def test_eval_csv_opens_as_a_table_of_the_report(untrained, synthetic_dir, tmp_path, capsys):
+    import csv
+    path = tmp_path / "report.csv"
+    evaluate.main(["-loc", untrained["float32"], "-data", synthetic_dir, "--num_samples", "100", "--csv", str(path),
+                   "--json"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    rows = list(csv.reader(path.open()))
+    assert rows[0][:4] == ["class", "images", "correct", "accuracy_percent"] and len(rows) == 11
+    assert [[int(x) for x in row[4:]] for row in rows[1:]] == result["confusion"]
+    assert sum(int(row[1]) for row in rows[1:]) == 100 and sum(int(row[2]) for row in rows[1:]) == result["correct"]
+    bad = str(tmp_path / "r.txt")
+    expect_error(evaluate.main, ["-loc", untrained["float32"], "-data", synthetic_dir, "--csv", bad], capsys, "--csv",
+                 "must end in .csv")
