@@ -68,10 +68,17 @@ def check_python(args):
         yield WARNING, f"Python {version}: the toolkit is tested with 3.11 (MindSpore 2.10 has wheels for 3.9-3.11)"
 
 
-def check_numpy(args):
+def installed(package):
+    """The installed version of a package, or None."""
     try:
-        version = importlib.metadata.version("numpy")
+        return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def check_numpy(args):
+    version = installed("numpy")
+    if version is None:
         yield PROBLEM, "numpy is not installed: pip install -r requirements.txt"
         return
     if int(version.split(".")[0]) >= 2:
@@ -82,9 +89,8 @@ def check_numpy(args):
 
 
 def check_mindspore(args):
-    try:
-        version = importlib.metadata.version("mindspore")
-    except importlib.metadata.PackageNotFoundError:
+    version = installed("mindspore")
+    if version is None:
         yield PROBLEM, "MindSpore is not installed: pip install -r requirements.txt"
         return
     try:
