@@ -57,13 +57,12 @@ def save_curves(runs, path):
     loss.set(title="training loss (epoch mean; band: its steps' range)", xlabel="epoch", ylabel="loss")
     rate.set(title="learning rate (at the epoch's last step)", xlabel="epoch", ylabel="learning rate")
     rate.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3), useOffset=False)
-    accuracy.set(title="validation accuracy (dashed: robust, under --val_attack)", xlabel="epoch",
-                 ylabel="accuracy (%)", ylim=(0, 103))
+    accuracy.set(title="validation accuracy (dashed: robust)", xlabel="epoch", ylabel="accuracy (%)", ylim=(0, 103))
     for axes in (loss, rate, accuracy):
         axes.grid(alpha=0.3)
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         if axes.get_legend_handles_labels()[0]:
-            axes.legend(fontsize="small")
+            axes.legend(fontsize="small", loc="lower right" if axes is accuracy else "best")
     save(figure, path)
 
 
