@@ -46,7 +46,7 @@ def two_workers(synthetic_dir, tmp_path_factory):
 def test_worker_0_alone_writes_the_checkpoints(two_workers):
     savedir, logged = two_workers
     # One set of checkpoints, written by worker 0 only: steps 2 and 4 of 64 / 2 workers / batch 8.
-    assert sorted(os.listdir(savedir)) == ["args.json", "best.ckpt", "metrics.jsonl",
+    assert sorted(os.listdir(savedir)) == ["args.json", "best.ckpt", "curves.png", "metrics.jsonl",
                                            "resnet18_qat-1_2.ckpt", "resnet18_qat-1_4.ckpt"]
     assert "data parallel: 2 workers, batch 8 per worker, global batch 16" in logged[0]
     assert "--scale_lr: learning rate 0.001 x 2 worker(s) = 0.002" in logged[0]

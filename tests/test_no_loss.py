@@ -184,7 +184,7 @@ def test_a_second_run_into_the_same_folder_is_refused_and_the_first_keeps_its_fi
                                           f"(process {first.pid}); wait for it to end, or give another -dir"]
     stdout, stderr = first.communicate(timeout=600)
     assert first.returncode == 0, stderr
-    assert sorted(os.listdir(folder)) == ["args.json", "metrics.jsonl", "resnet18_qat-1_4.ckpt",
+    assert sorted(os.listdir(folder)) == ["args.json", "curves.png", "metrics.jsonl", "resnet18_qat-1_4.ckpt",
                                           "resnet18_qat-2_4.ckpt"]
     assert [r["epoch"] for r in assert_whole(folder)] == [1, 2]
     with open(os.path.join(folder, "args.json")) as f:
