@@ -4,7 +4,8 @@
   that are not finite, a failed save), and how train.py then exits;
 - `Checkpointer`: the training state after every epoch, every --save_steps steps and on an interrupt;
 - `Validator`: accuracy on the test split every --eval_every epochs, the best network as best.ckpt;
-- `Progress`: progress lines, the per-epoch summary and metrics.jsonl.
+- `Progress`: progress lines (or a live bar), the per-epoch summary, metrics.jsonl, curves.png and
+  the --summary_dir event files.
 
 Each owns its state. The others report to the Guard what went wrong and ask it whether training
 is stopping; Progress reads the Validator's results for metrics.jsonl.
@@ -262,7 +263,9 @@ class Progress(Callback):
     epoch's training steps (each timed from its start to its end, as MindSpore's TimeMonitor does;
     the run's first step, the graph compilation, left out), time elapsed and the estimated time
     left. Steps count from the start of the run, also when it was resumed at `first_step`.
-    `batch_size` is the global batch (all workers').
+    `batch_size` is the global batch (all workers'). On an interactive terminal a live bar per
+    epoch replaces the lines. After each epoch's record, curves.png beside `metrics_path` is
+    redrawn (plots.py), and with `summary_dir` the figures go to TensorBoard event files too.
     """
 
     def __init__(self, batch_size, steps_per_epoch, epochs, first_step, every, metrics_path, optimizer, guard,
