@@ -229,11 +229,13 @@ def _forward_interrupt(main_thread, stderr):
 
 def _raise_interrupt(signum, frame):
     """KeyboardInterrupt, unless MindSpore's own Python code is running: broken off there (in a graph compilation)
-    its C++ side logs pages of errors."""
+    its C++ side logs pages of errors. Nor while a `with` block is entered or left (contextlib's frames): broken
+    off there, mindspore_log_quiet would leave fd 2 closed off, and the line that says what was kept with it."""
     if _raised.is_set():
         return
     while frame is not None:
-        if frame.f_code.co_filename.startswith(MINDSPORE_DIR):
+        filename = frame.f_code.co_filename
+        if filename.startswith(MINDSPORE_DIR) or filename == contextlib.__file__:
             return
         frame = frame.f_back
     _raised.set()
