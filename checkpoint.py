@@ -288,16 +288,16 @@ def save(net, path, records):
     write_atomically(path, lambda tmp: ms.save_checkpoint(net, tmp, append_dict=records, crc_check=True))
 
 
-def check_new_file(path, flag, source, source_label, overwrite):
+def check_new_file(path, flag, overwrite, source=None, source_label=""):
     """Before any work, for an output file given with `flag`: raise InputError unless `path` names a file (not a
-    folder) in an existing, writable folder, is not `source` (the file being read: `source_label`), and is new
-    unless `overwrite`."""
+    folder) in an existing, writable folder, is not `source` (a file being read, if any: `source_label`), and is
+    new unless `overwrite`."""
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise cli.InputError(f"{flag} {path} is a folder; give a file name")
     if not os.path.isdir(folder):
         raise cli.InputError(f"{flag}: folder {folder} does not exist; create it or give another path")
-    if os.path.exists(path) and os.path.exists(source) and os.path.samefile(path, source):
+    if source and os.path.exists(path) and os.path.exists(source) and os.path.samefile(path, source):
         raise cli.InputError(f"{flag} {path} is {source_label}; give another path")
     if os.path.lexists(path) and not overwrite:
         raise cli.InputError(f"{flag} {path} exists; give another {flag}, or add --overwrite to replace it")

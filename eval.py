@@ -85,12 +85,12 @@ def evaluate(args):
     """The accuracy of the model file on the test split; prints the report. Every input is checked first."""
     path = args.check_point or newest_checkpoint(DEFAULT_CHECKPOINT_DIR)
     if args.save_predictions:
-        checkpoint.check_new_file(args.save_predictions, "--save_predictions", path, "the model file", args.overwrite)
+        checkpoint.check_new_file(args.save_predictions, "--save_predictions", args.overwrite, path, "the model file")
     for flag, output, suffix in (("--plot", args.plot, ".png"), ("--csv", args.csv, ".csv")):
         if output and not output.endswith(suffix):
             raise cli.InputError(f"{flag} {output} must end in {suffix}")
         if output:
-            checkpoint.check_new_file(output, flag, path, "the model file", args.overwrite)
+            checkpoint.check_new_file(output, flag, args.overwrite, path, "the model file")
     attacks.resolve(args, path)
     cli.setup_device(args.device)
     model = inference.load_model(path, args.threads)

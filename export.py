@@ -111,7 +111,7 @@ def check_output(path, args):
     if not path.endswith(suffix):
         raise cli.InputError(f"output {path} does not end in {suffix}, the suffix of --format {args.format}; "
                              f"give a -o ending in {suffix}")
-    checkpoint.check_new_file(path, "-o", args.check_point, "the checkpoint being exported", args.overwrite)
+    checkpoint.check_new_file(path, "-o", args.overwrite, args.check_point, "the checkpoint being exported")
 
 
 def write(path, write_file, overwrite):

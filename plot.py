@@ -53,7 +53,7 @@ def draw(args):
             raise cli.InputError(f"{path} holds no epoch record; give a save directory with a finished epoch")
         label = os.path.basename(os.path.abspath(folder))
         runs[label if label not in runs else folder] = records
-    checkpoint.check_new_file(output, "-o", "", "", overwrite=args.overwrite or args.output is None)
+    checkpoint.check_new_file(output, "-o", overwrite=args.overwrite or args.output is None)
     plots.save_curves(runs, output)
     print(f"wrote {output}")
     return output

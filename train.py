@@ -53,8 +53,7 @@ def get_args_parser():
     parser = cli.ArgumentParser(prog="train.py", description=__doc__.split("\n")[0])
     # The seed's flags, both spellings, as in its usage text.
     parser.add_argument("-bsize", "--batchsize", type=cli.positive_int, default=32,
-                        help="batch size per device: under msrun, per worker (the global batch is "
-                             "workers x this)")
+                        help="batch size per device: under msrun, per worker (the global batch: workers x this)")
     parser.add_argument("-repeatNum", "--repeatNum", type=cli.positive_int, default=1,
                         help="repeat num: passes over the data in one epoch")
     parser.add_argument("-dir", "--savedir", default="checkpoints", help="save directory")
