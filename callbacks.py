@@ -283,8 +283,7 @@ class Progress(Callback):
         self.start = time.time()
         self.timed_start, self.timed_steps = None, 0  # measured from the end of the first step
         if self.summary_dir:
-            from tensorboardX import SummaryWriter
-            self.summary = SummaryWriter(self.summary_dir, flush_secs=10)
+            self.summary = self.to_summary(EventLog, self.summary_dir)
 
     def on_train_epoch_begin(self, run_context):
         self.epoch_start = time.time()
@@ -300,7 +299,7 @@ class Progress(Callback):
         now = time.time()
         step = self.first_step + cb.cur_step_num
         if self.summary:
-            self.summary.add_scalar("train/step_loss", self.losses[-1], step)
+            self.to_summary(self.summary.add_scalar, "train/step_loss", self.losses[-1], step)
         epoch, step_in_epoch = checkpoint.position(step, self.steps_per_epoch)
         if self.timed_start is None:
             print(f"first step done in {now - self.start:.1f} s (includes graph compilation)", flush=True)
@@ -352,7 +351,7 @@ class Progress(Callback):
     def on_train_end(self, run_context):
         self.close_bar()  # an interrupted epoch's bar
         if self.summary:
-            self.summary.close()
+            self.to_summary(self.summary.close)
 
     def write_summary(self, record):
         """The epoch's figures as TensorBoard scalars, at the run's step count."""
@@ -360,6 +359,19 @@ class Progress(Callback):
             if record.get(key) is not None:
                 self.summary.add_scalar(f"epoch/{key}", record[key], record["step"])
         self.summary.flush()
+
+    def to_summary(self, write, *args):
+        """write(*args), and its result; a failure (a full disk) is a warning, and the event file ends there
+        (None): training goes on."""
+        try:
+            return write(*args)
+        except OSError as e:
+            print(f"warning: stopped writing TensorBoard events into {self.summary_dir} ({e.strerror}); training "
+                  "goes on, metrics.jsonl has the figures", flush=True)
+            if self.summary:
+                with contextlib.suppress(OSError):
+                    self.summary.close()
+            self.summary = None
 
     def speed(self):
         """Images/s of this epoch's timed steps, or None."""
@@ -377,7 +389,7 @@ class Progress(Callback):
             return
         self.draw_curves()
         if self.summary:
-            self.write_summary(self.record)
+            self.to_summary(self.write_summary, self.record)
 
     def draw_curves(self):
         """curves.png beside metrics.jsonl; a failure is a warning (once), never the end of training."""
@@ -388,6 +400,34 @@ class Progress(Callback):
                 print(f"warning: could not draw {plots.CURVES_FILE} ({cli.first_line(e)}); training goes on, "
                       "metrics.jsonl has the figures", flush=True)
             self.plot_failed = True
+
+
+class EventLog:
+    """TensorBoard scalars in one event file of `folder`, written in the calling thread: tensorboardX's
+    SummaryWriter writes from a thread of its own, where a full disk ends in tracebacks and then a queue that
+    blocks training. Here an OSError reaches the caller. Flushed at least every FLUSH_S seconds, so that a running
+    TensorBoard sees the steps as they come."""
+    FLUSH_S = 10
+
+    def __init__(self, folder):
+        from tensorboardX.event_file_writer import EventsWriter
+        os.makedirs(folder, exist_ok=True)
+        self.writer = EventsWriter(os.path.join(folder, "events"))
+        self.flushed = time.monotonic()
+
+    def add_scalar(self, tag, value, step):
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.summary import scalar
+        self.writer.write_event(Event(wall_time=time.time(), step=int(step), summary=scalar(tag, value)))
+        if time.monotonic() - self.flushed > self.FLUSH_S:
+            self.flush()
+
+    def flush(self):
+        self.writer.flush()
+        self.flushed = time.monotonic()
+
+    def close(self):
+        self.writer.close()
 
 
 def loss_value(outputs):

@@ -205,6 +205,22 @@ def test_a_disk_that_fills_during_training_stops_it_with_1_and_keeps_what_was_sa
     assert [r["epoch"] for r in assert_whole(folder)][-2:] == [2, 3]
 
 
+def test_a_full_summary_disk_is_one_warning_and_training_goes_on(small_disk, synthetic_dir, tmp_path):
+    """TensorBoard's event files are a view of metrics.jsonl: a full disk under --summary_dir ends them, not the
+    run (tensorboardX's own writer thread died there in tracebacks, and took train.py with it)."""
+    fill(small_disk)
+    folder = tmp_path / "run"
+    result = run_script("train.py", "-data", synthetic_dir, "-dir", str(folder), "-e", "2", *RUN,
+                        "--summary_dir", str(small_disk / "tb"))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    warnings = [line for line in result.stdout.splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: stopped writing TensorBoard events into {small_disk / 'tb'} (No space left on "
+                        "device); training goes on, metrics.jsonl has the figures"]
+    assert [r["epoch"] for r in assert_whole(folder)] == [1, 2]
+    assert "resnet18_qat-2_4.ckpt" in os.listdir(folder)
+
+
 # --- one run per save folder ------------------------------------------------------------------------
 
 def test_a_second_run_into_the_same_folder_is_refused_and_the_first_keeps_its_files(synthetic_dir, tmp_path):
