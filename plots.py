@@ -25,20 +25,32 @@ CURVES_FILE = "curves.png"
 
 def read_metrics(path):
     """The records of metrics.jsonl that belong to its latest run: the final stretch in which epochs rise (a resumed
-    run continues its epochs; a new run into the same folder starts again at 1). Unreadable lines are skipped."""
+    run continues its epochs; a new run into the same folder starts again at 1). Unreadable lines are skipped, and
+    so are records without the figures drawn (hand-edited, or not train.py's)."""
     records = []
-    with open(path) as f:
+    with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if isinstance(record, dict) and isinstance(record.get("epoch"), int):
+            if drawable(record):
                 records.append(record)
     start = len(records) - 1
     while start > 0 and records[start - 1]["epoch"] < records[start]["epoch"]:
         start -= 1
     return records[max(start, 0):]
+
+
+def drawable(record):
+    """Whether a metrics record has what save_curves draws: an integer epoch, a numeric loss and learning rate, and
+    numeric validation figures and loss range where it has them."""
+    def number(value):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return (isinstance(record, dict) and type(record.get("epoch")) is int
+            and number(record.get("loss")) and number(record.get("lr"))
+            and all(number(record[key]) for key in ("loss_min", "loss_max", "val_accuracy", "val_robust_accuracy")
+                    if key in record))
 
 
 def save_curves(runs, path):

@@ -47,6 +47,18 @@ def test_read_metrics_keeps_the_latest_run_with_its_resumed_part(tmp_path):
     assert [r["epoch"] for r in plots.read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2, 3, 4]
 
 
+def test_read_metrics_skips_what_it_cannot_draw(tmp_path):
+    """Bytes that are not text, records with a string or missing figure: skipped, not a traceback."""
+    good = records(4)
+    broken = [dict(good[0], loss="x"), {k: v for k, v in good[0].items() if k != "lr"},
+              dict(good[1], val_accuracy=None), dict(good[0], epoch=True)]
+    folder = tmp_path / "run"
+    write_metrics(folder, [json.dumps(r) for r in good[:2] + broken])
+    with open(folder / "metrics.jsonl", "ab") as f:
+        f.write(b"\x00\xff\xfe garbage\n" + "".join(json.dumps(r) + "\n" for r in good[2:]).encode())
+    assert plots.read_metrics(folder / "metrics.jsonl") == good
+
+
 @pytest.mark.parametrize("robust", [False, True])
 def test_curves_are_drawn_from_metrics_records(robust, tmp_path):
     path = tmp_path / "curves.png"
@@ -114,7 +126,8 @@ def test_plot_py_compares_runs(tmp_path, capsys):
 
 def test_plot_py_refuses_what_it_cannot_draw(tmp_path, capsys):
     write_metrics(tmp_path / "a", [json.dumps(r) for r in records(2)])
-    write_metrics(tmp_path / "empty", ["garbage"])
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "metrics.jsonl").write_bytes(b"garbage\n\xff\xfe\x00\n")  # not even text
     (tmp_path / "taken.png").write_bytes(b"x")
     for argv, fragments in (([str(tmp_path / "a"), str(tmp_path / "a")], ["name it with -o"]),
                             ([str(tmp_path)], ["has no metrics.jsonl"]),
