@@ -39,8 +39,18 @@ FREE_SPACE_MB = 1000  # a run's checkpoints: about 135 MB each with Adam's state
 MIN_FREE_MB = 200
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """cli.ArgumentParser's one `error:` line, without importing cli: cli imports MindSpore, which this script
+    checks and must survive."""
+
+    def error(self, message):
+        print(f"error: {message} (see: python {self.prog} -h)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def get_args_parser():
-    parser = argparse.ArgumentParser(prog="doctor.py", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="doctor.py", description=__doc__.split("\n")[0],
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("-data", "--data_dir", default=os.path.join("data", "cifar-10-batches-bin"),
                         help="the data folder train.py would read")
     parser.add_argument("-dir", "--savedir", default="checkpoints", help="the save directory train.py would write")

@@ -5,7 +5,7 @@ import os
 import pytest
 
 import doctor
-from conftest import run_script
+from conftest import expect_error, run_script
 
 STATUSES = ("ok", "warning", "problem")
 
@@ -35,6 +35,11 @@ def test_this_machine_can_train_on_its_cpu(synthetic_dir, tmp_path):
         missing = [line for line in lines if " missing" in line and "install" in line]
         assert "training runs on the CPU" in gpu and missing
     assert not os.path.exists(tmp_path / "run")  # a check, not a run: nothing created
+
+
+def test_a_wrong_flag_is_one_error_line(capsys):
+    expect_error(doctor.main, ["--bogus"], capsys, "unrecognized arguments: --bogus", "python doctor.py -h")
+    expect_error(doctor.main, ["--device", "TPU"], capsys, "invalid choice: 'TPU'")
 
 
 def needed():
