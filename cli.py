@@ -20,10 +20,13 @@ temporary files in flight (`temporary`). train.py takes Ctrl-C between steps ins
 (callbacks.Guard).
 
 Import this module before MindSpore: it quiets MindSpore's log (GLOG_v), which is
-read once, when MindSpore is first imported.
+read once, when MindSpore is first imported. It does not import MindSpore itself until a
+function needs it, so that doctor.py (which checks MindSpore) and latency.py (which measures a
+runtime's memory alone) share its argument parsing.
 """
 import argparse
 import contextlib
+import importlib.util
 import math
 import os
 import shutil
@@ -35,8 +38,6 @@ import time
 # MindSpore's INFO and WARNING lines (plugin probing, deprecations) would bury our output
 # and our error lines; the user can still ask for them with GLOG_v=1 or 2.
 os.environ.setdefault("GLOG_v", "3")
-
-import mindspore as ms  # noqa: E402  (after GLOG_v on purpose)
 
 DEVICES = ("auto", "CPU", "GPU")
 # Measured on AVX-512 CPUs with MindSpore 2.10: oneDNN otherwise picks a reference
@@ -176,6 +177,7 @@ def mindspore_log_quiet(native=True):
     failed save_checkpoint logs a CRITICAL line from Python). With `native`, for short calls only, also nothing
     from C++ (a failed mindspore.load logs three ERROR lines straight to file descriptor 2, which is closed off
     meanwhile for every thread)."""
+    import mindspore as ms
     logger = ms.log._get_logger()  # (private: MindSpore's logger is named after the process id)
     disabled, logger.disabled = logger.disabled, True
     saved = None
@@ -205,7 +207,8 @@ def temporary(path):
 
 _interrupt, _raised = threading.Event(), threading.Event()  # Ctrl-C was pressed; KeyboardInterrupt was raised
 _message, _temporary = "", set()
-MINDSPORE_DIR = os.path.dirname(ms.__file__) + os.sep
+_spec = importlib.util.find_spec("mindspore")  # its folder, without importing it
+MINDSPORE_DIR = os.path.dirname(_spec.origin) + os.sep if _spec and _spec.origin else "\0"  # ("\0": no file's)
 PATIENCE_S = 1.0  # how long Ctrl-C waits for the main thread to leave MindSpore's code
 
 
@@ -244,6 +247,7 @@ def _raise_interrupt(signum, frame):
 
 def setup_device(name="auto", pynative=False):
     """Resolve `auto`, check that the device exists, set GRAPH_MODE (or PYNATIVE_MODE) on it; return "CPU" or "GPU"."""
+    import mindspore as ms
     gpu = ms.hal.is_available("GPU")
     if name == "GPU" and not gpu:
         raise InputError("--device GPU: this MindSpore has no usable GPU backend (it needs an NVIDIA driver "

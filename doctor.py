@@ -11,7 +11,6 @@ found instead and what installs it; msrun; the data folder; the save directory (
 space, not held by a running train.py). Exit status 0 when training can run (on the CPU if
 not on the GPU), 1 when a problem stops it.
 """
-import argparse
 import fcntl
 import glob
 import importlib.metadata
@@ -22,6 +21,8 @@ import shutil
 import struct
 import subprocess
 import sys
+
+import cli  # (its argument parsing; it does not import MindSpore, which this script checks)
 
 OK, WARNING, PROBLEM = "ok", "warning", "problem"
 SYSTEM_LIBRARY_DIRS = ("/lib64", "/usr/lib64", "/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu",
@@ -39,18 +40,8 @@ FREE_SPACE_MB = 1000  # a run's checkpoints: about 135 MB each with Adam's state
 MIN_FREE_MB = 200
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    """cli.ArgumentParser's one `error:` line, without importing cli: cli imports MindSpore, which this script
-    checks and must survive."""
-
-    def error(self, message):
-        print(f"error: {message} (see: python {self.prog} -h)", file=sys.stderr)
-        raise SystemExit(2)
-
-
 def get_args_parser():
-    parser = ArgumentParser(prog="doctor.py", description=__doc__.split("\n")[0],
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = cli.ArgumentParser(prog="doctor.py", description=__doc__.split("\n")[0])
     parser.add_argument("-data", "--data_dir", default=os.path.join("data", "cifar-10-batches-bin"),
                         help="the data folder train.py would read")
     parser.add_argument("-dir", "--savedir", default="checkpoints", help="the save directory train.py would write")

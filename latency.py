@@ -22,17 +22,11 @@ import time
 
 import numpy as np
 
+import cli  # (its argument parsing; it does not import MindSpore)
+
 IMAGE = (3, 32, 32)
 MIN_RUNS = 20
 SUFFIXES = (".onnx", ".npz", ".ckpt", ".mindir")
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """One `error:` line, as in every script (cli.py's own parser would import MindSpore)."""
-
-    def error(self, message):
-        print(f"error: {message} (see: python latency.py -h)", file=sys.stderr)
-        raise SystemExit(2)
 
 
 def bounded(kind, low):
@@ -107,7 +101,7 @@ def peak_rss_mb():
 
 
 def main(argv=None):
-    parser = ArgumentParser(prog="latency.py", description=__doc__.split("\n")[0])
+    parser = cli.ArgumentParser(prog="latency.py", description=__doc__.split("\n")[0])
     parser.add_argument("model", help="a .onnx, .npz (int8), .ckpt or .mindir file")
     parser.add_argument("--threads", type=bounded(int, 1), default=None, help="CPU threads (default: the runtime's)")
     parser.add_argument("--batch", type=bounded(int, 0), default=100, help="throughput's batch size (0: no throughput)")

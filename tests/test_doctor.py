@@ -37,6 +37,13 @@ def test_this_machine_can_train_on_its_cpu(synthetic_dir, tmp_path):
     assert not os.path.exists(tmp_path / "run")  # a check, not a run: nothing created
 
 
+def test_doctor_and_latency_parse_flags_without_importing_mindspore():
+    """cli.py loads MindSpore only when a function needs it: doctor.py checks MindSpore, and latency.py measures
+    another runtime's memory alone."""
+    result = run_script("-c", "import sys, cli, doctor, latency; print('mindspore' in sys.modules)")
+    assert (result.returncode, result.stdout.strip()) == (0, "False"), result.stderr
+
+
 def test_a_wrong_flag_is_one_error_line(capsys):
     expect_error(doctor.main, ["--bogus"], capsys, "unrecognized arguments: --bogus", "python doctor.py -h")
     expect_error(doctor.main, ["--device", "TPU"], capsys, "invalid choice: 'TPU'")
