@@ -20,9 +20,11 @@ On synthetic CIFAR-format files it writes into a temporary folder, it measures
 --deploy trains a float32 and a QAT checkpoint two steps each (speed does not depend on the
 weights), exports the int8 file and both ONNX models, and measures each model, as its own
 runtime runs it, in a fresh process (latency.py): MindSpore float32 and QAT fake-quant
-(checkpoints), the int8 NumPy reference, ONNX Runtime float32 and int8. Latency at batch 1
+(checkpoints), the int8 NumPy reference, ONNX Runtime float32 and int8, and int8 with the
+8-bit weights of older checkpoints (stored as uint8: ort_kernels.py). Latency at batch 1
 (median and 95th percentile, one thread and all threads), images/s at batch 100 (all threads),
-file size and the process's peak memory; and the CPU's int8 instruction sets.
+file size and the process's peak memory; and which integer kernels ONNX Runtime takes on this
+CPU: whether it has VNNI, the kernels its flags select, and whether a probe finds them exact.
 
 --adversarial times train.py's QAT training step clean, with FGSM from a random start and with
 PGD-k (--adv_train; fresh processes, alternating, as above), and eval.py's attacks per image on
@@ -42,6 +44,8 @@ import sys
 import tempfile
 import time
 
+import mindspore as ms
+
 import adversarial
 import attacks
 import checkpoint
@@ -49,7 +53,9 @@ import cli
 import export
 import inference
 import int8
+import ort_kernels
 import preprocess
+import quant
 import train
 from latency import peak_rss_mb
 
@@ -300,15 +306,20 @@ def deployment(args):
         for kind, name in (("float", "mindspore_float32"), ("qat", "mindspore_qat")):
             args.checkpoint = files[name] = os.path.join(tmp, f"{kind}.ckpt")
             worker(kind, argparse.Namespace(**{**vars(args), "steps": 1}))
-        for name, source, form, output in (("int8_reference", "mindspore_qat", "int8", "model.int8.npz"),
-                                           ("onnx_float32", "mindspore_float32", "onnx", "float32.onnx"),
-                                           ("onnx_int8", "mindspore_qat", "onnx", "int8.onnx")):
+        eight_bit = os.path.join(tmp, "qat-8bit.ckpt")
+        without_weight_bits(files["mindspore_qat"], eight_bit)
+        for name, source, form, output in (("int8_reference", files["mindspore_qat"], "int8", "model.int8.npz"),
+                                           ("onnx_float32", files["mindspore_float32"], "onnx", "float32.onnx"),
+                                           ("onnx_int8", files["mindspore_qat"], "onnx", "int8.onnx"),
+                                           ("onnx_int8_8bit", eight_bit, "onnx", "int8-8bit.onnx")):
             files[name] = os.path.join(tmp, output)
-            run_script(f"the {name} export", "export.py", "-loc", files[source], "--format", form, "-o", files[name])
+            run_script(f"the {name} export", "export.py", "-loc", source, "--format", form, "-o", files[name])
         deploy = {name: measure(path, args.seconds)
                   for name, path in cli.progress(list(files.items()), len(files), "measuring", unit="model")}
     onnx_int8, ms_float, onnx_float = deploy["onnx_int8"], deploy["mindspore_float32"], deploy["onnx_float32"]
     results = {"deploy": deploy, "cpu": cpu_model(), "cpu_count": os.cpu_count(), "int8_isa": int8_isa(),
+               "int8_kernels": ort_kernels.describe(),
+               "int8_8bit_over_7bit_b1": deploy["onnx_int8_8bit"]["b1_p50_ms"] / onnx_int8["b1_p50_ms"],
                "int8_over_float_onnx_b100": onnx_int8["b100_ips"] / onnx_float["b100_ips"],
                "int8_onnx_over_mindspore_b1": ms_float["b1_p50_ms"] / onnx_int8["b1_p50_ms"],
                "int8_onnx_over_mindspore_b1_1thread": ms_float["b1_p50_ms_1thread"] / onnx_int8["b1_p50_ms_1thread"],
@@ -317,6 +328,14 @@ def deployment(args):
     if args.json:
         print(json.dumps(results))
     return results
+
+
+def without_weight_bits(path, output):
+    """A copy of a QAT checkpoint without its weight-bits records: a checkpoint of 8-bit weights, as train.py wrote
+    them before QAT weights were 7-bit (quant.UNRECORDED_WEIGHT_BITS)."""
+    params = checkpoint.read(path)
+    ms.save_checkpoint([{"name": name, "data": value} for name, value in params.items()
+                        if not name.endswith(quant.BITS_SUFFIX)], output)
 
 
 def measure(path, seconds):
@@ -345,6 +364,11 @@ def int8_isa():
 
 def report_deployment(r):
     print(f"inference on {r['cpu']}, {r['cpu_count']} CPUs, int8 instructions: {', '.join(r['int8_isa']) or 'none'}")
+    k = r["int8_kernels"]
+    print(f"ONNX Runtime's uint8 x int8 kernels here: {k['kernel'] or 'unknown (no CPU flags)'}; VNNI: "
+          f"{ {True: 'yes', False: 'no', None: 'unknown'}[k['vnni']]}; probe: "
+          f"{'exact' if k['exact'] else 'pairs of products saturate in 16 bits'} (int8 weights of 7 bits are exact "
+          "on every CPU; 8-bit ones are stored as uint8, exact everywhere)")
     print(f"{'model':<18} {'file MB':>8} {'b1 p50 ms 1/all threads':>24} {'b1 p95 ms 1/all':>16} "
           f"{'b100 images/s':>14} {'peak MB':>8}")
     for name, m in r["deploy"].items():
@@ -354,7 +378,8 @@ def report_deployment(r):
     print(f"ONNX int8 over ONNX float32 at batch 100: {r['int8_over_float_onnx_b100']:.2f}x the images/s; "
           f"MindSpore float32 over ONNX int8 at batch 1: {r['int8_onnx_over_mindspore_b1']:.1f}x "
           f"({r['int8_onnx_over_mindspore_b1_1thread']:.1f}x on one thread); ONNX int8 file "
-          f"{100 * r['onnx_int8_file_over_float32']:.1f}% of float32's")
+          f"{100 * r['onnx_int8_file_over_float32']:.1f}% of float32's; 8-bit weights (uint8) "
+          f"{r['int8_8bit_over_7bit_b1']:.2f}x the batch-1 latency of 7-bit ones (int8)")
 
 
 # --- --adversarial: the cost of adversarial training and of attacks ---------------------------------

@@ -116,10 +116,11 @@ def load_network(path, num_classes):
     params = load(path)
     if not params:
         raise cli.InputError(f"{path} holds no parameters; give a .ckpt file written by train.py")
-    config = quant.config_from_checkpoint(params)
+    config = quant_config(path, params)
     net = resnet18(num_classes)
     if config is not None:
         net = quant.quantize(net, config)
+        quant.add_unrecorded_bits(params, net)
     own = {name: param.shape for name, param in net.parameters_and_names()}
     # Besides the network's parameters a training checkpoint holds optimizer state: slots named
     # `<slot>.<parameter>` (moment1.conv1.weight) and undotted scalars (global_step, epoch_num).
@@ -131,6 +132,14 @@ def load_network(path, num_classes):
     ms.load_param_into_net(net, params, strict_load=True)
     net.set_train(False)
     return net, config
+
+
+def quant_config(path, params):
+    """quant.config_from_checkpoint, its ValueError an InputError naming the file."""
+    try:
+        return quant.config_from_checkpoint(params)
+    except ValueError as e:
+        raise cli.InputError(f"{path} cannot be loaded: {e}; give a checkpoint written by train.py") from None
 
 
 # --- series and resuming ---------------------------------------------------------------------
@@ -196,7 +205,7 @@ def load_training_state(train_net, path, params, model_kind, quant_delay, steps_
         raise cli.InputError(f"--resume {path} holds no training state (best.ckpt and exported models keep only the "
                              "network); resume from a periodic checkpoint, <prefix>-<epoch>_<step>.ckpt")
     settings = "resume with the checkpoint's settings (see args.json beside it)"
-    trained_as = kind(quant.config_from_checkpoint(params))
+    trained_as = kind(quant_config(path, params))
     if trained_as != model_kind:
         raise cli.InputError(f"--resume {path} was trained as {trained_as}, but this run trains {model_kind}; "
                              f"{settings}")
@@ -205,6 +214,7 @@ def load_training_state(train_net, path, params, model_kind, quant_delay, steps_
         raise cli.InputError(f"--resume {path} was trained with --quant_delay {min(delays)}, this run has "
                              f"{quant_delay}; {settings}")
     own = {p.name: p.shape for p in train_net.get_parameters() if p.name != "learning_rate"}
+    quant.add_unrecorded_bits(params, train_net)
     mismatch = describe_mismatch(own, params, ignored=lambda name: name in RUN_RECORDS)
     if mismatch:
         raise cli.InputError(f"--resume {path} does not match this run's network and optimizer: {mismatch}; "

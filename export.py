@@ -96,6 +96,11 @@ def export(args):
         model = onnx_graph.from_float(net, metadata(checkpoint.FLOAT32, source, names))
         write(output, lambda tmp: onnx.save(model, tmp), args.overwrite)
     report_sizes(net, output)
+    if args.format == "onnx" and onnx_graph.uint8_weights(model):
+        print(f"note: {args.check_point} has {config.weight_bits}-bit weights: {output} stores them as uint8 with "
+              "zero point 128, which ONNX Runtime runs exactly on every CPU but more slowly than the int8 weights of "
+              f"a model trained with {quant.QuantConfig.weight_bits}-bit weights, train.py's default "
+              "(docs/deployment.md#exact-on-every-cpu)")
     return output
 
 
@@ -136,13 +141,14 @@ def report_sizes(net, path):
 
 def int8_model(net, config):
     """The header and arrays of the int8 file, from a QAT ResNet-18 in eval mode and its QuantConfig."""
-    if (config.weight_bits, config.act_bits) != (8, 8):
-        raise cli.InputError(f"the int8 file holds 8-bit weights and activations; this checkpoint has "
-                             f"{config.weight_bits}-bit weights and {config.act_bits}-bit activations")
+    if config.weight_bits > 8 or config.act_bits != 8:
+        raise cli.InputError(f"the int8 file holds weights of at most 8 bits and 8-bit activations; this checkpoint "
+                             f"has {config.weight_bits}-bit weights and {config.act_bits}-bit activations")
     graph = Int8Graph(net, config)
     resnetv2.walk(net, graph)
     header = {"format": int8.FORMAT, "version": int8.VERSION, "arch": "resnet18",
-              "num_classes": net.fc.out_channels, "input_shape": [3, preprocess.IMAGE_SIZE, preprocess.IMAGE_SIZE],
+              "weight_bits": config.weight_bits, "num_classes": net.fc.out_channels,
+              "input_shape": [3, preprocess.IMAGE_SIZE, preprocess.IMAGE_SIZE],
               "normalization": {"mean": preprocess.CIFAR10_MEAN, "std": preprocess.CIFAR10_STD},
               "tensors": graph.tensors, "graph": graph.nodes}
     return header, graph.arrays

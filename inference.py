@@ -13,6 +13,7 @@ CPU, `export.py --format onnx`), else a MindSpore checkpoint. Bad input raises `
 """
 import json
 import os
+import sys
 from dataclasses import dataclass
 
 import mindspore as ms
@@ -23,6 +24,7 @@ from mindspore.train import mind_ir_pb2
 import checkpoint
 import cli
 import int8
+import ort_kernels
 import preprocess
 import quant
 
@@ -127,11 +129,28 @@ def load_onnx(path, threads=None):
         except (ValueError, RecursionError):
             metadata[key] = value
     check_input(path, shapes[0][1:], shapes[1][-1], metadata.get("normalization"))
+    warn_if_inexact(path)
     name, description = inputs[0].name, f"ONNX {metadata.get('model', '')} (ONNX Runtime)".replace("  ", " ")
 
     def logits(images):
         return session.run(None, {name: images})[0]
     return Model(logits, description, class_names=names_or_none(metadata.get("class_names")))
+
+
+def warn_if_inexact(path):
+    """One warning line if ONNX Runtime on this CPU sums the model's integer products wrongly (ort_kernels.py): int8
+    weights beyond 7 bits, from an export.py older than 7-bit QAT, on a CPU without VNNI."""
+    import onnx
+
+    try:
+        inexact = ort_kernels.inexact_weights(onnx.load(path, load_external_data=False))
+    except Exception:  # (a model ONNX Runtime loads but onnx does not read whole: it has no weights to judge here)
+        return
+    if inexact and not ort_kernels.probe():
+        print(f"warning: {path} has int8 weights beyond 7 bits ({len(inexact)} layers), and ONNX Runtime's integer "
+              "kernels on this CPU add pairs of their products in 16 bits, where these overflow: its answers can "
+              "differ from the int8 model's; export the checkpoint again with export.py, which stores such weights "
+              "so that every CPU computes them exactly", file=sys.stderr)
 
 
 def load_mindir(path):

@@ -6,7 +6,8 @@
 
 The file (written by `python export.py --format int8`) is a numpy .npz archive: the key
 `header.json` holds a JSON document describing the graph, every other key is an array:
-int8 weights, float32 per-channel weight scales and int32 biases per layer. Every tensor
+int8 weights (of `weight_bits` bits: 7 from QAT, 8 from older checkpoints), float32
+per-channel weight scales and int32 biases per layer. Every tensor
 between layers is uint8 with its own scale and zero point (real = scale * (q - zero_point)).
 
 The inference follows Jacob et al. 2018, section 2: a layer multiplies int8 by int8 and

@@ -8,6 +8,9 @@ QDQ form (ONNX's way to write a quantized model with standard operators): every 
 layers is a QuantizeLinear to uint8 with the int8 file's scale and zero point, followed by one
 DequantizeLinear per consumer; weights are int8 initializers with per-channel scales behind a
 DequantizeLinear, biases int32 initializers (scale: input scale x weight scale) behind another.
+Weights beyond 7 bits (checkpoints trained with 8-bit weights), which ONNX Runtime's int8
+kernels would sum wrongly on CPUs without VNNI, are stored as uint8 with zero point 128 instead:
+the same numbers, run by its exact uint8 kernels (see ort_kernels.py).
 ONNX Runtime fuses each DequantizeLinear -> Conv -> (Relu ->) QuantizeLinear into one integer
 QLinearConv, an Add into QLinearAdd, the classifier into QGemm; only the input's quantization
 and the logits are float. The numbers are the int8 file's, nothing is quantized a second time.
@@ -22,6 +25,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+import ort_kernels
 import quant
 import resnetv2
 
@@ -79,9 +83,9 @@ def from_int8(header, arrays, metadata):
     def weights(node, source):
         weight, scale = arrays[node["weight"]], arrays[node["weight_scale"]]
         bias_scale = (np.float32(header["tensors"][source]["scale"]) * scale).astype(np.float32)
+        weight, zero_point = stored_weight(weight)
         w = b.node("DequantizeLinear", [b.constant(node["weight"], weight), b.constant(node["weight_scale"], scale),
-                                        b.constant(node["weight"] + ".zero_point", np.zeros(len(scale), np.int8))],
-                   axis=0)
+                                        b.constant(node["weight"] + ".zero_point", zero_point)], axis=0)
         bias = b.node("DequantizeLinear", [b.constant(node["bias"], arrays[node["bias"]]),
                                            b.constant(node["bias"] + ".scale", bias_scale),
                                            b.constant(node["bias"] + ".zero_point", np.zeros(len(scale), np.int32))],
@@ -105,6 +109,20 @@ def from_int8(header, arrays, metadata):
         elif op == "dense":
             b.node("Gemm", [dequantize(node["input"]), *weights(node, node["input"])], output=OUTPUT, transB=1)
     return b.model("resnet18-int8-qdq", header["input_shape"], header["num_classes"], metadata)
+
+
+def stored_weight(weight):
+    """An int8 weight (out_channels, ...) as the model stores it, and its per-channel zero points: as it is, if
+    ONNX Runtime multiplies it exactly on every CPU, else as uint8 plus 128 with zero point 128."""
+    channels = len(weight)
+    if ort_kernels.pairs_fit_16_bits(weight):
+        return weight, np.zeros(channels, np.int8)
+    return (weight.astype(np.int16) + 128).astype(np.uint8), np.full(channels, 128, np.uint8)
+
+
+def uint8_weights(model):
+    """The names of a model's weights stored as uint8 (stored_weight)."""
+    return [t.name for t in model.graph.initializer if t.name.endswith(".weight") and t.data_type == TensorProto.UINT8]
 
 
 def from_float(net, metadata):

@@ -9,7 +9,8 @@ The transform simulates, in training, what an integer-only runtime computes (Jac
 Inference"): every tensor that flows between layers is 8-bit, every layer computes in
 integers. It replaces
 - each `ConvBN` (conv, BatchNorm, optional ReLU) by `QuantConvBN`: weights fake-quantized to
-  int8, symmetric, one scale per output channel (range [-127, 127]); the output (after ReLU)
+  7 bits, symmetric, one scale per output channel (range [-63, 63], stored as int8; why 7:
+  `QuantConfig.weight_bits`); the output (after ReLU)
   fake-quantized to 8 bits, asymmetric, per tensor. The first one also quantizes the
   network's input. With `bn_fold`, BatchNorm is folded into the weights before they are
   quantized, in training too (the paper's section 3.2; batch statistics as in Krishnamoorthi
@@ -18,8 +19,8 @@ integers. It replaces
 - each `nn.Dense` by `QuantDense`: its input (the pooled features) fake-quantized, weights
   per output row.
 Activation ranges come from min/max observers: an exponential moving average while training,
-frozen in eval. Observers and counters are non-trainable Parameters, so they are in every
-checkpoint, and a checkpoint says by its parameter names how it was quantized
+frozen in eval. Observers, counters and each layer's weight bits are non-trainable Parameters,
+so they are in every checkpoint, and a checkpoint says by its parameters how it was quantized
 (`config_from_checkpoint`). Rounding uses the straight-through estimator: the gradient of
 fake-quant is 1 inside the quantization range and 0 outside (as TensorFlow's
 FakeQuantWithMinMaxVars).
@@ -48,13 +49,19 @@ from resnetv2 import ConvBN, ResidualAdd
 # Suffixes of parameters that only quantized networks have: they tell checkpoints apart.
 OBSERVER_SUFFIX = "_quant.steps"
 FOLD_SUFFIX = ".freeze_bn_step"
+BITS_SUFFIX = ".weight_quant.bits"
+# Checkpoints written before each layer recorded its weight bits were all trained with 8-bit weights.
+UNRECORDED_WEIGHT_BITS = 8
 EPS = 1e-8
 
 
 @dataclass(frozen=True)
 class QuantConfig:
     """All choices of the quantization scheme, named once."""
-    weight_bits: int = 8        # symmetric, per output channel
+    # Weights: symmetric, per output channel, 7 bits ([-63, 63]) and not 8, so that the int8 ONNX model is exact on
+    # every CPU: without VNNI, ONNX Runtime's integer kernels add pairs of uint8 x int8 products in 16 bits, and
+    # 255 x 63 x 2 fits where 255 x 127 x 2 does not (ort_kernels.py, docs/deployment.md).
+    weight_bits: int = 7
     act_bits: int = 8           # asymmetric, per tensor
     ema_decay: float = 0.99     # observer moving average; high enough to smooth batches, low enough for short runs
     quant_delay: int = 0        # training steps before activations are quantized (observers warm up meanwhile)
@@ -93,24 +100,26 @@ def fake_quant_weight(weight, bits):
 
 
 class WeightQuant(nn.Cell):
-    """fake_quant_weight with the straight-through gradient; after `freeze`, in eval mode, a constant."""
+    """fake_quant_weight with the straight-through gradient; after `freeze`, in eval mode, a constant.
+    Its bits are also a Parameter (`<layer>.weight_quant.bits`), so that every checkpoint records them."""
 
     def __init__(self, bits):
         super().__init__()
-        self.bits = bits
+        self.num_bits = bits  # what the graph computes with (a Python int: a constant)
+        self.bits = Parameter(Tensor(bits, ms.int32), name="bits", requires_grad=False)
         self.frozen = None
 
     def construct(self, weight):
         if self.frozen is not None and not self.training:
             return self.frozen
-        return fake_quant_weight(weight, self.bits)
+        return fake_quant_weight(weight, self.num_bits)
 
     def bprop(self, weight, out, dout):
         return (dout,)
 
     def freeze(self, weight):
         """Quantize `weight` now, for inference: eval mode then uses the result for every batch."""
-        self.frozen = fake_quant_weight(weight, self.bits)
+        self.frozen = fake_quant_weight(weight, self.num_bits)
 
 
 def activation_qparams(low, high, levels):
@@ -387,10 +396,24 @@ def _replace_child(parent, name, cell):
         setattr(parent, name, cell)
 
 
-def config_from_checkpoint(param_names):
-    """The QuantConfig a checkpoint was trained with (its counters and delays come from the
-    checkpoint itself when loaded), or None for a float checkpoint."""
-    names = list(param_names)
-    if not any(name.endswith(OBSERVER_SUFFIX) for name in names):
+def config_from_checkpoint(params):
+    """The QuantConfig a checkpoint's parameters ({name: Parameter}) were trained with (its counters and delays come
+    from the checkpoint itself when loaded), or None for a float checkpoint. ValueError for weight bits that this
+    module does not train: other than 2 to 8, or not the same in every layer."""
+    if not any(name.endswith(OBSERVER_SUFFIX) for name in params):
         return None
-    return QuantConfig(bn_fold=any(name.endswith(FOLD_SUFFIX) for name in names))
+    bits = {int(value.asnumpy()) for name, value in params.items() if name.endswith(BITS_SUFFIX)}
+    if len(bits) > 1 or not bits <= set(range(2, 9)):
+        raise ValueError(f"its layers record weight bits {sorted(bits)}: this version trains one width, 2 to 8 bits")
+    return QuantConfig(bn_fold=any(name.endswith(FOLD_SUFFIX) for name in params),
+                       weight_bits=bits.pop() if bits else UNRECORDED_WEIGHT_BITS)
+
+
+def add_unrecorded_bits(params, net):
+    """Give a checkpoint's parameters ({name: Parameter}, changed in place) the weight-bits records of `net` that
+    they lack: a checkpoint written before layers recorded their bits has 8-bit weights, as `net` was built
+    (config_from_checkpoint)."""
+    for param in net.get_parameters():
+        if param.name.endswith(BITS_SUFFIX) and param.name not in params:
+            params[param.name] = Parameter(param.value().copy(), name=param.name, requires_grad=False)
+    return params

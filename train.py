@@ -151,12 +151,13 @@ def train(args):
             checkpoint.check_save_dir(run.summary_dir, "--summary_dir")
         checkpoint.lock_save_dir(run.savedir)  # one run per save folder, held until this process ends
 
-    net = build_network(run, steps_per_epoch)
+    found = checkpoint.find_resume(run.resume, run.savedir) if run.resume else None
+    net = build_network(run, steps_per_epoch, resumed_weight_bits(found))
     optimizer = make_optimizer(net, run, steps_per_epoch)
     train_net = build_train_network(net, optimizer, run, rank)
     if run.workers > 1:
         train_net = parallel.DataParallelStep(train_net, net, run.workers)
-    resumed, start_step = resume(run, train_net, dataset, steps_per_epoch)
+    resumed, start_step = resume(run, found, train_net, dataset, steps_per_epoch)
 
     prefix = start_save_dir(args, run, resumed) if writer else None
     guard = callbacks.Guard(start_step, steps_per_epoch)
@@ -198,10 +199,16 @@ def resolve(args):
     return run, rank
 
 
-def resume(run, train_net, dataset, steps_per_epoch):
-    """With --resume: load the checkpoint's training state and move the data pipeline to its step.
-    Return (the checkpoint's path or None, the step to continue after)."""
-    found = checkpoint.find_resume(run.resume, run.savedir) if run.resume else None
+def resumed_weight_bits(found):
+    """The QAT weight bits of the run: those of the checkpoint it resumes (`found`: checkpoint.find_resume's), as it
+    was trained, else QuantConfig's."""
+    config = checkpoint.quant_config(*found) if found else None
+    return (config or QuantConfig()).weight_bits
+
+
+def resume(run, found, train_net, dataset, steps_per_epoch):
+    """With --resume, `found` (checkpoint.find_resume's): load the checkpoint's training state and move the data
+    pipeline to its step. Return (the checkpoint's path or None, the step to continue after)."""
     step = 0
     if found:
         path, params = found
@@ -210,6 +217,11 @@ def resume(run, train_net, dataset, steps_per_epoch):
         epoch, step_in_epoch = checkpoint.position(step, steps_per_epoch)
         print(f"resuming from {path}: after step {step} of {run.epoch * steps_per_epoch} (epoch {epoch}, step "
               f"{step_in_epoch} of {steps_per_epoch})", flush=True)
+        bits = resumed_weight_bits(found)
+        if run.qat and bits != QuantConfig.weight_bits:
+            print(f"note: {path} was trained with {bits}-bit weights, and the run goes on with them; its int8 ONNX "
+                  f"model will be exact on every CPU but slower than one of {QuantConfig.weight_bits}-bit weights "
+                  "(docs/deployment.md#exact-on-every-cpu)", flush=True)
     parallel.check_same_step(step, run.workers)
     if step:
         # Replay the data pipeline up to the resumed step, so that data order and augmentation
@@ -296,11 +308,12 @@ def load_validation_data(run):
         raise cli.InputError(f"{e} (for --eval_every; --eval_every 0 trains without validation)") from None
 
 
-def build_network(run, steps_per_epoch):
+def build_network(run, steps_per_epoch, weight_bits=QuantConfig.weight_bits):
     net = resnet18(preprocess.NUM_CLASSES)
     if run.qat:
         freeze_step = -1 if run.freeze_bn is None else run.freeze_bn * steps_per_epoch
-        net = quantize(net, QuantConfig(quant_delay=run.quant_delay, bn_fold=run.bn_fold, freeze_bn=freeze_step))
+        net = quantize(net, QuantConfig(weight_bits=weight_bits, quant_delay=run.quant_delay, bn_fold=run.bn_fold,
+                                        freeze_bn=freeze_step))
     return net
 
 

@@ -50,10 +50,11 @@ def test_int8_file_is_small_integer_and_agrees(trained_exports, synthetic_dir, t
     model = int8.load(path)
     arrays, graph = model["arrays"], model["header"]["graph"]
     assert [node["op"] for node in graph].count("conv") == 20 and not any("bn" in name for name in arrays)
+    assert model["header"]["weight_bits"] == 7
     for node in graph:
         if "weight" in node:
             weight = arrays[node["weight"]]
-            assert weight.dtype == np.int8 and np.abs(weight).max() <= 127
+            assert weight.dtype == np.int8 and np.abs(weight).max() == 63  # 7 bits (ort_kernels.py)
             assert arrays[node["weight_scale"]].shape == (weight.shape[0],)
             assert arrays[node["bias"]].dtype == np.int32
 

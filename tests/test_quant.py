@@ -37,16 +37,18 @@ def test_rounding_is_to_nearest_with_ties_to_even():
     np.testing.assert_array_equal(rounded, np.round(values))
 
 
-def test_weights_take_at_most_255_symmetric_levels_per_channel():
+@pytest.mark.parametrize("bits", [7, 8])
+def test_weights_take_at_most_2_to_the_bits_minus_1_symmetric_levels_per_channel(bits):
     weight = tensor(16, 8, 3, 3)
-    quantized = fake_quant_weight(weight, bits=8).asnumpy()
+    quantized = fake_quant_weight(weight, bits=bits).asnumpy()
     original = weight.asnumpy()
+    top = 2 ** (bits - 1) - 1  # 63, 127
     for channel, values in enumerate(quantized):
-        scale = np.abs(original[channel]).max() / 127
+        scale = np.abs(original[channel]).max() / top
         levels = np.round(values / scale)
-        assert len(np.unique(values)) <= 255
+        assert len(np.unique(values)) <= 2 * top + 1
         np.testing.assert_allclose(levels * scale, values, rtol=1e-5, atol=1e-7)  # on the integer grid
-        assert np.abs(levels).max() == 127                                       # symmetric, full range
+        assert np.abs(levels).max() == top                                       # symmetric, full range
         assert np.abs(values - original[channel]).max() <= scale / 2 + 1e-6       # round to nearest
 
 
@@ -153,10 +155,12 @@ def test_quantize_wraps_every_layer_and_keeps_weights():
     params = {p.name: p.asnumpy() for p in net.get_parameters()}
     assert all(np.array_equal(params[name], value) for name, value in weights.items())
     added = sorted(set(params) - set(weights))
-    # observers: every ConvBN and ResidualAdd output, the network input and the classifier's input
-    assert len(added) == (20 + 8 + 2) * 4 and all("_quant." in name for name in added)
+    # observers: every ConvBN and ResidualAdd output, the network input and the classifier's input; and the weight
+    # bits of every convolution and the classifier
+    assert len(added) == (20 + 8 + 2) * 4 + 21 and all("_quant." in name for name in added)
+    assert sum(name.endswith(quant.BITS_SUFFIX) for name in added) == 21
     assert [p.name for p in net.trainable_params()] == [n for n in weights if "moving_" not in n]
-    assert quant.config_from_checkpoint(params) == QuantConfig()
+    assert quant.config_from_checkpoint(dict(net.parameters_and_names())) == QuantConfig()
     assert quant.config_from_checkpoint(weights) is None
 
     reference = resnet18()

@@ -2,13 +2,15 @@
 as an uninterrupted one is tested in test_crash.py, after kills and interrupts.)"""
 import os
 
+import mindspore as ms
 import numpy as np
 import pytest
 
 import callbacks
 import checkpoint
+import quant
 import train
-from conftest import expect_error, snapshot
+from conftest import expect_error, snapshot, train_in_subprocess
 
 
 @pytest.fixture(scope="module")
@@ -64,3 +66,26 @@ def test_checkpoint_names_never_overwrite_another_series(tmp_path):
     # Resuming the newest of a series continues it; resuming an older one starts a new series.
     assert checkpoint.series_prefix(folder, "resnet18_qat", str(tmp_path / "resnet18_qat-2_5.ckpt")) == "resnet18_qat"
     assert checkpoint.series_prefix(folder, "resnet18_qat", str(tmp_path / "resnet18_qat-1_5.ckpt")) == "resnet18_qat_2"
+
+
+@pytest.mark.slow
+def test_a_run_of_8_bit_weights_resumes_with_them(synthetic_dir, tmp_path):
+    """A checkpoint written before layers recorded their weight bits (they were 8) resumes as the 8-bit run it is,
+    and its checkpoints then record 8 bits."""
+    args = train.get_args_parser().parse_args(["-e", "1", "-bsize", "16", "--num_samples", "32"])
+    net = train.build_network(args, steps_per_epoch=2, weight_bits=8)
+    train_net = train.build_train_network(net, train.make_optimizer(net, args, steps_per_epoch=2), args)
+    folder = tmp_path / "run"
+    folder.mkdir()
+    saver = callbacks.Checkpointer(train_net, str(folder), "resnet18_qat", steps_per_epoch=2, save_steps=1, keep=5,
+                                   first_step=0, guard=callbacks.Guard(0, 2))
+    saver.save(1)
+    params = checkpoint.read(saver.latest)
+    os.chmod(saver.latest, 0o600)
+    ms.save_checkpoint([{"name": name, "data": value} for name, value in params.items()
+                        if not name.endswith(quant.BITS_SUFFIX)], saver.latest)
+    final, stdout = train_in_subprocess("-data", synthetic_dir, "-dir", str(folder), "-e", "1", "-bsize", "16",
+                                        "--num_samples", "32", "--eval_every", "0", "--resume", "auto", output=True)
+    assert "was trained with 8-bit weights, and the run goes on with them" in stdout
+    assert {int(value.asnumpy()) for name, value in checkpoint.read(final).items()
+            if name.endswith(quant.BITS_SUFFIX)} == {8}
