@@ -97,14 +97,15 @@ def load(path, flag="-loc"):
 
 
 def describe_mismatch(own, params, ignored):
-    """'' when every parameter of `own` ({name: shape}) is in the checkpoint with its shape and the
+    """'' when every parameter of `own` ({name: Parameter}) is in the checkpoint with its shape and dtype and the
     checkpoint holds nothing else but names that `ignored(name)` accepts; else what differs."""
     missing = [name for name in own if name not in params]
-    reshaped = [f"{name} {tuple(params[name].shape)} instead of {tuple(shape)}"
-                for name, shape in own.items() if name in params and tuple(params[name].shape) != tuple(shape)]
+    reshaped = [f"{name} {params[name].dtype}{tuple(params[name].shape)} instead of {param.dtype}{tuple(param.shape)}"
+                for name, param in own.items() if name in params and
+                (tuple(params[name].shape), params[name].dtype) != (tuple(param.shape), param.dtype)]
     unexpected = [name for name in params if name not in own and not ignored(name)]
     problems = []
-    for label, names in (("missing", missing), ("with another shape", reshaped), ("unexpected", unexpected)):
+    for label, names in (("missing", missing), ("of another shape or type", reshaped), ("unexpected", unexpected)):
         if names:
             problems.append(f"{len(names)} parameters {label} (e.g. {', '.join(names[:3])})")
     return "; ".join(problems)
@@ -121,7 +122,7 @@ def load_network(path, num_classes):
     if config is not None:
         net = quant.quantize(net, config)
         quant.add_unrecorded_bits(params, net)
-    own = {name: param.shape for name, param in net.parameters_and_names()}
+    own = dict(net.parameters_and_names())
     # Besides the network's parameters a training checkpoint holds optimizer state: slots named
     # `<slot>.<parameter>` (moment1.conv1.weight) and undotted scalars (global_step, epoch_num).
     # Any other dotted name belongs to another network.
@@ -213,7 +214,7 @@ def load_training_state(train_net, path, params, model_kind, quant_delay, steps_
     if delays and delays != {quant_delay}:
         raise cli.InputError(f"--resume {path} was trained with --quant_delay {min(delays)}, this run has "
                              f"{quant_delay}; {settings}")
-    own = {p.name: p.shape for p in train_net.get_parameters() if p.name != "learning_rate"}
+    own = {p.name: p for p in train_net.get_parameters() if p.name != "learning_rate"}
     quant.add_unrecorded_bits(params, train_net)
     mismatch = describe_mismatch(own, params, ignored=lambda name: name in RUN_RECORDS)
     if mismatch:

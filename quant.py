@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import mindspore as ms
 import mindspore.nn as nn
 import mindspore.ops as ops
+import numpy as np
 from mindspore import Parameter, Tensor
 
 from resnetv2 import ConvBN, ResidualAdd
@@ -402,7 +403,10 @@ def config_from_checkpoint(params):
     module does not train: other than 2 to 8, or not the same in every layer."""
     if not any(name.endswith(OBSERVER_SUFFIX) for name in params):
         return None
-    bits = {int(value.asnumpy()) for name, value in params.items() if name.endswith(BITS_SUFFIX)}
+    records = [value.asnumpy() for name, value in params.items() if name.endswith(BITS_SUFFIX)]
+    if any(record.shape != () or record.dtype != np.int32 for record in records):
+        raise ValueError("a weight-bits record is not one int32 number")
+    bits = {int(record) for record in records}
     if len(bits) > 1 or not bits <= set(range(2, 9)):
         raise ValueError(f"its layers record weight bits {sorted(bits)}: this version trains one width, 2 to 8 bits")
     return QuantConfig(bn_fold=any(name.endswith(FOLD_SUFFIX) for name in params),

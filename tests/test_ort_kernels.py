@@ -2,6 +2,7 @@
 ONNX Runtime's kernels on CPUs without VNNI (ort_kernels.py), which the tests also run on an emulated one (QEMU's
 EPYC-Milan: AMD Zen 3, AVX2 without VNNI) where qemu-user is installed."""
 import itertools
+import os
 import platform
 import shutil
 import subprocess
@@ -24,7 +25,14 @@ import onnx_graph
 import ort_kernels
 import predict
 import quant
-from conftest import ROOT, assert_agrees_with_reference, first_test_images, high_contrast, observed_qat_net
+from conftest import (
+    ROOT,
+    assert_agrees_with_reference,
+    expect_error,
+    first_test_images,
+    high_contrast,
+    observed_qat_net,
+)
 from quant import QuantConfig
 
 EMULATED_CPU = "EPYC-Milan"  # AMD Zen 3: AVX2 without VNNI, the kind of CPU where the int8 model was inexact
@@ -197,11 +205,25 @@ def test_a_checkpoint_without_weight_bits_is_an_8_bit_one(untrained, tmp_path, c
     net, config = checkpoint.load_network(old, 10)
     assert config.weight_bits == 8 and net.conv1.weight_quant.num_bits == 8
     assert int(net.conv1.weight_quant.bits.asnumpy()) == 8
-    mixed = str(tmp_path / "mixed.ckpt")
-    params["fc.weight_quant.bits"] = ms.Parameter(ms.Tensor(4, ms.int32), name="fc.weight_quant.bits")
-    ms.save_checkpoint([{"name": name, "data": value} for name, value in params.items()], mixed)
-    with pytest.raises(Exception, match="weight bits \\[4, 7\\]: this version trains one width"):
-        checkpoint.load_network(mixed, 10)
+
+
+@pytest.mark.parametrize("layer, value, fragment", [
+    ("fc", ms.Tensor(4, ms.int32), "its layers record weight bits [4, 7]: this version trains one width, 2 to 8 bits"),
+    ("all", ms.Tensor(9, ms.int32), "its layers record weight bits [9]"),
+    ("all", ms.Tensor(7.0, ms.float32), "a weight-bits record is not one int32 number"),
+    ("all", ms.Tensor(np.array([7, 7], np.int32)), "a weight-bits record is not one int32 number"),
+    ("steps", ms.Tensor(1.0, ms.float32), "conv1.input_quant.steps Float32() instead of Int32()")])
+def test_a_tampered_record_is_one_error_line(layer, value, fragment, untrained, synthetic_dir, tmp_path, capsys):
+    params = checkpoint.read(untrained["QAT"])
+    for name in params:
+        if (layer == "all" and name.endswith(quant.BITS_SUFFIX)) or name in (f"{layer}.weight_quant.bits",
+                                                                             "conv1.input_quant." + layer):
+            params[name] = ms.Parameter(value, name=name)
+    path = str(tmp_path / "tampered.ckpt")
+    ms.save_checkpoint([{"name": name, "data": value} for name, value in params.items()], path)
+    expect_error(evaluate.main, ["-loc", path, "-data", synthetic_dir], capsys, path, fragment)
+    expect_error(export.main, ["-loc", path, "--format", "onnx", "-o", str(tmp_path / "m.onnx")], capsys, fragment)
+    assert sorted(os.listdir(tmp_path)) == ["tampered.ckpt"]
 
 
 # --- on an emulated CPU without VNNI ----------------------------------------------------------------------
@@ -220,17 +242,33 @@ for path in sys.argv[2:]:
 
 
 def emulated(*argv):
-    """python argv... in the project's folder on QEMU's EMULATED_CPU; its stdout."""
+    """python argv... in the project's folder on QEMU's EMULATED_CPU: the CompletedProcess, its stderr without
+    QEMU's own warnings (the host features its model of the CPU lacks)."""
     result = subprocess.run(["qemu-x86_64", "-cpu", EMULATED_CPU, sys.executable, *argv], cwd=ROOT,
                             capture_output=True, text=True, timeout=600)
+    result.stderr = "".join(line for line in result.stderr.splitlines(keepends=True)
+                            if not line.startswith("qemu-x86_64: warning"))
     assert result.returncode == 0, result.stderr[-2000:]
-    return result.stdout
+    return result
 
 
 @pytest.mark.slow
 @needs_qemu
 def test_the_probe_finds_the_emulated_cpu_inexact():
-    assert emulated("-c", "import ort_kernels; print(ort_kernels.probe())").strip() == "False"
+    assert emulated("-c", "import ort_kernels; print(ort_kernels.probe())").stdout.strip() == "False"
+
+
+@pytest.mark.slow
+@needs_qemu
+def test_predict_warns_on_the_emulated_cpu_about_an_older_export(observed, tmp_path):
+    old = str(tmp_path / "old.onnx")
+    onnx.save(int8_storage(onnx_model(*observed[8])), old)
+    png = str(tmp_path / "image.png")
+    Image.new("RGB", (32, 32), (250, 250, 250)).save(png)
+    result = emulated("predict.py", "-loc", old, png)
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"warning: {old} has int8 weights beyond 7 bits"), lines
+    assert result.stdout.strip().splitlines()[-1].startswith(png)
 
 
 @pytest.mark.slow
