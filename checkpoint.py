@@ -100,9 +100,11 @@ def describe_mismatch(own, params, ignored):
     """'' when every parameter of `own` ({name: Parameter}) is in the checkpoint with its shape and dtype and the
     checkpoint holds nothing else but names that `ignored(name)` accepts; else what differs."""
     missing = [name for name in own if name not in params]
-    reshaped = [f"{name} {params[name].dtype}{tuple(params[name].shape)} instead of {param.dtype}{tuple(param.shape)}"
-                for name, param in own.items() if name in params and
-                (tuple(params[name].shape), params[name].dtype) != (tuple(param.shape), param.dtype)]
+    reshaped = [f"{name} {tuple(params[name].shape)} instead of {tuple(param.shape)}" for name, param in own.items()
+                if name in params and tuple(params[name].shape) != tuple(param.shape)]
+    reshaped += [f"{name} {params[name].dtype} instead of {param.dtype}" for name, param in own.items()
+                 if name in params and tuple(params[name].shape) == tuple(param.shape)
+                 and params[name].dtype != param.dtype]
     unexpected = [name for name in params if name not in own and not ignored(name)]
     problems = []
     for label, names in (("missing", missing), ("of another shape or type", reshaped), ("unexpected", unexpected)):

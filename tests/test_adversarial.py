@@ -134,14 +134,16 @@ def test_an_adversarial_run_resumed_mid_epoch_ends_bit_identical(synthetic_dir, 
 
 @pytest.fixture(scope="module")
 def continued(trained, synthetic_dir, tmp_path_factory):
-    """The `trained` model (4 standard epochs) trained 2 more epochs, standard and FGSM-RS adversarial, both validated
-    against PGD-10 on 200 test images: {"standard": (its save folder, its last metrics record), "adversarial": ...}."""
+    """The `trained` model (4 standard epochs) trained 4 more epochs, standard and PGD-2 adversarial, both validated
+    against PGD-10 on 200 test images: {"standard": (its save folder, its last metrics record), "adversarial": ...}.
+    (Shorter or FGSM-RS continuations did not beat standard training in every one of three seeds: see
+    docs/robustness.md.)"""
     runs = {}
-    for name, flags in (("standard", []), ("adversarial", ["--adv_train", "fgsm"])):
+    for name, flags in (("standard", []), ("adversarial", ["--adv_train", "pgd", "--adv_steps", "2"])):
         folder = tmp_path_factory.mktemp(name)
         shutil.copy(trained[0], folder)
-        train_in_subprocess("-data", synthetic_dir, "-dir", str(folder), "-e", "6", "-bsize", "32", "--num_samples",
-                            "384", "--val_samples", "200", "--eval_every", "2", "--val_attack", "pgd", "--resume",
+        train_in_subprocess("-data", synthetic_dir, "-dir", str(folder), "-e", "8", "-bsize", "32", "--num_samples",
+                            "384", "--val_samples", "200", "--eval_every", "4", "--val_attack", "pgd", "--resume",
                             "auto", *flags)
         runs[name] = folder, json.loads((folder / "metrics.jsonl").read_text().splitlines()[-1])
     return runs
@@ -155,13 +157,13 @@ def test_adversarial_training_is_more_robust_than_standard_training_of_the_same_
     assert adversarial_ - standard > 2 * error, (standard, adversarial_)
     for name in continued:
         record = continued[name][1]
-        assert record["epoch"] == 6 and record["val_robust_accuracy"] <= record["val_accuracy"]
+        assert record["epoch"] == 8 and record["val_robust_accuracy"] <= record["val_accuracy"]
 
 
 @pytest.mark.slow
 def test_robust_validation_is_eval_py_s_attack_and_keeps_the_most_robust_model(continued, synthetic_dir, capsys):
     folder, record = continued["adversarial"]
-    final = folder / "resnet18_qat-6_12.ckpt"
+    final = folder / "resnet18_qat-8_12.ckpt"
     evaluate.main(["-loc", str(final), "-data", synthetic_dir, "--num_samples", "200", "--attack", "pgd", "--json"])
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (result["clean_accuracy"], result["robust_accuracy"]) == (record["val_accuracy"],

@@ -212,7 +212,8 @@ def test_a_checkpoint_without_weight_bits_is_an_8_bit_one(untrained, tmp_path, c
     ("all", ms.Tensor(9, ms.int32), "its layers record weight bits [9]"),
     ("all", ms.Tensor(7.0, ms.float32), "a weight-bits record is not one int32 number"),
     ("all", ms.Tensor(np.array([7, 7], np.int32)), "a weight-bits record is not one int32 number"),
-    ("steps", ms.Tensor(1.0, ms.float32), "conv1.input_quant.steps Float32() instead of Int32()")])
+    ("steps", ms.Tensor(1.0, ms.float32),
+     "parameters of another shape or type (e.g. conv1.input_quant.steps Float32 instead of Int32)")])
 def test_a_tampered_record_is_one_error_line(layer, value, fragment, untrained, synthetic_dir, tmp_path, capsys):
     params = checkpoint.read(untrained["QAT"])
     for name in params:
