@@ -14,6 +14,7 @@ On synthetic CIFAR-format files it writes into a temporary folder, it measures
 - with --validation, also the issue-4 figure: train.py's images/s with and without validating
   after every epoch (--eval_every 1 vs 0).
 
+    python bench.py --arch resnet8,resnet20,resnet18   # instead: one table to choose a network by
     python bench.py --deploy --json      # instead: inference as deployed, five models
     python bench.py --adversarial        # instead: the cost of adversarial training and of attacks
 
@@ -25,6 +26,10 @@ runtime runs it, in a fresh process (latency.py): MindSpore float32 and QAT fake
 (median and 95th percentile, one thread and all threads), images/s at batch 100 (all threads),
 file size and the process's peak memory; and which integer kernels ONNX Runtime takes on this
 CPU: whether it has VNNI, the kernels its flags select, and whether a probe finds them exact.
+
+--arch measures, per network: training images/s (float32 and QAT, as above), and ONNX Runtime's
+int8 and float32 models of those checkpoints as --deploy does (batch-1 latency, images/s at batch
+100, file size, peak memory), besides parameters and multiply-accumulates; one table, one JSON line.
 
 --adversarial times train.py's QAT training step clean, with FGSM from a random start and with
 PGD-k (--adv_train; fresh processes, alternating, as above), and eval.py's attacks per image on
@@ -44,8 +49,6 @@ import sys
 import tempfile
 import time
 
-import mindspore as ms
-
 import adversarial
 import attacks
 import checkpoint
@@ -56,6 +59,7 @@ import int8
 import ort_kernels
 import preprocess
 import quant
+import resnetv2
 import train
 from latency import peak_rss_mb
 
@@ -83,6 +87,10 @@ def get_args_parser():
                         help="instead: inference speed, size and memory of the deployable models (see above)")
     parser.add_argument("--seconds", type=cli.positive_float, default=2.0,
                         help="with --deploy: least time of each latency and throughput measurement")
+    parser.add_argument("--arch", type=arch_list, default=None, metavar="A[,B,...]",
+                        help=f"alone: training and deployment figures of each network, one table "
+                             f"({','.join(resnetv2.ARCHS)}); with --deploy, --adversarial or --validation: the one "
+                             f"network they measure (default {resnetv2.DEFAULT_ARCH})")
     parser.add_argument("--adversarial", action="store_true",
                         help="instead: adversarial training steps (FGSM-RS, PGD-k) against clean ones, and attacks "
                              "per image (see above)")
@@ -103,13 +111,30 @@ def get_args_parser():
     return parser
 
 
+def arch_list(text):
+    """--arch's value: network names separated by commas, each once."""
+    names = [name.strip() for name in text.split(",")]
+    unknown = [name for name in names if name not in resnetv2.ARCHS]
+    if unknown or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"{text!r}: give networks among {', '.join(resnetv2.ARCHS)}, separated by "
+                                         "commas, each once")
+    return names
+
+
 def main(argv=None):
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(WORKERS[args.worker](args)))
         return None
+    others = [flag for flag, given in (("--deploy", args.deploy), ("--adversarial", args.adversarial),
+                                       ("--validation", args.validation)) if given]
+    if args.arch and len(args.arch) > 1 and others:
+        parser.error(f"{' and '.join(others)} measure one network; give one --arch, or drop {' and '.join(others)} "
+                     "for the table of several")
     try:
-        work = deployment if args.deploy else adversarial_cost if args.adversarial else benchmark
+        work = (deployment if args.deploy else adversarial_cost if args.adversarial
+                else benchmark if args.validation or not args.arch else choice_table)
         return cli.run(work, args,
                        interrupted="no figures (the temporary data folder is removed)")
     except MeasurementFailed as e:
@@ -145,7 +170,8 @@ def measure_alternating(runs, args, tmp):
 
 def worker(kind, args):
     """Run one measurement in a fresh process (its own graph compilation and peak memory)."""
-    stdout = run_script(f"the {kind} measurement", "bench.py", "--worker", kind, "--data", args.data,
+    arch = ["--arch", args.arch[0]] if args.arch else []  # (one network: choice_table sets one at a time)
+    stdout = run_script(f"the {kind} measurement", "bench.py", "--worker", kind, "--data", args.data, *arch,
                         "--checkpoint", args.checkpoint, "--device", args.device, "--batch", str(args.batch),
                         "--steps", str(args.steps), "--eval_images", str(args.eval_images),
                         "--int8_images", str(args.int8_images), "--adv_steps", str(args.adv_steps),
@@ -167,7 +193,8 @@ def run_script(what, script, *argv, env=None):
 def train_worker(args):
     """Time train.py's training step on one fixed batch: the first step (graph compilation), then --steps."""
     device = cli.setup_device(args.device)
-    flags = ["-bsize", str(args.batch), "--device", device, "--no-qat" if args.worker == "float" else "--qat"]
+    flags = ["-bsize", str(args.batch), "--device", device, "--no-qat" if args.worker == "float" else "--qat",
+             "--arch", args.arch[0] if args.arch else resnetv2.DEFAULT_ARCH]
     if args.worker in ("fgsm", "pgd"):
         flags += ["--adv_train", args.worker] + (["--adv_steps", str(args.adv_steps)] if args.worker == "pgd" else [])
     train_args = train.get_args_parser().parse_args(flags)
@@ -248,10 +275,15 @@ def pipeline_speed(data, batch, passes=3):
     return {"pipeline_ips": statistics.median(speeds[1:]), "pipeline_workers": preprocess.DEFAULT_WORKERS}
 
 
+def median_ips(args, runs):
+    """Training images/s of a kind's runs: the median over all their timed steps."""
+    return args.batch / statistics.median(s for run in runs for s in run["step_s"])
+
+
 def summarize(args, runs, evaluation, pipeline):
     def speeds(kind):
         steps = [s for run in runs[kind] for s in run["step_s"]]
-        return args.batch / statistics.median(steps), [args.batch / max(steps), args.batch / min(steps)]
+        return median_ips(args, runs[kind]), [args.batch / max(steps), args.batch / min(steps)]
 
     float_ips, float_range = speeds("float")
     qat_ips, qat_range = speeds("qat")
@@ -334,8 +366,8 @@ def without_weight_bits(path, output):
     """A copy of a QAT checkpoint without its weight-bits records: a checkpoint of 8-bit weights, as train.py wrote
     them before QAT weights were 7-bit (quant.UNRECORDED_WEIGHT_BITS)."""
     params = checkpoint.read(path)
-    ms.save_checkpoint([{"name": name, "data": value} for name, value in params.items()
-                        if not name.endswith(quant.BITS_SUFFIX)], output)
+    checkpoint.save_parameters({name: value for name, value in params.items() if not name.endswith(quant.BITS_SUFFIX)},
+                               output)
 
 
 def measure(path, seconds):
@@ -382,6 +414,62 @@ def report_deployment(r):
           f"{r['int8_8bit_over_7bit_b1']:.2f}x the batch-1 latency of 7-bit ones (int8)")
 
 
+# --- --arch: a table to choose a network by ---------------------------------------------------------
+
+def choice_table(args):
+    """Per network: training speed (float32 and QAT) and the ONNX models' figures; prints the table and returns
+    them."""
+    networks = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        args.data = os.path.join(tmp, "data")
+        preprocess.write_synthetic(args.data, seed=0)
+        names = args.arch
+        for name in names:
+            args.arch = [name]
+            folder = os.path.join(tmp, name)
+            os.mkdir(folder)
+            runs = {"float": [], "qat": []}
+            measure_alternating(runs, args, folder)
+            files = {}
+            for kind, form, output in (("float", "onnx", "float32.onnx"), ("qat", "onnx", "int8.onnx"),
+                                       ("qat", "int8", "model.int8.npz")):
+                files[output] = os.path.join(folder, output)
+                run_script(f"the {name} {output} export", "export.py", "--format", form, "-o", files[output],
+                           "-loc", os.path.join(folder, f"{kind}-{args.repeats - 1}.ckpt"))  # the last run's
+            networks[name] = {**network_size(name), "train_ips_float": median_ips(args, runs["float"]),
+                              "train_ips_qat": median_ips(args, runs["qat"]),
+                              "int8_file_kb": os.path.getsize(files["model.int8.npz"]) / 1e3,
+                              "onnx_int8": measure(files["int8.onnx"], args.seconds),
+                              "onnx_float32": measure(files["float32.onnx"], args.seconds),
+                              "device": runs["qat"][0]["device"]}
+        args.arch = names
+    results = {"networks": networks, "cpu": cpu_model(), "cpu_count": os.cpu_count(), "batch": args.batch}
+    report_choice(results)
+    if args.json:
+        print(json.dumps(results))
+    return results
+
+
+def network_size(name):
+    profile = resnetv2.profile(resnetv2.resnet(name, preprocess.NUM_CLASSES))
+    return {"params": profile["params"], "macs": profile["macs"]}
+
+
+def report_choice(r):
+    devices = sorted({n["device"] for n in r["networks"].values()})
+    print(f"networks on {r['cpu']} ({r['cpu_count']} CPUs); training on {', '.join(devices)}, batch {r['batch']}; "
+          "inference: ONNX Runtime, all threads")
+    print(f"{'network':<9} {'params':>10} {'MMACs':>7} {'int8 file':>10} {'train images/s':>15} "
+          f"{'int8 b1 ms':>10} {'int8 b100/s':>11} {'float32 b1 ms':>13} {'float32 b100/s':>14} {'peak MB':>8}")
+    for name, n in r["networks"].items():
+        q, f = n["onnx_int8"], n["onnx_float32"]
+        print(f"{name:<9} {n['params']:>10,} {n['macs'] / 1e6:>7.1f} {cli.size_text(q['file_mb'] * 1e6):>10} "
+              f"{n['train_ips_qat']:>7.1f} QAT {n['train_ips_float']:>5.0f} f32 {q['b1_p50_ms']:>10.2f} "
+              f"{q['b100_ips']:>11.0f} {f['b1_p50_ms']:>13.2f} {f['b100_ips']:>14.0f} {q['peak_rss_mb']:>8.0f}")
+    print("(int8 file: the ONNX int8 model, the int8.npz file in the JSON; train images/s: QAT, then float32; "
+          "peak MB: the int8 model's process)")
+
+
 # --- --adversarial: the cost of adversarial training and of attacks ---------------------------------
 
 def adversarial_cost(args):
@@ -424,7 +512,8 @@ def validation_cost(args, tmp):
 
 def train_run(args, folder, eval_every):
     """Median per-epoch figures (metrics.jsonl) of one QAT train.py run, leaving out the first epoch (compilation)."""
-    run_script("train.py", "train.py", "-data", args.data, "-dir", folder, "-e", str(args.epochs),
+    arch = ["--arch", args.arch[0]] if args.arch else []
+    run_script("train.py", "train.py", *arch, "-data", args.data, "-dir", folder, "-e", str(args.epochs),
                "-bsize", str(args.batch), "--num_samples", str(args.batch * args.steps),
                "--eval_every", str(eval_every), "--val_samples", str(args.val_samples), "--device", args.device)
     with open(os.path.join(folder, "metrics.jsonl")) as f:

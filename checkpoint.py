@@ -3,11 +3,13 @@
     >>> import checkpoint
     >>> net, config = checkpoint.load_network("checkpoints/resnet18_qat-40_1562.ckpt", num_classes=10)
     >>> checkpoint.kind(config)                       # "QAT", "QAT with --bn_fold" or "float32"
+    >>> net.arch                                      # "resnet18": the network the checkpoint records
 
 train.py names its checkpoints `<prefix>-<epoch>_<step of the epoch>[-interrupt].ckpt`, the
-prefix `resnet18_qat` (QAT) or `resnet18` (float32), with `_1`, `_2`, ... appended when the
-save folder already holds another run's series. A training checkpoint holds the network, the
-optimizer state and RUN_RECORDS; `best.ckpt` holds the network only. Every file is written by
+prefix `<arch>_qat` (QAT) or `<arch>` (float32), `resnet8_qat` say, with `_1`, `_2`, ... appended
+when the save folder already holds another run's series. Every checkpoint records its network's
+name (ARCH_RECORD; a file without it holds a resnet18). A training checkpoint holds the network,
+the optimizer state and RUN_RECORDS; `best.ckpt` holds the network only. Every file is written by
 `write_atomically` and carries a CRC32 that `read` verifies.
 
 Helpers raise `cli.InputError` for bad input (a missing, corrupt or foreign file); write
@@ -24,11 +26,12 @@ import mindspore as ms
 
 import cli
 import quant
-from resnetv2 import resnet18
+import resnetv2
 
 NAME = re.compile(r"^(?P<prefix>.+)-(?P<epoch>\d+)_(?P<step>\d+)(?P<interrupt>-interrupt)?\.ckpt$")
 BEST_FILE = "best.ckpt"
 RUN_RECORDS = ("epoch_num", "step_num", "steps_per_epoch", "learning_rate")  # besides the network and optimizer
+ARCH_RECORD = "arch"  # the name of the network (resnetv2.ARCHS), a string in every checkpoint train.py writes
 PARTIAL = re.compile(r"\.partial-(?P<pid>\d+)")  # write_atomically's temporary folders
 
 # The kinds of model a checkpoint can hold: the one place for these labels.
@@ -40,9 +43,9 @@ def kind(config):
     return FLOAT32 if config is None else QAT_BN_FOLD if config.bn_fold else QAT
 
 
-def series_base(model_kind):
-    """The checkpoint name prefix of a kind of model, before any _1, _2 of later series."""
-    return "resnet18" if model_kind == FLOAT32 else "resnet18_qat"
+def series_base(model_kind, arch=resnetv2.DEFAULT_ARCH):
+    """The checkpoint name prefix of a kind of model of a network, before any _1, _2 of later series."""
+    return arch if model_kind == FLOAT32 else f"{arch}_qat"
 
 
 def position(step, steps_per_epoch):
@@ -114,13 +117,14 @@ def describe_mismatch(own, params, ignored):
 
 
 def load_network(path, num_classes):
-    """The ResNet-18 a checkpoint holds (QAT or float32, as its parameters say), loaded strictly, in eval mode;
-    and its QuantConfig (None: float32)."""
+    """The network a checkpoint holds (the one it records, QAT or float32 as its parameters say), loaded strictly,
+    in eval mode; and its QuantConfig (None: float32)."""
     params = load(path)
     if not params:
         raise cli.InputError(f"{path} holds no parameters; give a .ckpt file written by train.py")
     config = quant_config(path, params)
-    net = resnet18(num_classes)
+    name = arch(path, params)
+    net = resnetv2.resnet(name, num_classes)
     if config is not None:
         net = quant.quantize(net, config)
         quant.add_unrecorded_bits(params, net)
@@ -130,11 +134,27 @@ def load_network(path, num_classes):
     # Any other dotted name belongs to another network.
     mismatch = describe_mismatch(own, params, ignored=lambda name: "." not in name or name.split(".", 1)[1] in own)
     if mismatch:
-        raise cli.InputError(f"{path} does not match ResNet-18 ({kind(config)}): {mismatch}; "
+        raise cli.InputError(f"{path} does not match {name} ({kind(config)}), the network it records: {mismatch}; "
                              "give a checkpoint written by train.py")
     ms.load_param_into_net(net, params, strict_load=True)
     net.set_train(False)
     return net, config
+
+
+def arch(path, params):
+    """The name of the network a checkpoint's parameters record (resnet18 when they record none); InputError for a
+    record this version does not build."""
+    name = params.get(ARCH_RECORD, resnetv2.DEFAULT_ARCH)
+    if not isinstance(name, str) or name not in resnetv2.ARCHS:
+        shown = repr(name) if isinstance(name, str) else f"a {type(name).__name__}"
+        raise cli.InputError(f"{path} records the network {shown[:60]}, not one this version builds "
+                             f"({', '.join(resnetv2.ARCHS)}); give a checkpoint written by train.py")
+    return name
+
+
+def network_arch(cell):
+    """The `arch` of the resnetv2.ResNet inside a cell (a training step, say), or None."""
+    return next((c.arch for _, c in cell.cells_and_names() if isinstance(c, resnetv2.ResNet)), None)
 
 
 def quant_config(path, params):
@@ -218,7 +238,7 @@ def load_training_state(train_net, path, params, model_kind, quant_delay, steps_
                              f"{quant_delay}; {settings}")
     own = {p.name: p for p in train_net.get_parameters() if p.name != "learning_rate"}
     quant.add_unrecorded_bits(params, train_net)
-    mismatch = describe_mismatch(own, params, ignored=lambda name: name in RUN_RECORDS)
+    mismatch = describe_mismatch(own, params, ignored=lambda name: name in RUN_RECORDS + (ARCH_RECORD,))
     if mismatch:
         raise cli.InputError(f"--resume {path} does not match this run's network and optimizer: {mismatch}; "
                              "resume with the checkpoint's -opt and settings (see args.json beside it)")
@@ -297,8 +317,18 @@ def append_line(path, line):
 
 def save(net, path, records):
     """A checkpoint of `net` (its parameters, and an optimizer's when `net` is a training step) plus
-    `records` ({name: number}), with a CRC32, written atomically; mode 0400, as MindSpore writes it."""
+    `records` ({name: number}) and the network's name (ARCH_RECORD), with a CRC32, written atomically; mode
+    0400, as MindSpore writes it."""
+    name = network_arch(net)
+    records = {**records, ARCH_RECORD: name} if name else records
     write_atomically(path, lambda tmp: ms.save_checkpoint(net, tmp, append_dict=records, crc_check=True))
+
+
+def save_parameters(params, path):
+    """Write parameters as `read` returns them ({name: Parameter, or a str record such as ARCH_RECORD}) to a
+    checkpoint at `path` (for tools and tests that edit checkpoints)."""
+    ms.save_checkpoint([{"name": name, "data": value} for name, value in params.items() if not isinstance(value, str)],
+                       path, append_dict={name: value for name, value in params.items() if isinstance(value, str)})
 
 
 def check_new_file(path, flag, overwrite, source=None, source_label=""):

@@ -95,6 +95,11 @@ def progress(iterable, total, what, unit="batch"):
     return tqdm(iterable, total=total, desc=what, unit=unit, file=sys.stdout, leave=False, dynamic_ncols=True)
 
 
+def size_text(size):
+    """A file size for people: 93 KB, 11.3 MB (decimal units, as file managers show them)."""
+    return f"{size / 1e3:.0f} KB" if size < 1e6 else f"{size / 1e6:.1f} MB"
+
+
 def add_device_argument(parser, help="auto: GPU when MindSpore has a GPU backend, else CPU"):
     parser.add_argument("--device", choices=DEVICES, default="auto", help=help)
 

@@ -1,4 +1,4 @@
-"""Evaluate a ResNet-18 model on the CIFAR-10 test split: a checkpoint, a MindIR graph, an int8 file or ONNX.
+"""Evaluate a model on the CIFAR-10 test split: a checkpoint, a MindIR graph, an int8 file or ONNX.
 
     python eval.py -loc checkpoints/resnet18_qat-40_1562.ckpt
     python eval.py -loc CKPT -data data/demo --num_samples 1000 --json
@@ -10,7 +10,9 @@
 The format follows the file name (.ckpt, .mindir, .npz, .onnx; see inference.py). Whether a checkpoint
 is a QAT model is read from the checkpoint itself (its observer parameters); the network must
 match it exactly. Prints the accuracy per class, the confusion matrix and the accuracy; with
---json the last line of stdout is {"accuracy": fraction, "correct": n, "total": n, ...}.
+--json the last line of stdout is {"accuracy": fraction, "correct": n, "total": n, "arch": name,
+"params": n, "macs": n, ...} (the network's name, parameters and multiply-accumulates per image, as
+the file records them; null for a MindIR graph).
 
 With --attack (a checkpoint only; see attacks.py), every evaluated image is also attacked, and
 the report adds the robust accuracy, the accuracy on the adversarial images; --save_adversarial
@@ -114,7 +116,8 @@ def evaluate(args):
     print(format_per_class(names, confusion))
     print(f"accuracy: {100 * accuracy:.2f}% ({correct}/{total}) of {model.description} {path} on {args.data_dir}")
     result = {"accuracy": accuracy, "correct": correct, "total": total, "model": model.description,
-              "check_point": path, "per_class": per_class(names, confusion), "confusion": confusion.tolist()}
+              "check_point": path, **(model.size or dict.fromkeys(("arch", "params", "macs"))),
+              "per_class": per_class(names, confusion), "confusion": confusion.tolist()}
     if args.attack:
         result.update(report_attack(attack, names, labels, robust, accuracy))
         if args.save_adversarial:

@@ -90,10 +90,10 @@ def export(args):
         if args.format == "int8":
             write(output, lambda tmp: int8.save(tmp, header, arrays), args.overwrite)
         else:
-            model = onnx_graph.from_int8(header, arrays, metadata("int8 QDQ", source, names))
+            model = onnx_graph.from_int8(header, arrays, metadata("int8 QDQ", source, names, network_record(net)))
             write(output, lambda tmp: onnx.save(model, tmp), args.overwrite)
     else:
-        model = onnx_graph.from_float(net, metadata(checkpoint.FLOAT32, source, names))
+        model = onnx_graph.from_float(net, metadata(checkpoint.FLOAT32, source, names, network_record(net)))
         write(output, lambda tmp: onnx.save(model, tmp), args.overwrite)
     report_sizes(net, output)
     if args.format == "onnx" and onnx_graph.uint8_weights(model):
@@ -104,10 +104,17 @@ def export(args):
     return output
 
 
-def metadata(model, source, class_names):
-    """What an ONNX model carries besides the graph (each value JSON in its metadata_props)."""
-    return {"model": model, "source": source, "class_names": class_names,
+def metadata(model, source, class_names, network):
+    """What an ONNX model carries besides the graph (each value JSON in its metadata_props); `network`:
+    network_record's."""
+    return {"model": model, "source": source, "class_names": class_names, "network": network,
             "normalization": {"mean": preprocess.CIFAR10_MEAN, "std": preprocess.CIFAR10_STD}}
+
+
+def network_record(net):
+    """What a model file says of its network (eval.py --json reports it): {"arch", "params", "macs"}."""
+    profile = resnetv2.profile(net)
+    return {key: profile[key] for key in ("arch", "params", "macs")}
 
 
 def check_output(path, args):
@@ -133,20 +140,20 @@ def write(path, write_file, overwrite):
 def report_sizes(net, path):
     float_bytes = 4 * sum(p.size for p in net.trainable_params())
     size = os.path.getsize(path)
-    print(f"wrote {path}: {size / 1e6:.1f} MB ({100 * size / float_bytes:.1f}% of the "
-          f"{float_bytes / 1e6:.1f} MB of float32 parameters)")
+    print(f"wrote {path}: {cli.size_text(size)} ({size:,} bytes, {100 * size / float_bytes:.1f}% of the "
+          f"{cli.size_text(float_bytes)} of {net.arch}'s float32 parameters)")
 
 
 # --- int8 model --------------------------------------------------------------------------------
 
 def int8_model(net, config):
-    """The header and arrays of the int8 file, from a QAT ResNet-18 in eval mode and its QuantConfig."""
+    """The header and arrays of the int8 file, from a QAT ResNet in eval mode and its QuantConfig."""
     if config.weight_bits > 8 or config.act_bits != 8:
         raise cli.InputError(f"the int8 file holds weights of at most 8 bits and 8-bit activations; this checkpoint "
                              f"has {config.weight_bits}-bit weights and {config.act_bits}-bit activations")
     graph = Int8Graph(net, config)
     resnetv2.walk(net, graph)
-    header = {"format": int8.FORMAT, "version": int8.VERSION, "arch": "resnet18",
+    header = {"format": int8.FORMAT, "version": int8.VERSION, **network_record(net),
               "weight_bits": config.weight_bits, "num_classes": net.fc.out_channels,
               "input_shape": [3, preprocess.IMAGE_SIZE, preprocess.IMAGE_SIZE],
               "normalization": {"mean": preprocess.CIFAR10_MEAN, "std": preprocess.CIFAR10_STD},

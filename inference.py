@@ -27,6 +27,7 @@ import int8
 import ort_kernels
 import preprocess
 import quant
+import resnetv2
 
 INT8_CHUNK = 100  # images per call of the int8 reference, whatever the batch size
 MAX_ONNX_BYTES = 256 << 20  # a float32 ResNet-18 is 44.7 MB; ONNX Runtime would read any size into memory
@@ -39,6 +40,7 @@ class Model:
     fixed_batch: int = None  # the batch size fixed in a MindIR graph (export.py --batch), else None
     class_names: list = None  # the names the model file carries (int8 and ONNX files), else None
     network: object = None    # a checkpoint's network in eval mode (what attacks differentiate), else None
+    size: dict = None         # {"arch", "params", "macs"} of the network, where the file says (not MindIR), else None
 
 
 def load_model(path, threads=None):
@@ -58,12 +60,13 @@ def load_model(path, threads=None):
         check_input(path, model["header"]["input_shape"], model["header"]["num_classes"],
                     model["header"].get("normalization"))
         return Model(lambda images: int8_logits(model, images), "int8 (integer inference)",
-                     class_names=names_or_none(model["header"].get("class_names")))
+                     class_names=names_or_none(model["header"].get("class_names")), size=size_or_none(model["header"]))
     net, config = checkpoint.load_network(path, preprocess.NUM_CLASSES)
     kind = checkpoint.kind(config)
     description = kind if kind == checkpoint.FLOAT32 else f"{checkpoint.QAT} (int8 fake-quant)"
     model = network_model(quant.freeze(net), description)
     model.network = net
+    model.size = size_or_none(resnetv2.profile(net))
     return model
 
 
@@ -87,6 +90,17 @@ def names_or_none(names):
     ok = (isinstance(names, list) and len(names) == preprocess.NUM_CLASSES
           and all(isinstance(name, str) and 0 < len(name) <= 100 for name in names))
     return names if ok else None
+
+
+def size_or_none(record):
+    """{"arch", "params", "macs"} from what a model file says of its network, if it says it plainly (files are read
+    as untrusted), else None."""
+    if not isinstance(record, dict):
+        return None
+    size = {key: record.get(key) for key in ("arch", "params", "macs")}
+    ok = (size["arch"] in resnetv2.ARCHS and all(type(size[key]) is int and 0 < size[key] < 1 << 40
+                                                 for key in ("params", "macs")))
+    return size if ok else None
 
 
 def check_input(path, input_shape, classes, normalization):
@@ -134,7 +148,8 @@ def load_onnx(path, threads=None):
 
     def logits(images):
         return session.run(None, {name: images})[0]
-    return Model(logits, description, class_names=names_or_none(metadata.get("class_names")))
+    return Model(logits, description, class_names=names_or_none(metadata.get("class_names")),
+                 size=size_or_none(metadata.get("network")))
 
 
 def warn_if_inexact(path):

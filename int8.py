@@ -32,6 +32,17 @@ MAX_NODES = 1000  # operations; ResNet-18 has 31
 MAX_COLUMNS = 1 << 20  # values per image of a convolution's im2col or output (ResNet-18: at most 589,824)
 
 
+# What a layer costs in the file besides its values: three arrays' .npy headers (128 bytes each) and zip records,
+# its node and tensors in header.json; measured on files export.py wrote (test_export.py checks the estimate).
+BYTES_PER_LAYER = 1200
+
+
+def expected_size(profile):
+    """The size of the int8 file of a network, from resnetv2.profile: a byte per weight, an int32 bias and a float32
+    scale per output channel, and each layer's records."""
+    return profile["weights"] + 8 * profile["channels"] + BYTES_PER_LAYER * profile["layers"]
+
+
 def save(path, header, arrays):
     """Write header and arrays as one .npz file (to exactly `path`; np.savez would append .npz)."""
     payload = dict(arrays)

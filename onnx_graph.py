@@ -1,4 +1,4 @@
-"""ONNX models of the ResNet-18 for ONNX Runtime: the int8 file's graph in QDQ form, or a float32 network.
+"""ONNX models of the ResNets for ONNX Runtime: the int8 file's graph in QDQ form, or a float32 network.
 
     >>> model = onnx_graph.from_int8(header, arrays, metadata)   # export.int8_model's output
     >>> model = onnx_graph.from_float(net, metadata)              # a float32 ResNet in eval mode
@@ -108,7 +108,7 @@ def from_int8(header, arrays, metadata):
             quantized[out] = b.node("Flatten", [quantized[out]])  # (uint8: only the shape changes)
         elif op == "dense":
             b.node("Gemm", [dequantize(node["input"]), *weights(node, node["input"])], output=OUTPUT, transB=1)
-    return b.model("resnet18-int8-qdq", header["input_shape"], header["num_classes"], metadata)
+    return b.model(f"{header.get('arch', 'resnet18')}-int8-qdq", header["input_shape"], header["num_classes"], metadata)
 
 
 def stored_weight(weight):
@@ -129,7 +129,7 @@ def from_float(net, metadata):
     """A float32 ResNet (eval mode) as an ONNX model, BatchNorm folded into the convolutions."""
     graph = FloatGraph(net)
     resnetv2.walk(net, graph)
-    return graph.b.model("resnet18-float32", [3, 32, 32], net.fc.out_channels, metadata)
+    return graph.b.model(f"{net.arch}-float32", [3, 32, 32], net.fc.out_channels, metadata)
 
 
 class FloatGraph:

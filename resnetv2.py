@@ -1,18 +1,39 @@
-"""ResNet for 32x32 images (CIFAR-10), in MindSpore.
+"""ResNets for 32x32 images (CIFAR-10), in MindSpore: one network shape, three sizes.
 
-The CIFAR variant of He et al. 2016: a 3x3 stride-1 stem and no max-pool, so the
-four stages work on 32, 16, 8 and 4 pixel feature maps. The network knows nothing
-of data, training or quantization; `quant.quantize(net)` turns it into a QAT model.
+The CIFAR variant of He et al. 2016: a 3x3 stride-1 stem and no max-pool; stages of BasicBlocks, each
+stage after the first halving the feature map with a stride-2 first block; global average pool; one
+dense layer. The networks know nothing of data, training or quantization; `quant.quantize(net)` turns
+one into a QAT model.
 
-    >>> from resnetv2 import resnet18
-    >>> net = resnet18(num_classes=10)      # 11,173,962 trainable parameters
+    >>> import resnetv2
+    >>> net = resnetv2.resnet("resnet8")          # 78,042 trainable parameters
+    >>> resnetv2.profile(net)["macs"]             # 12,501,632 multiply-accumulates per image
 
-Convolutions come with their BatchNorm (and ReLU) as one `ConvBN` cell and residual joins
-are `ResidualAdd` cells, so that a quantizer can fold BatchNorm and place its observers
-without tracing the graph.
+| name | stem | stages (channels x blocks) | parameters | what it is |
+|---|---|---|---|---|
+| `resnet8` | 16 | 16x1, 32x1, 64x1 | 78,042 | MLPerf Tiny's image-classification network |
+| `resnet20` | 16 | 16x3, 32x3, 64x3 | 272,474 | He et al. 2016's CIFAR ResNet-20 |
+| `resnet18` | 64 | 64x2, 128x2, 256x2, 512x2 | 11,173,962 | the seed's network, the default |
+
+Where a block changes the shape (stride 2 or more channels), its shortcut is a 1x1 convolution with
+BatchNorm (He et al.'s option B), in all three: MLPerf Tiny's Keras ResNet-8 has the 1x1 convolution with
+a bias and no BatchNorm, and He et al.'s ResNet-20 pads with zeros (option A, no parameters).
+
+Convolutions come with their BatchNorm (and ReLU) as one `ConvBN` cell and residual joins are
+`ResidualAdd` cells, so that a quantizer can fold BatchNorm and place its observers without
+tracing the graph. `walk` gives the dataflow to exporters and to `profile`, which counts
+parameters and multiply-accumulates from the layers themselves.
 """
 import mindspore.nn as nn
 import mindspore.ops as ops
+
+# name: (stem channels, channels of each stage, BasicBlocks of each stage)
+ARCHS = {
+    "resnet8": (16, (16, 32, 64), (1, 1, 1)),
+    "resnet20": (16, (16, 32, 64), (3, 3, 3)),
+    "resnet18": (64, (64, 128, 256, 512), (2, 2, 2, 2)),
+}
+DEFAULT_ARCH = "resnet18"  # the seed's
 
 
 class ConvBN(nn.Cell):
@@ -42,35 +63,16 @@ class ResidualAdd(nn.Cell):
 
 class BasicBlock(nn.Cell):
     """Two 3x3 convolutions with an identity (or 1x1 projection) shortcut."""
-    expansion = 1
 
     def __init__(self, in_channels, channels, stride=1):
         super().__init__()
-        out_channels = channels * self.expansion
         self.conv1 = ConvBN(in_channels, channels, 3, stride)
-        self.conv2 = ConvBN(channels, out_channels, 3, relu=False)
-        self.shortcut = shortcut(in_channels, out_channels, stride)
+        self.conv2 = ConvBN(channels, channels, 3, relu=False)
+        self.shortcut = shortcut(in_channels, channels, stride)
         self.add = ResidualAdd()
 
     def construct(self, x):
         return self.add(self.conv2(self.conv1(x)), self.shortcut(x))
-
-
-class Bottleneck(nn.Cell):
-    """1x1 reduce, 3x3, 1x1 expand (x4), for ResNet-50 and deeper."""
-    expansion = 4
-
-    def __init__(self, in_channels, channels, stride=1):
-        super().__init__()
-        out_channels = channels * self.expansion
-        self.conv1 = ConvBN(in_channels, channels, 1)
-        self.conv2 = ConvBN(channels, channels, 3, stride)
-        self.conv3 = ConvBN(channels, out_channels, 1, relu=False)
-        self.shortcut = shortcut(in_channels, out_channels, stride)
-        self.add = ResidualAdd()
-
-    def construct(self, x):
-        return self.add(self.conv3(self.conv2(self.conv1(x))), self.shortcut(x))
 
 
 def shortcut(in_channels, out_channels, stride):
@@ -81,28 +83,49 @@ def shortcut(in_channels, out_channels, stride):
 
 
 class ResNet(nn.Cell):
-    def __init__(self, block, num_blocks, num_classes=10):
-        super().__init__()
-        self.in_channels = 64
-        self.conv1 = ConvBN(3, 64, 3)
-        self.layer1 = self._make_layer(block, 64, num_blocks[0], stride=1)
-        self.layer2 = self._make_layer(block, 128, num_blocks[1], stride=2)
-        self.layer3 = self._make_layer(block, 256, num_blocks[2], stride=2)
-        self.layer4 = self._make_layer(block, 512, num_blocks[3], stride=2)
-        self.fc = nn.Dense(512 * block.expansion, num_classes)
+    """A stem, stages `layer1`, `layer2`, ... of BasicBlocks, global average pool and a dense layer; `arch` is the
+    name it was built as (ARCHS), or None."""
 
-    def _make_layer(self, block, channels, count, stride):
-        layers = []
-        for layer_stride in [stride] + [1] * (count - 1):
-            layers.append(block(self.in_channels, channels, layer_stride))
-            self.in_channels = channels * block.expansion
-        return nn.SequentialCell(layers)
+    def __init__(self, stem, widths, blocks, num_classes=10, arch=None):
+        super().__init__()
+        self.arch = arch
+        self.conv1 = ConvBN(3, stem, 3)
+        stages, in_channels = [], stem
+        for i, (channels, count) in enumerate(zip(widths, blocks, strict=True)):
+            strides = [1 if i == 0 else 2] + [1] * (count - 1)
+            stage = nn.SequentialCell([BasicBlock(c_in, channels, s) for c_in, s in
+                                       zip([in_channels] + [channels] * (count - 1), strides, strict=True)])
+            setattr(self, f"layer{i + 1}", stage)  # the parameter names of the seed's ResNet-18: layer1.0.conv1...
+            stages.append(stage)
+            in_channels = channels
+        self.stages = tuple(stages)
+        self.fc = nn.Dense(in_channels, num_classes)
 
     def construct(self, x):
         out = self.conv1(x)
-        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        for stage in self.stages:
+            out = stage(out)
         out = ops.mean(out, axis=(2, 3))  # global average pool
         return self.fc(out)
+
+
+def resnet(arch=DEFAULT_ARCH, num_classes=10):
+    """The network named `arch` (a key of ARCHS)."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown network {arch!r}: one of {', '.join(ARCHS)}")
+    return ResNet(*ARCHS[arch], num_classes=num_classes, arch=arch)
+
+
+def resnet8(num_classes=10):
+    return resnet("resnet8", num_classes)
+
+
+def resnet20(num_classes=10):
+    return resnet("resnet20", num_classes)
+
+
+def resnet18(num_classes=10):
+    return resnet("resnet18", num_classes)
 
 
 def walk(net, graph):
@@ -110,23 +133,57 @@ def walk(net, graph):
     graph.add(cell, [branch, shortcut]), graph.mean(source, fc) and graph.dense(fc, source), each returning the
     name of the tensor it produced, on a ResNet or its quantized version; returns the logits' name."""
     t = graph.conv(net.conv1, graph.input(net))
-    for layer in (net.layer1, net.layer2, net.layer3, net.layer4):
-        for block in layer:
-            branch = t
-            for unit in (block.conv1, block.conv2, getattr(block, "conv3", None)):
-                branch = graph.conv(unit, branch) if unit is not None else branch
+    for stage in net.stages:
+        for block in stage:
+            branch = graph.conv(block.conv2, graph.conv(block.conv1, t))
             shortcut = t if isinstance(block.shortcut, nn.Identity) else graph.conv(block.shortcut, t)
             t = graph.add(block.add, [branch, shortcut])
     return graph.dense(net.fc, graph.mean(t, net.fc))
 
 
-def resnet18(num_classes=10):
-    return ResNet(BasicBlock, [2, 2, 2, 2], num_classes)
+def profile(net, image_size=32):
+    """What a network (float or quantized) costs, counted from its layers: {"arch", "params" (trainable),
+    "macs" (multiply-accumulates per image), "weights" (conv and dense weights), "channels" (their output
+    channels: a bias and a scale each in an int8 file), "layers" (conv and dense layers)}."""
+    counter = _Counter(image_size)
+    walk(net, counter)
+    return {"arch": getattr(net, "arch", None), "params": sum(p.size for p in net.trainable_params()),
+            "macs": counter.macs, "weights": counter.weights, "channels": counter.channels, "layers": counter.layers}
 
 
-def resnet34(num_classes=10):
-    return ResNet(BasicBlock, [3, 4, 6, 3], num_classes)
+class _Counter:
+    """walk's calls as shapes (channels, height, width) and counts."""
 
+    def __init__(self, image_size):
+        self.shapes = {"image": (3, image_size, image_size)}
+        self.macs = self.weights = self.channels = self.layers = 0
 
-def resnet50(num_classes=10):
-    return ResNet(Bottleneck, [3, 4, 6, 3], num_classes)
+    def _layer(self, shape, weights, out_channels):
+        name = f"t{len(self.shapes)}"
+        self.shapes[name] = shape
+        height, width = shape[1:] if len(shape) == 3 else (1, 1)
+        self.macs += weights * height * width  # each weight is used once per output position
+        self.weights += weights
+        self.channels += out_channels
+        self.layers += 1
+        return name
+
+    def input(self, net):
+        return "image"
+
+    def conv(self, unit, source):
+        conv = unit.conv
+        (k, _), (s, _) = conv.kernel_size, conv.stride
+        pad = conv.padding if conv.pad_mode == "pad" else 0
+        _, height, width = self.shapes[source]
+        shape = (conv.out_channels, (height + 2 * pad - k) // s + 1, (width + 2 * pad - k) // s + 1)
+        return self._layer(shape, conv.out_channels * conv.in_channels * k * k, conv.out_channels)
+
+    def add(self, cell, sources):
+        return sources[0]
+
+    def mean(self, source, fc):
+        return source
+
+    def dense(self, fc, source):
+        return self._layer((fc.out_channels,), fc.in_channels * fc.out_channels, fc.out_channels)

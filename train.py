@@ -1,7 +1,8 @@
-"""Train ResNet-18 on CIFAR-10 with quantization-aware training (QAT), in MindSpore, on CPU or GPU.
+"""Train a ResNet on CIFAR-10 with quantization-aware training (QAT), in MindSpore, on CPU or GPU.
 
-    python train.py                                              # the seed's run: QAT, Adam, 40 epochs
+    python train.py                                              # the seed's run: ResNet-18, QAT, Adam, 40 epochs
     python train.py -bsize 128 -e 40 -opt momentum -lr 0.05      # the seed's flags
+    python train.py --arch resnet8 -e 40                         # MLPerf Tiny's 78 k-parameter ResNet-8
     python train.py -data data/demo -e 2 --num_samples 1024      # a quick trial on synthetic data
     msrun --worker_num=4 --local_worker_num=4 --join=True train.py --scale_lr   # data parallel on 4 GPUs
 
@@ -37,7 +38,8 @@ import preprocess
 import quant
 import schedules
 from quant import QuantConfig, quantize
-from resnetv2 import resnet18
+import int8
+import resnetv2
 
 METRICS_FILE = "metrics.jsonl"
 VALIDATION_BATCH = 100
@@ -66,6 +68,10 @@ def get_args_parser():
     parser.add_argument("-wDecay", "--weightDecay", type=cli.non_negative_float, default=1e-4,
                         help="weight decay (L2) of conv and dense weights")
     # Ours.
+    parser.add_argument("--arch", choices=tuple(resnetv2.ARCHS), default=None,
+                        help=f"the network: resnet8 (MLPerf Tiny's, 78 k parameters), resnet20 (0.27 M) or resnet18 "
+                             f"(11.2 M, the seed's); default: the checkpoint's with --resume, else "
+                             f"{resnetv2.DEFAULT_ARCH}")
     parser.add_argument("-data", "--data_dir", default=preprocess.DEFAULT_DATA_DIR,
                         help="CIFAR-10 binary folder (see preprocess.py --download / --synthetic)")
     cli.add_device_argument(parser)
@@ -152,6 +158,7 @@ def train(args):
         checkpoint.lock_save_dir(run.savedir)  # one run per save folder, held until this process ends
 
     found = checkpoint.find_resume(run.resume, run.savedir) if run.resume else None
+    run.arch = resumed_arch(run, found)
     net = build_network(run, steps_per_epoch, resumed_weight_bits(found))
     optimizer = make_optimizer(net, run, steps_per_epoch)
     train_net = build_train_network(net, optimizer, run, rank)
@@ -159,7 +166,7 @@ def train(args):
         train_net = parallel.DataParallelStep(train_net, net, run.workers)
     resumed, start_step = resume(run, found, train_net, dataset, steps_per_epoch)
 
-    prefix = start_save_dir(args, run, resumed) if writer else None
+    prefix = start_save_dir(args, run, resumed, net) if writer else None
     guard = callbacks.Guard(start_step, steps_per_epoch)
     saver = callbacks.Checkpointer(train_net, run.savedir, prefix, steps_per_epoch, run.save_steps, run.keep,
                                    start_step, guard, latest=resumed, writer=writer)
@@ -199,6 +206,18 @@ def resolve(args):
     return run, rank
 
 
+def resumed_arch(run, found):
+    """The network of the run: that of the checkpoint it resumes (`found`: checkpoint.find_resume's), which --arch
+    may only repeat; else --arch, or the default."""
+    if not found:
+        return run.arch or resnetv2.DEFAULT_ARCH
+    arch = checkpoint.arch(*found)
+    if run.arch and run.arch != arch:
+        raise cli.InputError(f"--resume {found[0]} trained {arch}, but this run asks for --arch {run.arch}; resume "
+                             f"with --arch {arch} (or without --arch), or train {run.arch} into another -dir")
+    return arch
+
+
 def resumed_weight_bits(found):
     """The QAT weight bits of the run: those of the checkpoint it resumes (`found`: checkpoint.find_resume's), as it
     was trained, else QuantConfig's."""
@@ -231,9 +250,11 @@ def resume(run, found, train_net, dataset, steps_per_epoch):
     return (found[0] if found else None), step
 
 
-def start_save_dir(args, run, resumed):
-    """Print the settings, write args.json, clear crashed saves; return the prefix of this run's checkpoints."""
+def start_save_dir(args, run, resumed, net):
+    """Print the settings and the network's size, write args.json, clear crashed saves; return the prefix of this
+    run's checkpoints."""
     print("arguments: " + json.dumps(vars(run), sort_keys=True))
+    print(size_card(net))
     if preprocess.is_synthetic(run.data_dir):
         print(f"note: {run.data_dir} holds synthetic data, not CIFAR-10")
     if run.scale_lr:  # Goyal et al. 2017's linear scaling rule
@@ -253,7 +274,15 @@ def start_save_dir(args, run, resumed):
         callbacks.Stop(callbacks.EXIT_SAVE_FAILED, f"could not write {path} ({e.strerror}); nothing was trained; "
                        "free space or fix the save folder, then run again", error=True).exit()
     checkpoint.remove_stale_partials(run.savedir)
-    return checkpoint.series_prefix(run.savedir, checkpoint.series_base(model_kind(run)), resumed)
+    return checkpoint.series_prefix(run.savedir, checkpoint.series_base(model_kind(run), run.arch), resumed)
+
+
+def size_card(net):
+    """One line: the network's name, parameters, multiply-accumulates per image and the int8 file to expect."""
+    profile = resnetv2.profile(net)
+    return (f"network: {profile['arch']}, {profile['params']:,} parameters, {profile['macs'] / 1e6:,.1f} M "
+            f"multiply-accumulates per 32x32 image; its int8 file (export.py --format int8) will be about "
+            f"{cli.size_text(int8.expected_size(profile))}")
 
 
 def model_kind(run):
@@ -309,7 +338,7 @@ def load_validation_data(run):
 
 
 def build_network(run, steps_per_epoch, weight_bits=QuantConfig.weight_bits):
-    net = resnet18(preprocess.NUM_CLASSES)
+    net = resnetv2.resnet(run.arch or resnetv2.DEFAULT_ARCH, preprocess.NUM_CLASSES)
     if run.qat:
         freeze_step = -1 if run.freeze_bn is None else run.freeze_bn * steps_per_epoch
         net = quantize(net, QuantConfig(weight_bits=weight_bits, quant_delay=run.quant_delay, bn_fold=run.bn_fold,

@@ -2,9 +2,11 @@
 one launcher for the project's scripts in a subprocess, and one check of the `error:` line.
 
 Tests marked `slow` train more than a few steps, start msrun or run the int8 reference on hundreds
-of images: `python -m pytest -m "not slow"` leaves them out.
+of images: `python -m pytest -m "not slow"` leaves them out. A test that needs a network but not
+ResNet-18 in particular uses ARCH, MLPerf Tiny's ResNet-8: the same code path, 1/44 of the work.
 """
 import contextlib
+import gc
 import io
 import json
 import os
@@ -21,7 +23,13 @@ import pytest  # noqa: E402
 import eval as evaluate  # noqa: E402
 import preprocess  # noqa: E402
 
+# What MindSpore and the project import is there for the whole session: the garbage collector no longer scans it, so
+# that release_memory's collection after every test costs a millisecond, not a tenth of a second.
+gc.freeze()
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ARCH = "resnet8"  # the suite's network, wherever ResNet-18's size is not the point
+SMALL = ["--arch", ARCH]  # train.py's flag for it
 
 
 def start_script(*argv, env=None):
@@ -82,29 +90,28 @@ def synthetic_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def untrained(tmp_path_factory):
-    """Checkpoints of an untrained ResNet-18, {"float32": path, "QAT": path}: loadable, quickly made; the QAT
-    one's observers have seen no step, so its activations are not quantized yet."""
-    import mindspore as ms
-
+    """Checkpoints of an untrained ARCH, {"float32": path, "QAT": path}, written as train.py writes them: loadable,
+    quickly made; the QAT one's observers have seen no step, so its activations are not quantized yet."""
+    import checkpoint
+    import resnetv2
     from quant import quantize
-    from resnetv2 import resnet18
 
     folder = tmp_path_factory.mktemp("untrained")
     paths = {"float32": str(folder / "float32.ckpt"), "QAT": str(folder / "qat.ckpt")}
-    ms.save_checkpoint(resnet18(), paths["float32"])
-    ms.save_checkpoint(quantize(resnet18()), paths["QAT"])
+    checkpoint.save(resnetv2.resnet(ARCH), paths["float32"], {})
+    checkpoint.save(quantize(resnetv2.resnet(ARCH)), paths["QAT"], {})
     return paths
 
 
-def observed_qat_net():
-    """An untrained QAT ResNet-18 in eval mode whose observers are set as after one step (activations in [-4, 4],
-    after a ReLU in [0, 4]): the full-size structure in a second, its predictions meaningless."""
+def observed_qat_net(arch=ARCH):
+    """An untrained QAT network in eval mode whose observers are set as after one step (activations in [-4, 4],
+    after a ReLU in [0, 4]): the whole structure in a second, its predictions meaningless."""
     import mindspore as ms
 
+    import resnetv2
     from quant import ActQuant, quantize
-    from resnetv2 import resnet18
 
-    net = quantize(resnet18())
+    net = quantize(resnetv2.resnet(arch))
     for _, cell in net.cells_and_names():
         if isinstance(cell, ActQuant):
             cell.steps.set_data(ms.Tensor(1, ms.int32))
@@ -128,10 +135,10 @@ def int8_file(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def trained(synthetic_dir, tmp_path_factory):
-    """A QAT model trained 4 short epochs on the learnable synthetic set, validated after epochs 2 and 4:
+    """A QAT ARCH trained 4 short epochs on the learnable synthetic set, validated after epochs 2 and 4:
     (checkpoint, save dir)."""
     savedir = str(tmp_path_factory.mktemp("qat"))
-    path = train_in_subprocess("-data", synthetic_dir, "-dir", savedir, "-e", "4", "-bsize", "32",
+    path = train_in_subprocess(*SMALL, "-data", synthetic_dir, "-dir", savedir, "-e", "4", "-bsize", "32",
                                "--num_samples", "384", "--val_samples", "200", "--eval_every", "2")
     return path, savedir
 
@@ -188,7 +195,7 @@ def trained_exports(trained, synthetic_dir, tmp_path_factory):
     """The trained QAT checkpoint's int8 file and ONNX model (class names from the synthetic folder), the logits of
     both and the predictions of all three on the first AGREEMENT_IMAGES test images: {"int8": path, "onnx": path,
     "logits": {"int8": array, "onnx": array}, "predictions": {"checkpoint": array, "int8": array, "onnx": array}}.
-    The int8 reference takes 1 1/2 minutes."""
+    """
     import export
     import inference
 
@@ -208,13 +215,13 @@ def trained_exports(trained, synthetic_dir, tmp_path_factory):
 # A short QAT run: 3 epochs of 4 steps, a checkpoint every 2 steps, a schedule that changes
 # every step and observers that start quantizing at step 1, so that a resumed run only matches
 # an uninterrupted one if everything is restored.
-SHORT_RUN = ["-bsize", "16", "--num_samples", "64", "-e", "3", "--save_steps", "2", "--keep", "20",
+SHORT_RUN = [*SMALL, "-bsize", "16", "--num_samples", "64", "-e", "3", "--save_steps", "2", "--keep", "20",
              "--lr_schedule", "cosine", "--quant_delay", "1", "--seed", "3", "--eval_every", "0"]
 
 
 @pytest.fixture(scope="session")
 def uninterrupted(synthetic_dir, tmp_path_factory):
-    """The save folder of SHORT_RUN run from start to end: resnet18_qat-<epoch>_<step>.ckpt for steps 2, 4, ... 12."""
+    """The save folder of SHORT_RUN run from start to end: resnet8_qat-<epoch>_<step>.ckpt for steps 2, 4, ... 12."""
     folder = str(tmp_path_factory.mktemp("uninterrupted"))
     train_in_subprocess("-data", synthetic_dir, "-dir", folder, *SHORT_RUN)
     return folder
@@ -224,8 +231,6 @@ def uninterrupted(synthetic_dir, tmp_path_factory):
 def release_memory():
     """Free what MindSpore caches for each compiled network: the suite builds dozens in one process."""
     yield
-    import gc
-
     import mindspore as ms
 
     gc.collect()

@@ -7,7 +7,8 @@ import math
 import pytest
 
 import bench
-from conftest import expect_error
+import resnetv2
+from conftest import ARCH, expect_error
 
 KEYS = ("train_ips_float", "train_ips_qat", "qat_over_float", "eval_ips", "int8_ips", "pipeline_ips",
         "pipeline_over_train", "first_step_s", "first_step_s_float", "peak_rss_mb", "peak_rss_mb_qat")
@@ -49,15 +50,38 @@ def test_bench_flags_are_bounded_by_its_data(capsys):
     """Its synthetic data has 10,000 images a split: a larger batch or image count is refused, not attempted."""
     expect_error(bench.main, ["--batch", "10001"], capsys, "argument --batch: must be an integer from 1 to 10000")
     expect_error(bench.main, ["--int8_images", "0"], capsys, "argument --int8_images: must be an integer from 1")
+    expect_error(bench.main, ["--arch", "resnet8,resnet9"], capsys, "--arch: 'resnet8,resnet9': give networks among "
+                 "resnet8, resnet20, resnet18, separated by commas, each once")
+    expect_error(bench.main, ["--arch", "resnet8,resnet8"], capsys, "each once")
+    expect_error(bench.main, ["--arch", "resnet8,resnet20", "--deploy"], capsys, "--deploy measure one network; "
+                 "give one --arch, or drop --deploy for the table of several")
 
 
 @pytest.mark.slow
 def test_bench_reports_the_cost_of_adversarial_training_and_attacks(capsys):
     results = bench.main(["--adversarial", "--device", "CPU", "--batch", "4", "--steps", "2", "--repeats", "1",
-                          "--adv_steps", "2", "--attack_images", "4", "--json"])
+                          "--adv_steps", "2", "--attack_images", "4", "--json", "--arch", ARCH])
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == results
     steps = results["step_s"]
     assert set(steps) == {"qat", "fgsm", "pgd"} and all(s > 0 for s in steps.values())
     assert results["fgsm_over_clean"] == steps["fgsm"] / steps["qat"]
     assert results["pgd_over_clean"] == steps["pgd"] / steps["qat"]
     assert all(results[f"{name}_s_per_image"] > 0 for name in ("clean", "fgsm", "pgd"))
+
+
+@pytest.mark.slow
+def test_bench_tabulates_networks_to_choose_from(capsys):
+    results = bench.main(["--arch", "resnet8,resnet20", "--batch", "4", "--steps", "2", "--repeats", "1",
+                          "--seconds", "0.1", "--json"])
+    out = capsys.readouterr().out
+    assert json.loads(out.strip().splitlines()[-1]) == results
+    assert list(results["networks"]) == ["resnet8", "resnet20"]
+    for name, network in results["networks"].items():
+        profile = resnetv2.profile(resnetv2.resnet(name))
+        assert (network["params"], network["macs"]) == (profile["params"], profile["macs"])
+        assert network["train_ips_float"] > 0 and network["train_ips_qat"] > 0 and network["int8_file_kb"] > 0
+        for model in (network["onnx_int8"], network["onnx_float32"]):
+            assert 0 < model["b1_p50_ms"] and model["b100_ips"] > 0 and model["file_mb"] > 0
+        assert network["onnx_int8"]["file_mb"] < network["onnx_float32"]["file_mb"]
+    rows = [line.split()[0] for line in out.splitlines() if line.startswith("resnet")]
+    assert rows == ["resnet8", "resnet20"]  # one row a network

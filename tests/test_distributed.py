@@ -11,7 +11,7 @@ import pytest
 import cli
 import eval as evaluate
 import train
-from conftest import run_script
+from conftest import SMALL, run_script
 
 WORKER_LINE = re.compile(r"^worker (\d) of 2: (\d+) training images per epoch, parameter checksum (\w+), "
                          r"validation accuracy ([\d.]+)%$", re.M)
@@ -35,7 +35,7 @@ def msrun(workers, log_dir, *argv):
 def two_workers(synthetic_dir, tmp_path_factory):
     """A 2-worker msrun run of 64 images in batches of 8 per worker: (save dir, the workers' logs)."""
     savedir, logs = tmp_path_factory.mktemp("run"), tmp_path_factory.mktemp("logs")
-    result = msrun(2, logs, "-data", synthetic_dir, "-dir", str(savedir), "-e", "1", "-bsize", "8",
+    result = msrun(2, logs, *SMALL, "-data", synthetic_dir, "-dir", str(savedir), "-e", "1", "-bsize", "8",
                    "--num_samples", "64", "--save_steps", "2", "--val_samples", "100", "--scale_lr",
                    "--distributed")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -47,7 +47,7 @@ def test_worker_0_alone_writes_the_checkpoints(two_workers):
     savedir, logged = two_workers
     # One set of checkpoints, written by worker 0 only: steps 2 and 4 of 64 / 2 workers / batch 8.
     assert sorted(os.listdir(savedir)) == ["args.json", "best.ckpt", "curves.png", "metrics.jsonl",
-                                           "resnet18_qat-1_2.ckpt", "resnet18_qat-1_4.ckpt"]
+                                           "resnet8_qat-1_2.ckpt", "resnet8_qat-1_4.ckpt"]
     assert "data parallel: 2 workers, batch 8 per worker, global batch 16" in logged[0]
     assert "--scale_lr: learning rate 0.001 x 2 worker(s) = 0.002" in logged[0]
     assert json.loads((savedir / "args.json").read_text())["learningRate"] == pytest.approx(0.002)
@@ -75,7 +75,7 @@ def test_a_data_parallel_checkpoint_is_an_ordinary_one(two_workers, synthetic_di
     """eval.py gives the validation's accuracy on the same images."""
     savedir, logged = two_workers
     accuracy0 = worker_summaries(logged)[0][3]
-    accuracy = evaluate.main(["-loc", str(savedir / "resnet18_qat-1_4.ckpt"), "-data", synthetic_dir,
+    accuracy = evaluate.main(["-loc", str(savedir / "resnet8_qat-1_4.ckpt"), "-data", synthetic_dir,
                               "--num_samples", "100"])
     assert 100 * accuracy == pytest.approx(float(accuracy0), abs=0.01)
 
@@ -91,7 +91,7 @@ def test_more_workers_than_the_data_can_shard(synthetic_dir):
 @pytest.mark.slow
 def test_adversarial_training_under_msrun_keeps_the_workers_identical(synthetic_dir, tmp_path):
     """Each worker attacks its own images from its own random starts; the network stays one."""
-    result = msrun(2, tmp_path / "logs", "-data", synthetic_dir, "-dir", str(tmp_path / "run"), "-e", "1",
+    result = msrun(2, tmp_path / "logs", *SMALL, "-data", synthetic_dir, "-dir", str(tmp_path / "run"), "-e", "1",
                    "-bsize", "8", "--num_samples", "32", "--val_samples", "100", "--adv_train", "fgsm",
                    "--adv_ratio", "0.5")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

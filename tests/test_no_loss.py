@@ -14,11 +14,11 @@ import time
 import mindspore as ms
 import pytest
 
-from conftest import ROOT, run_script, start_script
+from conftest import ROOT, SMALL, run_script, start_script
 
 pytestmark = pytest.mark.slow
 UNBUFFERED = dict(os.environ, PYTHONUNBUFFERED="1")  # progress lines as they are printed
-RUN = ["-bsize", "16", "--num_samples", "64", "--eval_every", "0", "--quant_delay", "1"]  # 4 steps an epoch
+RUN = [*SMALL, "-bsize", "16", "--num_samples", "64", "--eval_every", "0", "--quant_delay", "1"]  # 4 steps an epoch
 
 
 def wait_for_line(process, text):
@@ -193,15 +193,15 @@ def test_a_disk_that_fills_during_training_stops_it_with_1_and_keeps_what_was_sa
     assert len(stderr.splitlines()) == 1, stderr
     [line] = stderr.splitlines()
     assert line.startswith(f"error: could not save {folder}/") and "(No space left on device)" in line
-    assert f"the last checkpoint saved, {folder}/resnet18_qat-1_4.ckpt, is intact" in line
+    assert f"the last checkpoint saved, {folder}/resnet8_qat-1_4.ckpt, is intact" in line
     records = assert_whole(folder)
     assert [r["epoch"] for r in records] in ([], [1])  # the disk filled before or after epoch 1's record
-    assert "resnet18_qat-1_4.ckpt" in os.listdir(folder) and "resnet18_qat-2_4.ckpt" not in os.listdir(folder)
+    assert "resnet8_qat-1_4.ckpt" in os.listdir(folder) and "resnet8_qat-2_4.ckpt" not in os.listdir(folder)
     os.remove(small_disk / "filler")
     result = run_script("train.py", "-data", synthetic_dir, "-dir", str(folder), "-e", "3", *RUN, "--resume", "auto",
                         "--keep", "1")  # (room for two checkpoints: the new one is written before the old goes)
     assert result.returncode == 0, result.stderr
-    assert "checkpoint: " + str(folder / "resnet18_qat-3_4.ckpt") in result.stdout
+    assert "checkpoint: " + str(folder / "resnet8_qat-3_4.ckpt") in result.stdout
     assert [r["epoch"] for r in assert_whole(folder)][-2:] == [2, 3]
 
 
@@ -218,14 +218,16 @@ def test_a_full_summary_disk_is_one_warning_and_training_goes_on(small_disk, syn
     assert warnings == [f"warning: stopped writing TensorBoard events into {small_disk / 'tb'} (No space left on "
                         "device); training goes on, metrics.jsonl has the figures"]
     assert [r["epoch"] for r in assert_whole(folder)] == [1, 2]
-    assert "resnet18_qat-2_4.ckpt" in os.listdir(folder)
+    assert "resnet8_qat-2_4.ckpt" in os.listdir(folder)
 
 
 # --- one run per save folder ------------------------------------------------------------------------
 
 def test_a_second_run_into_the_same_folder_is_refused_and_the_first_keeps_its_files(synthetic_dir, tmp_path):
     folder = str(tmp_path / "run")
-    first = start_script("train.py", "-data", synthetic_dir, "-dir", folder, "-e", "2", *RUN, env=UNBUFFERED)
+    # 2 epochs of 128 steps: the first run is still training when the second, started after its first step, asks
+    first = start_script("train.py", "-data", synthetic_dir, "-dir", folder, "-e", "2", *RUN, "--num_samples", "2048",
+                         env=UNBUFFERED)
     wait_for_line(first, "first step done")
     second = run_script("train.py", "-data", synthetic_dir, "-dir", folder, "-e", "2", *RUN, "--seed", "7")
     assert second.returncode == 2
@@ -233,8 +235,8 @@ def test_a_second_run_into_the_same_folder_is_refused_and_the_first_keeps_its_fi
                                           f"(process {first.pid}); wait for it to end, or give another -dir"]
     stdout, stderr = first.communicate(timeout=600)
     assert first.returncode == 0, stderr
-    assert sorted(os.listdir(folder)) == ["args.json", "curves.png", "metrics.jsonl", "resnet18_qat-1_4.ckpt",
-                                          "resnet18_qat-2_4.ckpt"]
+    assert sorted(os.listdir(folder)) == ["args.json", "curves.png", "metrics.jsonl", "resnet8_qat-1_128.ckpt",
+                                          "resnet8_qat-2_128.ckpt"]
     assert [r["epoch"] for r in assert_whole(folder)] == [1, 2]
     with open(os.path.join(folder, "args.json")) as f:
         assert json.load(f)["seed"] == 1  # the first run's

@@ -12,7 +12,7 @@ import callbacks
 import eval as evaluate
 import plot
 import plots
-from conftest import expect_error, snapshot, train_in_subprocess
+from conftest import SMALL, expect_error, snapshot, train_in_subprocess
 
 
 def assert_png(path, width, height):
@@ -142,7 +142,7 @@ def test_plot_py_refuses_what_it_cannot_draw(tmp_path, capsys):
 def test_summary_dir_holds_what_tensorboard_reads(synthetic_dir, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     summary = tmp_path / "tb"
-    train_in_subprocess("-data", synthetic_dir, "-dir", str(tmp_path / "run"), "-e", "2", "-bsize", "16",
+    train_in_subprocess(*SMALL, "-data", synthetic_dir, "-dir", str(tmp_path / "run"), "-e", "2", "-bsize", "16",
                         "--num_samples", "32", "--val_samples", "100", "--summary_dir", str(summary))
     events = EventAccumulator(str(summary)).Reload()  # TensorBoard's own reader, as its dashboard loads the folder
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

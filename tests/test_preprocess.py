@@ -171,10 +171,12 @@ def test_preprocess_flags_are_checked(flags, fragment, tmp_path, capsys):
 
 # --- download, against a server on 127.0.0.1 that serves an archive built here --------------
 
-def cifar_archive(members=("data_batch_1.bin", "test_batch.bin"), folder=preprocess.ARCHIVE_FOLDER):
-    """A .tar.gz laid out like the official one (zero images, label 0: small once compressed)."""
+def cifar_archive(members=("data_batch_1.bin", "test_batch.bin"), folder=preprocess.ARCHIVE_FOLDER,
+                  size=preprocess.FILE_BYTES):
+    """A .tar.gz laid out like the official one (zero images, label 0: small once compressed); members of `size`
+    bytes."""
     buffer = io.BytesIO()
-    content = bytes(preprocess.FILE_BYTES)
+    content = bytes(size)
     with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
         for name in members:
             info = tarfile.TarInfo(f"{folder}/{name}" if folder else name)
@@ -208,7 +210,7 @@ def serve():
                 pass
 
         server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True).start()
         servers.append(server)
         return f"http://127.0.0.1:{server.server_address[1]}/cifar.tar.gz"
 
@@ -317,7 +319,7 @@ def test_download_refuses_an_oversized_member_before_extracting_it(tmp_path, ser
 
 def test_download_refuses_an_archive_of_many_members(tmp_path, serve):
     """A bomb of many small members (each within the size limit) is stopped after the 20th."""
-    payload = cifar_archive(members=[f"x{i}.txt" for i in range(25)])
+    payload = cifar_archive(members=[f"x{i}.txt" for i in range(25)], size=10)
     with pytest.raises(DatasetError, match="x20.txt is number 21, more than the 20 allowed"):
         preprocess.download(str(tmp_path / "cifar"), serve(payload), hashlib.md5(payload).hexdigest())
     assert os.listdir(tmp_path) == []

@@ -2,6 +2,7 @@
 import fcntl
 import os
 import pty
+import re
 import struct
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import termios
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, SMALL
 
 
 def run_on_terminal(*argv, timeout=600):
@@ -34,7 +35,7 @@ def run_on_terminal(*argv, timeout=600):
 
 @pytest.mark.slow
 def test_train_py_draws_one_live_bar_per_epoch_on_a_terminal(synthetic_dir, tmp_path):
-    status, output = run_on_terminal("train.py", "-data", synthetic_dir, "-dir", str(tmp_path), "-e", "2",
+    status, output = run_on_terminal("train.py", *SMALL, "-data", synthetic_dir, "-dir", str(tmp_path), "-e", "2",
                                      "-bsize", "16", "--num_samples", "64", "--val_samples", "100", "--log_every", "1")
     assert status == 0, output[-3000:]
     assert "\r" in output and "epoch 1/2" in output and "epoch 2/2" in output and "4/4" in output
@@ -44,9 +45,11 @@ def test_train_py_draws_one_live_bar_per_epoch_on_a_terminal(synthetic_dir, tmp_
 
 
 def test_eval_py_shows_a_bar_on_a_terminal_and_none_in_a_pipe(untrained, synthetic_dir):
-    argv = ("eval.py", "-loc", untrained["float32"], "-data", synthetic_dir, "--num_samples", "300", "-bsize", "50")
+    # 100 batches of 10: long enough for the bar to be redrawn (tqdm redraws it at most every 0.1 s)
+    argv = ("eval.py", "-loc", untrained["float32"], "-data", synthetic_dir, "--num_samples", "1000", "-bsize", "10")
     status, output = run_on_terminal(*argv)
     assert status == 0, output[-3000:]
-    assert "predicting" in output and "6/6" in output and "accuracy: " in output
-    piped = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True)
+    assert re.search(r"predicting: .*\d+/100 ", output) and "accuracy: " in output
+    piped = subprocess.run([sys.executable, *argv[:-4], "--num_samples", "20", "-bsize", "10"], cwd=ROOT,
+                           capture_output=True, text=True)
     assert piped.returncode == 0 and "predicting" not in piped.stdout + piped.stderr and "\r" not in piped.stdout

@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 
 import quant
+import resnetv2
+from conftest import ARCH
 from quant import ActQuant, QuantConfig, WeightQuant, fake_quant_weight, quantize
-from resnetv2 import ConvBN, ResidualAdd, resnet18
+from resnetv2 import ConvBN, ResidualAdd
 
 rng = np.random.default_rng(0)
 
@@ -145,25 +147,25 @@ def test_quant_delay_passes_activations_through():
 
 
 def test_quantize_wraps_every_layer_and_keeps_weights():
-    float_net = resnet18()
+    float_net = resnetv2.resnet(ARCH)
     weights = {p.name: p.asnumpy().copy() for p in float_net.get_parameters()}
     net = quantize(float_net)
     kinds = [type(cell) for _, cell in net.cells_and_names()]
-    assert kinds.count(quant.QuantConvBN) == 20  # 17 3x3 convolutions and 3 1x1 shortcuts
-    assert kinds.count(quant.QuantAdd) == 8 and kinds.count(quant.QuantDense) == 1
+    assert kinds.count(quant.QuantConvBN) == 9  # 7 3x3 convolutions and 2 1x1 shortcuts
+    assert kinds.count(quant.QuantAdd) == 3 and kinds.count(quant.QuantDense) == 1
     assert ConvBN not in kinds and ResidualAdd not in kinds and nn.Dense not in kinds
     params = {p.name: p.asnumpy() for p in net.get_parameters()}
     assert all(np.array_equal(params[name], value) for name, value in weights.items())
     added = sorted(set(params) - set(weights))
     # observers: every ConvBN and ResidualAdd output, the network input and the classifier's input; and the weight
     # bits of every convolution and the classifier
-    assert len(added) == (20 + 8 + 2) * 4 + 21 and all("_quant." in name for name in added)
-    assert sum(name.endswith(quant.BITS_SUFFIX) for name in added) == 21
+    assert len(added) == (9 + 3 + 2) * 4 + 10 and all("_quant." in name for name in added)
+    assert sum(name.endswith(quant.BITS_SUFFIX) for name in added) == 10
     assert [p.name for p in net.trainable_params()] == [n for n in weights if "moving_" not in n]
     assert quant.config_from_checkpoint(dict(net.parameters_and_names())) == QuantConfig()
     assert quant.config_from_checkpoint(weights) is None
 
-    reference = resnet18()
+    reference = resnetv2.resnet(ARCH)
     ms.load_param_into_net(reference, {name: ms.Parameter(value, name=name) for name, value in weights.items()})
     reference.set_train(False)
     net.set_train(False)  # observers never trained: activations are not quantized yet, weights are
@@ -178,7 +180,7 @@ def test_dense_with_activation_is_refused():
 
 
 def test_quantized_network_trains_a_step():
-    net = quantize(resnet18())
+    net = quantize(resnetv2.resnet(ARCH))
     loss = nn.SoftmaxCrossEntropyWithLogits(sparse=True, reduction="mean")
     step = nn.TrainOneStepCell(nn.WithLossCell(net, loss), nn.Adam(net.trainable_params(), 1e-3))
     step.set_train()
@@ -201,9 +203,9 @@ def test_folded_and_frozen_inference_equal_unfolded(trained):
         ms.load_param_into_net(net, {name: params[name] for name, _ in net.parameters_and_names() if name in params})
         return net
 
-    unfolded = loaded(quantize(resnet18()))
-    folded = loaded(quantize(resnet18(), QuantConfig(bn_fold=True)))
-    frozen = quant.freeze(loaded(quantize(resnet18())))  # weights quantized once, for inference
+    unfolded = loaded(quantize(resnetv2.resnet(ARCH)))
+    folded = loaded(quantize(resnetv2.resnet(ARCH), QuantConfig(bn_fold=True)))
+    frozen = quant.freeze(loaded(quantize(resnetv2.resnet(ARCH))))  # weights quantized once, for inference
     for net in unfolded, folded, frozen:
         net.set_train(False)
     x = tensor(4, 3, 32, 32)

@@ -2,7 +2,6 @@
 as an uninterrupted one is tested in test_crash.py, after kills and interrupts.)"""
 import os
 
-import mindspore as ms
 import numpy as np
 import pytest
 
@@ -10,18 +9,18 @@ import callbacks
 import checkpoint
 import quant
 import train
-from conftest import expect_error, snapshot, train_in_subprocess
+from conftest import SMALL, expect_error, snapshot, train_in_subprocess
 
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     """The save folder of a QAT run of 4 epochs of 12 steps (384 images, batch 32), as train.py's Checkpointer
     and Validator write it, without the training: (its last checkpoint, the folder)."""
-    args = train.get_args_parser().parse_args(["-e", "4", "-bsize", "32", "--num_samples", "384"])
+    args = train.get_args_parser().parse_args([*SMALL, "-e", "4", "-bsize", "32", "--num_samples", "384"])
     net = train.build_network(args, steps_per_epoch=12)
     train_net = train.build_train_network(net, train.make_optimizer(net, args, steps_per_epoch=12), args)
     folder = str(tmp_path_factory.mktemp("finished"))
-    saver = callbacks.Checkpointer(train_net, folder, "resnet18_qat", steps_per_epoch=12, save_steps=0, keep=5,
+    saver = callbacks.Checkpointer(train_net, folder, "resnet8_qat", steps_per_epoch=12, save_steps=0, keep=5,
                                    first_step=0, guard=callbacks.Guard(0, 12))
     saver.save(48)
     checkpoint.save(net, os.path.join(folder, checkpoint.BEST_FILE), {"epoch_num": 4, "val_accuracy": 0.5})
@@ -36,6 +35,8 @@ def finished(tmp_path_factory):
     ("optimizer", ["-e", "5", "-opt", "momentum"],
      ["does not match this run's network and optimizer", "parameters missing (e.g. momentum, moments.conv1", "-opt"]),
     ("quant_delay", ["-e", "5", "--quant_delay", "3"], ["was trained with --quant_delay 0, this run has 3"]),
+    ("arch", ["-e", "5", "--arch", "resnet18"], ["trained resnet8, but this run asks for --arch resnet18",
+                                                 "resume with --arch resnet8 (or without --arch)"]),
     ("network only", ["-e", "5"], ["holds no training state", "best.ckpt"]),
     ("missing", [], ["does not exist", "--resume"]),
     ("garbage", [], ["is not a readable MindSpore checkpoint"]),
@@ -72,20 +73,22 @@ def test_checkpoint_names_never_overwrite_another_series(tmp_path):
 def test_a_run_of_8_bit_weights_resumes_with_them(synthetic_dir, tmp_path):
     """A checkpoint written before layers recorded their weight bits (they were 8) resumes as the 8-bit run it is,
     and its checkpoints then record 8 bits."""
-    args = train.get_args_parser().parse_args(["-e", "1", "-bsize", "16", "--num_samples", "32"])
+    args = train.get_args_parser().parse_args([*SMALL, "-e", "1", "-bsize", "16", "--num_samples", "32"])
     net = train.build_network(args, steps_per_epoch=2, weight_bits=8)
     train_net = train.build_train_network(net, train.make_optimizer(net, args, steps_per_epoch=2), args)
     folder = tmp_path / "run"
     folder.mkdir()
-    saver = callbacks.Checkpointer(train_net, str(folder), "resnet18_qat", steps_per_epoch=2, save_steps=1, keep=5,
+    saver = callbacks.Checkpointer(train_net, str(folder), "resnet8_qat", steps_per_epoch=2, save_steps=1, keep=5,
                                    first_step=0, guard=callbacks.Guard(0, 2))
     saver.save(1)
     params = checkpoint.read(saver.latest)
     os.chmod(saver.latest, 0o600)
-    ms.save_checkpoint([{"name": name, "data": value} for name, value in params.items()
-                        if not name.endswith(quant.BITS_SUFFIX)], saver.latest)
+    checkpoint.save_parameters({name: value for name, value in params.items()
+                                if not name.endswith(quant.BITS_SUFFIX)}, saver.latest)
+    # No --arch: a resumed run trains the network its checkpoint records.
     final, stdout = train_in_subprocess("-data", synthetic_dir, "-dir", str(folder), "-e", "1", "-bsize", "16",
                                         "--num_samples", "32", "--eval_every", "0", "--resume", "auto", output=True)
     assert "was trained with 8-bit weights, and the run goes on with them" in stdout
     assert {int(value.asnumpy()) for name, value in checkpoint.read(final).items()
             if name.endswith(quant.BITS_SUFFIX)} == {8}
+    assert os.path.basename(final) == "resnet8_qat-1_2.ckpt" and checkpoint.read(final)["arch"] == "resnet8"

@@ -7,25 +7,28 @@ import mindspore as ms
 import mindspore.nn as nn
 import numpy as np
 import pytest
+from PIL import Image
 
 import checkpoint
 import eval as evaluate
+import resnetv2
 import schedules
 import train
-from conftest import expect_error, run_script, snapshot, train_in_subprocess
+from conftest import ARCH, SMALL, expect_error, run_script, snapshot, train_in_subprocess
 from quant import quantize
-from resnetv2 import resnet18
 
 
 @pytest.mark.slow
 def test_train_writes_checkpoints_and_arguments(trained, synthetic_dir):
     path, savedir = trained
-    assert os.path.basename(path) == "resnet18_qat-4_12.ckpt" and os.path.isfile(path)
+    assert os.path.basename(path) == "resnet8_qat-4_12.ckpt" and os.path.isfile(path)
     assert sorted(f for f in os.listdir(savedir) if f.endswith(".ckpt")) == ["best.ckpt"] + [
-        f"resnet18_qat-{epoch}_12.ckpt" for epoch in range(1, 5)]
+        f"resnet8_qat-{epoch}_12.ckpt" for epoch in range(1, 5)]
     with open(os.path.join(savedir, "args.json")) as f:
         args = json.load(f)
-    assert args["epoch"] == 4 and args["qat"] is True and args["device"] == "CPU"
+    assert args["epoch"] == 4 and args["qat"] is True and args["device"] == "CPU" and args["arch"] == "resnet8"
+    for name in ("best.ckpt", os.path.basename(path)):  # every checkpoint records its network
+        assert ms.load_checkpoint(os.path.join(savedir, name))["arch"] == "resnet8"
     assert args["data_dir"] == synthetic_dir and args["optimizer"] == "adam"
     with open(os.path.join(savedir, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]
@@ -51,6 +54,7 @@ def test_validation_keeps_the_best_network(trained, synthetic_dir):
 def test_training_learns_and_eval_reports_json(trained_evaluation, synthetic_dir):
     accuracy, result, predictions = trained_evaluation
     assert result["total"] == 500 and result["model"] == "QAT (int8 fake-quant)"
+    assert (result["arch"], result["params"], result["macs"]) == ("resnet8", 78_042, 12_501_632)
     assert result["accuracy"] == accuracy == result["correct"] / 500
     assert accuracy > 0.5, f"4 short epochs on the learnable set should beat chance (0.1) by far, got {accuracy}"
     confusion = np.array(result["confusion"])
@@ -63,17 +67,42 @@ def test_training_learns_and_eval_reports_json(trained_evaluation, synthetic_dir
 
 
 def test_float_training_and_eval(synthetic_dir, tmp_path, capsys):
-    path = train.main(["-data", synthetic_dir, "-dir", str(tmp_path), "-e", "2", "-bsize", "16",
+    path = train.main([*SMALL, "-data", synthetic_dir, "-dir", str(tmp_path), "-e", "2", "-bsize", "16",
                        "--num_samples", "32", "--no-qat", "-opt", "momentum", "-lr", "0.01", "--eval_every", "0",
                        "--lr_schedule", "cosine", "--warmup_epochs", "1", "--label_smoothing", "0.1"])
-    assert os.path.basename(path) == "resnet18-2_2.ckpt"
+    assert os.path.basename(path) == "resnet8-2_2.ckpt"
     with open(tmp_path / "metrics.jsonl") as f:
         rates = [json.loads(line)["lr"] for line in f]
     assert rates == pytest.approx([0.01, 0.005])  # warmup 0.005, 0.01; cosine 0.01, 0.005
-    assert f"checkpoint: {path}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"checkpoint: {path}" in out
+    assert ("network: resnet8, 78,042 parameters, 12.5 M multiply-accumulates per 32x32 image; its int8 file "
+            "(export.py --format int8) will be about 92 KB") in out
     accuracy = evaluate.main(["-loc", path, "-data", synthetic_dir, "--num_samples", "10", "--json"])
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["model"] == "float32" and result["total"] == 10 and 0 <= accuracy <= 1
+
+
+@pytest.mark.slow
+def test_the_seeds_resnet18_trains_exports_and_predicts(synthetic_dir, tmp_path):
+    """The default network, the seed's ResNet-18, with the seed's flags in both spellings: train.py, then its int8
+    ONNX model (export.py) classifies an image file (predict.py), with no --arch anywhere."""
+    path, stdout = train_in_subprocess("-data", synthetic_dir, "--savedir", str(tmp_path), "--epoch", "1",
+                                       "-bsize", "16", "--optimizer", "adam", "-lr", "0.001", "--weightDecay", "0.0001",
+                                       "-repeatNum", "1", "--num_samples", "32", "--eval_every", "0", output=True)
+    assert os.path.basename(path) == "resnet18_qat-1_2.ckpt"
+    assert ("network: resnet18, 11,173,962 parameters, 555.4 M multiply-accumulates per 32x32 image; its int8 file "
+            "(export.py --format int8) will be about 11.2 MB") in stdout
+    exported = run_script("export.py", "-loc", path, "--format", "onnx", "-data", synthetic_dir)
+    model = path[:-len(".ckpt")] + ".onnx"
+    assert exported.returncode == 0 and f"wrote {model}: 11.3 MB" in exported.stdout, exported.stderr
+    assert os.path.getsize(model) <= 0.27 * 4 * 11_173_962  # int8 weights: about a quarter of the float32 ones
+    image = str(tmp_path / "image.png")
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(image)
+    predicted = run_script("predict.py", "-loc", model, image, "--json")
+    assert predicted.returncode == 0, predicted.stderr
+    result = json.loads(predicted.stdout.strip().splitlines()[-1])
+    assert [p["image"] for p in result["predictions"]] == [image] and result["model"] == "ONNX int8 QDQ (ONNX Runtime)"
 
 
 @pytest.mark.slow
@@ -83,9 +112,9 @@ def test_rerun_into_same_folder_keeps_earlier_checkpoints_and_log(trained, synth
     with open(os.path.join(savedir, "metrics.jsonl")) as f:
         log = f.readlines()
     # --pynative: the QAT cells also run op by op.
-    path = train_in_subprocess("-data", synthetic_dir, "-dir", savedir, "-e", "1", "-bsize", "16",
+    path = train_in_subprocess(*SMALL, "-data", synthetic_dir, "-dir", savedir, "-e", "1", "-bsize", "16",
                                "--num_samples", "16", "--val_samples", "20", "--pynative")
-    assert os.path.basename(path) == "resnet18_qat_1-1_1.ckpt"
+    assert os.path.basename(path) == "resnet8_qat_1-1_1.ckpt"
     after = snapshot(savedir)
     assert all(after[name] == stamp for name, stamp in before.items() if name.endswith(".ckpt"))  # best.ckpt too:
     # one step on 16 images does not beat the 4-epoch run's best model, which therefore stays.
@@ -96,7 +125,7 @@ def test_rerun_into_same_folder_keeps_earlier_checkpoints_and_log(trained, synth
 
 @pytest.mark.slow
 def test_qat_checkpoint_reloads_with_identical_logits(tmp_path):
-    net = quantize(resnet18())
+    net = quantize(resnetv2.resnet(ARCH))
     loss = nn.SoftmaxCrossEntropyWithLogits(sparse=True, reduction="mean")
     step = nn.TrainOneStepCell(nn.WithLossCell(net, loss), nn.Adam(net.trainable_params(), 1e-3))
     step.set_train()
@@ -105,11 +134,11 @@ def test_qat_checkpoint_reloads_with_identical_logits(tmp_path):
         step(ms.Tensor(rng.normal(size=(8, 3, 32, 32)).astype(np.float32)),
              ms.Tensor(rng.integers(0, 10, 8).astype(np.int32)))
     path = str(tmp_path / "qat.ckpt")
-    ms.save_checkpoint(net, path)
+    checkpoint.save(net, path, {})
     net.set_train(False)
     x = ms.Tensor(rng.normal(size=(4, 3, 32, 32)).astype(np.float32))
     restored, config = checkpoint.load_network(path, num_classes=10)
-    assert config is not None
+    assert config is not None and restored.arch == ARCH
     assert restored.layer2[0].conv1.output_quant.steps.asnumpy() == 3
     np.testing.assert_array_equal(restored(x).asnumpy(), net(x).asnumpy())
 
@@ -230,8 +259,12 @@ def test_train_refuses_read_only_save_directory(synthetic_dir, savedir, capsys):
 
 
 def foreign_checkpoints(tmp_path):
-    wide = str(tmp_path / "resnet18_100_classes.ckpt")
-    ms.save_checkpoint(resnet18(num_classes=100), wide)
+    wide = str(tmp_path / "resnet8_100_classes.ckpt")
+    checkpoint.save(resnetv2.resnet(ARCH, num_classes=100), wide, {})
+    unknown = str(tmp_path / "unknown_arch.ckpt")
+    ms.save_checkpoint(nn.Dense(4, 2), unknown, append_dict={"arch": "resnet1000"})
+    untagged = str(tmp_path / "untagged.ckpt")  # a resnet8 saved without the record: read as a resnet18
+    ms.save_checkpoint(resnetv2.resnet(ARCH), untagged)
     tiny = str(tmp_path / "dense.ckpt")
     ms.save_checkpoint(nn.SequentialCell([nn.Dense(4, 2)]), tiny)
     garbage = tmp_path / "garbage.ckpt"
@@ -243,7 +276,7 @@ def foreign_checkpoints(tmp_path):
     data[len(data) // 2] ^= 0x01  # one bit of a weight: only the CRC tells
     flipped.write_bytes(bytes(data))
     return {"wide": wide, "tiny": tiny, "garbage": str(garbage), "empty": str(tmp_path / "empty.ckpt"),
-            "flipped": str(flipped)}
+            "flipped": str(flipped), "unknown": unknown, "untagged": untagged}
 
 
 @pytest.mark.parametrize("which, fragments", [
@@ -252,9 +285,11 @@ def foreign_checkpoints(tmp_path):
     ("empty", ["is an empty file"]),
     ("garbage", ["is not a readable MindSpore checkpoint"]),
     ("flipped", ["is not a readable MindSpore checkpoint (its CRC32 does not match its contents"]),
-    ("wide", ["does not match ResNet-18 (float32)", "fc.weight (100, 512) instead of (10, 512)"]),
-    ("tiny", ["does not match ResNet-18 (float32)", "parameters missing (e.g. conv1.conv.weight",
+    ("wide", ["does not match resnet8 (float32), the network it records", "fc.weight (100, 64) instead of (10, 64)"]),
+    ("tiny", ["does not match resnet18 (float32)", "parameters missing (e.g. conv1.conv.weight",
               "parameters unexpected (e.g. 0.weight"]),
+    ("unknown", ["records the network 'resnet1000', not one this version builds (resnet8, resnet20, resnet18)"]),
+    ("untagged", ["does not match resnet18 (float32)", "conv1.conv.weight (16, 3, 3, 3) instead of (64, 3, 3, 3)"]),
 ])
 def test_eval_refuses_bad_checkpoints(which, fragments, tmp_path, synthetic_dir, capsys):
     paths = foreign_checkpoints(tmp_path)
@@ -350,7 +385,7 @@ def test_label_smoothing_loss():
 @pytest.mark.slow
 def test_mixed_precision_trains_the_qat_network_in_float16():
     """--amp O2 (refused on CPU, where it is slower) builds a float16 QAT step; run one step here to check it."""
-    args = train.get_args_parser().parse_args(["--amp", "O2"])
+    args = train.get_args_parser().parse_args([*SMALL, "--amp", "O2"])
     net = train.build_network(args, steps_per_epoch=1)
     step = train.build_train_network(net, train.make_optimizer(net, args, 1), args)
     step.set_train()
