@@ -70,6 +70,7 @@ def save_curves(runs, path):
     rate.set(title="learning rate (at the epoch's last step)", xlabel="epoch", ylabel="learning rate")
     rate.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3), useOffset=False)
     accuracy.set(title="validation accuracy (dashed: robust)", xlabel="epoch", ylabel="accuracy (%)", ylim=(0, 103))
+    accuracy.set_xlim(loss.get_xlim())  # the same epochs on every panel (and whole ones with a single validation)
     for axes in (loss, rate, accuracy):
         axes.grid(alpha=0.3)
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
