@@ -9,9 +9,9 @@ On synthetic CIFAR-format files it writes into a temporary folder, it measures
   alternating), so that each has its own peak memory; the median over all timed steps, after
   one warm-up step that compiles the graph (its time is `first_step_s`);
 - evaluation images/s of the QAT checkpoint as eval.py runs it (weights quantized once), and of
-  the int8 reference (int8.py, NumPy) of its export;
+  the int8 reference (qatcifar/int8.py, NumPy) of its export;
 - data-pipeline images/s: the training pipeline (decode, augmentation, batching) alone;
-- with --validation, also the issue-4 figure: train.py's images/s with and without validating
+- with --validation, also train.py's images/s with and without validating
   after every epoch (--eval_every 1 vs 0).
 
     python bench.py --arch resnet8,resnet20,resnet18   # instead: one table to choose a network by
@@ -20,9 +20,9 @@ On synthetic CIFAR-format files it writes into a temporary folder, it measures
 
 --deploy trains a float32 and a QAT checkpoint two steps each (speed does not depend on the
 weights), exports the int8 file and both ONNX models, and measures each model, as its own
-runtime runs it, in a fresh process (latency.py): MindSpore float32 and QAT fake-quant
+runtime runs it, in a fresh process (`python -m qatcifar.latency`): MindSpore float32 and QAT fake-quant
 (checkpoints), the int8 NumPy reference, ONNX Runtime float32 and int8, and int8 with the
-8-bit weights of older checkpoints (stored as uint8: ort_kernels.py). Latency at batch 1
+8-bit weights of older checkpoints (stored as uint8: qatcifar/ort_kernels.py). Latency at batch 1
 (median and 95th percentile, one thread and all threads), images/s at batch 100 (all threads),
 file size and the process's peak memory; and which integer kernels ONNX Runtime takes on this
 CPU: whether it has VNNI, the kernels its flags select, and whether a probe finds them exact.
@@ -38,7 +38,7 @@ the QAT checkpoint: FGSM and PGD-10, against the clean forward pass.
 import signal
 
 if __name__ == "__main__":
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # Ctrl-C: see cli.py
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # Ctrl-C: see qatcifar/interrupts.py
 
 import argparse  # noqa: E402
 import json
@@ -49,23 +49,26 @@ import sys
 import tempfile
 import time
 
-import adversarial
-import attacks
-import checkpoint
-import cli
-import export
-import inference
-import int8
-import ort_kernels
-import preprocess
-import quant
-import resnetv2
-import train
-from latency import peak_rss_mb
+from qatcifar import (
+    adversarial,
+    attacks,
+    checkpoint,
+    cifar,
+    cli,
+    inference,
+    int8,
+    int8_export,
+    interrupts,
+    networks,
+    ort_kernels,
+    quant,
+    training,
+)
+from qatcifar.latency import peak_rss_mb
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 EVAL_BATCH = 100
-IMAGES = cli.int_range(1, preprocess.RECORDS_PER_FILE)  # its synthetic data: 10,000 training and test images
+IMAGES = cli.int_range(1, cifar.RECORDS_PER_FILE)  # its synthetic data: 10,000 training and test images
 
 
 class MeasurementFailed(Exception):
@@ -89,8 +92,8 @@ def get_args_parser():
                         help="with --deploy: least time of each latency and throughput measurement")
     parser.add_argument("--arch", type=arch_list, default=None, metavar="A[,B,...]",
                         help=f"alone: training and deployment figures of each network, one table "
-                             f"({','.join(resnetv2.ARCHS)}); with --deploy, --adversarial or --validation: the one "
-                             f"network they measure (default {resnetv2.DEFAULT_ARCH})")
+                             f"({','.join(networks.ARCHS)}); with --deploy, --adversarial or --validation: the one "
+                             f"network they measure (default {networks.DEFAULT_ARCH})")
     parser.add_argument("--adversarial", action="store_true",
                         help="instead: adversarial training steps (FGSM-RS, PGD-k) against clean ones, and attacks "
                              "per image (see above)")
@@ -114,9 +117,9 @@ def get_args_parser():
 def arch_list(text):
     """--arch's value: network names separated by commas, each once."""
     names = [name.strip() for name in text.split(",")]
-    unknown = [name for name in names if name not in resnetv2.ARCHS]
+    unknown = [name for name in names if name not in networks.ARCHS]
     if unknown or len(set(names)) != len(names):
-        raise argparse.ArgumentTypeError(f"{text!r}: give networks among {', '.join(resnetv2.ARCHS)}, separated by "
+        raise argparse.ArgumentTypeError(f"{text!r}: give networks among {', '.join(networks.ARCHS)}, separated by "
                                          "commas, each once")
     return names
 
@@ -135,17 +138,17 @@ def main(argv=None):
     try:
         work = (deployment if args.deploy else adversarial_cost if args.adversarial
                 else benchmark if args.validation or not args.arch else choice_table)
-        return cli.run(work, args,
+        return interrupts.run(work, args,
                        interrupted="no figures (the temporary data folder is removed)")
     except MeasurementFailed as e:
-        cli.fail(str(e), code=1)
+        interrupts.fail(str(e), code=1)
 
 
 def benchmark(args):
     """Every measurement; prints the report and returns the figures."""
     with tempfile.TemporaryDirectory() as tmp:
         args.data = os.path.join(tmp, "data")
-        preprocess.write_synthetic(args.data, seed=0)
+        cifar.write_synthetic(args.data, seed=0)
         runs = {"float": [], "qat": []}
         measure_alternating(runs, args, tmp)
         evaluation = worker("eval", args)  # the last QAT run's checkpoint
@@ -180,9 +183,10 @@ def worker(kind, args):
 
 
 def run_script(what, script, *argv, env=None):
-    """Run one of the project's scripts in a fresh Python process (with `env` added to the environment); its stdout,
-    or MeasurementFailed."""
-    result = subprocess.run([sys.executable, os.path.join(ROOT, script), *argv], capture_output=True, text=True,
+    """Run one of the project's scripts (or, with `script` "-m", a module of the library) in a fresh Python process
+    (with `env` added to the environment); its stdout, or MeasurementFailed."""
+    target = script if script == "-m" else os.path.join(ROOT, script)
+    result = subprocess.run([sys.executable, target, *argv], capture_output=True, text=True, cwd=ROOT,
                             env={**os.environ, **(env or {})})
     if result.returncode:
         lines = result.stderr.strip().splitlines()
@@ -194,16 +198,16 @@ def train_worker(args):
     """Time train.py's training step on one fixed batch: the first step (graph compilation), then --steps."""
     device = cli.setup_device(args.device)
     flags = ["-bsize", str(args.batch), "--device", device, "--no-qat" if args.worker == "float" else "--qat",
-             "--arch", args.arch[0] if args.arch else resnetv2.DEFAULT_ARCH]
+             "--arch", args.arch[0] if args.arch else networks.DEFAULT_ARCH]
     if args.worker in ("fgsm", "pgd"):
         flags += ["--adv_train", args.worker] + (["--adv_steps", str(args.adv_steps)] if args.worker == "pgd" else [])
-    train_args = train.get_args_parser().parse_args(flags)
+    train_args = training.get_args_parser().parse_args(flags)
     adversarial.resolve(train_args)
-    dataset = preprocess.create_dataset(args.data, training=True, batch_size=args.batch, num_samples=args.batch)
+    dataset = cifar.create_dataset(args.data, training=True, batch_size=args.batch, num_samples=args.batch)
     images, labels = next(dataset.create_tuple_iterator(num_epochs=1))
     start = time.perf_counter()
-    net = train.build_network(train_args, steps_per_epoch=1)
-    step = train.build_train_network(net, train.make_optimizer(net, train_args, steps_per_epoch=1), train_args)
+    net = training.build_network(train_args, steps_per_epoch=1)
+    step = training.build_train_network(net, training.make_optimizer(net, train_args, steps_per_epoch=1), train_args)
     step.set_train()
     step(images, labels).asnumpy()
     first_step_s = time.perf_counter() - start
@@ -220,14 +224,14 @@ def eval_worker(args):
     """Images/s of eval.py's forward pass on a checkpoint, and of the int8 reference of its export."""
     cli.setup_device(args.device)
     model = inference.load_model(args.checkpoint)
-    dataset = preprocess.create_dataset(args.data, training=False, batch_size=EVAL_BATCH, num_samples=args.eval_images)
+    dataset = cifar.create_dataset(args.data, training=False, batch_size=EVAL_BATCH, num_samples=args.eval_images)
     inference.predict(model, dataset)  # warm-up: graph compilation
     eval_ips = statistics.median(timed_ips(model, dataset) for _ in range(3))
     int8_path = args.checkpoint + ".npz"
-    net, config = checkpoint.load_network(args.checkpoint, preprocess.NUM_CLASSES)
-    int8.save(int8_path, *export.int8_model(net, config))
+    net, config = checkpoint.load_network(args.checkpoint, cifar.NUM_CLASSES)
+    int8.save(int8_path, *int8_export.int8_model(net, config))
     int8_model = inference.load_model(int8_path)
-    small = preprocess.create_dataset(args.data, training=False, batch_size=EVAL_BATCH, num_samples=args.int8_images)
+    small = cifar.create_dataset(args.data, training=False, batch_size=EVAL_BATCH, num_samples=args.int8_images)
     return {"eval_ips": eval_ips, "int8_ips": timed_ips(int8_model, small)}
 
 
@@ -242,7 +246,7 @@ def attack_worker(args):
     (batch 100), each after a warm-up batch that compiles its graph."""
     cli.setup_device(args.device)
     net = inference.load_model(args.checkpoint).network
-    dataset = preprocess.create_dataset(args.data, training=False, batch_size=EVAL_BATCH,
+    dataset = cifar.create_dataset(args.data, training=False, batch_size=EVAL_BATCH,
                                         num_samples=args.attack_images)
     images, labels = next(dataset.create_tuple_iterator(num_epochs=1, output_numpy=True))
     inference.predict(net, dataset)  # warm-up: graph compilation
@@ -266,13 +270,13 @@ WORKERS = {"float": train_worker, "qat": train_worker, "fgsm": train_worker, "pg
 
 def pipeline_speed(data, batch, passes=3):
     """Images/s of the training pipeline alone over one data file, median of `passes` after a warm-up pass."""
-    dataset = preprocess.create_dataset(data, training=True, batch_size=batch)
+    dataset = cifar.create_dataset(data, training=True, batch_size=batch)
     speeds = []
     for _ in range(passes + 1):
         start = time.perf_counter()
         images = sum(len(batch_) for batch_, _ in dataset.create_tuple_iterator(num_epochs=1, output_numpy=True))
         speeds.append(images / (time.perf_counter() - start))
-    return {"pipeline_ips": statistics.median(speeds[1:]), "pipeline_workers": preprocess.DEFAULT_WORKERS}
+    return {"pipeline_ips": statistics.median(speeds[1:]), "pipeline_workers": cifar.DEFAULT_WORKERS}
 
 
 def median_ips(args, runs):
@@ -333,7 +337,7 @@ def deployment(args):
     """Every deployable model's figures; prints the table and returns them."""
     with tempfile.TemporaryDirectory() as tmp:
         args.data = os.path.join(tmp, "data")
-        preprocess.write_synthetic(args.data, seed=0)
+        cifar.write_synthetic(args.data, seed=0)
         files = {}
         for kind, name in (("float", "mindspore_float32"), ("qat", "mindspore_qat")):
             args.checkpoint = files[name] = os.path.join(tmp, f"{kind}.ckpt")
@@ -371,9 +375,10 @@ def without_weight_bits(path, output):
 
 
 def measure(path, seconds):
-    """latency.py on one model file: one thread (latency only), then all threads."""
+    """qatcifar.latency on one model file: one thread (latency only), then all threads."""
     def latency(*argv, env=None):
-        return json.loads(run_script(f"the measurement of {os.path.basename(path)}", "latency.py", path, "--seconds",
+        return json.loads(run_script(f"the measurement of {os.path.basename(path)}", "-m", "qatcifar.latency", path,
+                                     "--seconds",
                                      str(seconds), *argv, env=env).strip().splitlines()[-1])
     one = latency("--threads", "1", "--batch", "0", env=ONE_THREAD)
     every = latency("--batch", str(EVAL_BATCH))
@@ -422,7 +427,7 @@ def choice_table(args):
     networks = {}
     with tempfile.TemporaryDirectory() as tmp:
         args.data = os.path.join(tmp, "data")
-        preprocess.write_synthetic(args.data, seed=0)
+        cifar.write_synthetic(args.data, seed=0)
         names = args.arch
         for name in names:
             args.arch = [name]
@@ -451,7 +456,7 @@ def choice_table(args):
 
 
 def network_size(name):
-    profile = resnetv2.profile(resnetv2.resnet(name, preprocess.NUM_CLASSES))
+    profile = networks.profile(networks.resnet(name, cifar.NUM_CLASSES))
     return {"params": profile["params"], "macs": profile["macs"]}
 
 
@@ -476,7 +481,7 @@ def adversarial_cost(args):
     """Adversarial training steps against clean ones, and attacks per image; prints them and returns the figures."""
     with tempfile.TemporaryDirectory() as tmp:
         args.data = os.path.join(tmp, "data")
-        preprocess.write_synthetic(args.data, seed=0)
+        cifar.write_synthetic(args.data, seed=0)
         runs = {"qat": [], "fgsm": [], "pgd": []}
         measure_alternating(runs, args, tmp)
         attack = worker("attack", args)  # on the last PGD-trained checkpoint

@@ -22,7 +22,7 @@ import struct
 import subprocess
 import sys
 
-import cli  # (its argument parsing; it does not import MindSpore, which this script checks)
+from qatcifar import cli  # (its argument parsing; it does not import MindSpore, which this script checks)
 
 OK, WARNING, PROBLEM = "ok", "warning", "problem"
 SYSTEM_LIBRARY_DIRS = ("/lib64", "/usr/lib64", "/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu",
@@ -95,7 +95,7 @@ def check_mindspore(args):
         yield PROBLEM, "MindSpore is not installed: pip install -r requirements.txt"
         return
     try:
-        import cli  # noqa: F401  (quiets MindSpore's log, then imports it)
+        import mindspore  # noqa: F401  (its log quieted by qatcifar.cli, imported first)
     except Exception as e:  # any failure to load is this check's finding
         yield PROBLEM, f"MindSpore {version} is installed but does not load ({str(e).splitlines()[0]})"
         return
@@ -137,7 +137,7 @@ def check_gpu(args):
     driver = os.path.exists("/proc/driver/nvidia/version") or bool(find_library("libcuda.so.1", search))
     name = os.path.basename(plugin)
     if not missing:
-        usable = "cli" in sys.modules and sys.modules["mindspore"].hal.is_available("GPU")
+        usable = "mindspore" in sys.modules and sys.modules["mindspore"].hal.is_available("GPU")
         yield (OK if usable else bad), (f"GPU: {name} finds all {len(needed)} libraries it links against" + (
             "" if driver else ", but no NVIDIA driver is loaded (/proc/driver/nvidia/version)") + (
             "; MindSpore can use the GPU" if usable else "; but MindSpore cannot use it (nvidia-smi: is the driver "
@@ -252,20 +252,20 @@ def check_msrun(args):
 
 
 def check_data(args):
-    if "cli" not in sys.modules:
+    if "mindspore" not in sys.modules:
         yield WARNING, f"data folder {args.data_dir}: not checked (needs MindSpore)"
         return
-    import preprocess
+    from qatcifar import cifar
     try:
-        preprocess.check_data_dir(args.data_dir, training=True)
-    except preprocess.DatasetError as e:
+        cifar.check_data_dir(args.data_dir, training=True)
+    except cifar.DatasetError as e:
         yield PROBLEM, f"data: {e}"
         return
-    kind = "synthetic data, not CIFAR-10" if preprocess.is_synthetic(args.data_dir) else "CIFAR-10"
+    kind = "synthetic data, not CIFAR-10" if cifar.is_synthetic(args.data_dir) else "CIFAR-10"
     try:
-        preprocess.check_data_dir(args.data_dir, training=False)
+        cifar.check_data_dir(args.data_dir, training=False)
         test = "with the test split"
-    except preprocess.DatasetError as e:
+    except cifar.DatasetError as e:
         test = f"without a usable test split ({e}): train.py will not validate"
     yield OK, f"data folder {args.data_dir}: {kind}, {test}"
 

@@ -2,28 +2,32 @@
 
     python eval.py -loc checkpoints/resnet18_qat-40_1562.ckpt
     python eval.py -loc CKPT -data data/demo --num_samples 1000 --json
-    python eval.py -loc checkpoints/resnet18_qat-40_1562.int8.npz     # integer-only inference (int8.py)
+    python eval.py -loc checkpoints/resnet18_qat-40_1562.int8.npz     # integer-only inference (qatcifar/int8.py)
     python eval.py -loc checkpoints/resnet18_qat-40_1562.mindir
     python eval.py -loc checkpoints/resnet18_qat-40_1562.onnx --threads 1   # ONNX Runtime (CPU)
     python eval.py -loc CKPT --attack pgd --eps 8/255 --steps 10 --save_adversarial data/adv   # robustness
 
-The format follows the file name (.ckpt, .mindir, .npz, .onnx; see inference.py). Whether a checkpoint
+The format follows the file name (.ckpt, .mindir, .npz, .onnx; see qatcifar/inference.py). Whether a checkpoint
 is a QAT model is read from the checkpoint itself (its observer parameters); the network must
 match it exactly. Prints the accuracy per class, the confusion matrix and the accuracy; with
 --json the last line of stdout is {"accuracy": fraction, "correct": n, "total": n, "arch": name,
 "params": n, "macs": n, ...} (the network's name, parameters and multiply-accumulates per image, as
 the file records them; null for a MindIR graph).
 
-With --attack (a checkpoint only; see attacks.py), every evaluated image is also attacked, and
+With --attack (a checkpoint only; see qatcifar/attacks.py), every evaluated image is also attacked, and
 the report adds the robust accuracy, the accuracy on the adversarial images; --save_adversarial
 writes them as a CIFAR-format folder on which `eval.py -data DIR` evaluates any model file.
 """
 import signal
 
 if __name__ == "__main__":
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # Ctrl-C: see cli.py
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # Ctrl-C: see qatcifar/interrupts.py
 
-import cli  # noqa: E402, I001  (first: quiets MindSpore's log before it loads)
+from qatcifar import cli  # noqa: E402, I001  (first: quiets MindSpore's log before it loads)
+
+from qatcifar import interrupts
+
+from qatcifar import files
 
 import csv
 import json
@@ -31,11 +35,11 @@ import os
 
 import numpy as np
 
-import attacks
-import checkpoint
-import inference
-import plots
-import preprocess
+from qatcifar import attacks
+from qatcifar import checkpoint
+from qatcifar import inference
+from qatcifar import plots
+from qatcifar import cifar
 
 DEFAULT_CHECKPOINT_DIR = "checkpoints"  # train.py's default save directory
 
@@ -45,7 +49,7 @@ def get_args_parser():
     parser.add_argument("-loc", "--check_point", default=None,
                         help=f"model file: .ckpt, .mindir, .npz or .onnx (default: the newest periodic or interrupt "
                              f"checkpoint in {DEFAULT_CHECKPOINT_DIR}/, the one train.py printed last)")
-    parser.add_argument("-data", "--data_dir", default=preprocess.DEFAULT_DATA_DIR,
+    parser.add_argument("-data", "--data_dir", default=cifar.DEFAULT_DATA_DIR,
                         help="CIFAR-10 binary folder holding test_batch.bin")
     parser.add_argument("-bsize", "--batchsize", type=cli.positive_int, default=100, help="batch size")
     cli.add_device_argument(parser)
@@ -80,19 +84,19 @@ def get_args_parser():
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    return cli.run(evaluate, args, interrupted="evaluation stopped; nothing was written")
+    return interrupts.run(evaluate, args, interrupted="evaluation stopped; nothing was written")
 
 
 def evaluate(args):
     """The accuracy of the model file on the test split; prints the report. Every input is checked first."""
     path = args.check_point or newest_checkpoint(DEFAULT_CHECKPOINT_DIR)
     if args.save_predictions:
-        checkpoint.check_new_file(args.save_predictions, "--save_predictions", args.overwrite, path, "the model file")
+        files.check_new_file(args.save_predictions, "--save_predictions", args.overwrite, path, "the model file")
     for flag, output, suffix in (("--plot", args.plot, ".png"), ("--csv", args.csv, ".csv")):
         if output and not output.endswith(suffix):
             raise cli.InputError(f"{flag} {output} must end in {suffix}")
         if output:
-            checkpoint.check_new_file(output, flag, args.overwrite, path, "the model file")
+            files.check_new_file(output, flag, args.overwrite, path, "the model file")
     attacks.resolve(args, path)
     cli.setup_device(args.device)
     model = inference.load_model(path, args.threads)
@@ -101,9 +105,9 @@ def evaluate(args):
         print(f"note: {path} has a fixed batch size of {model.fixed_batch} (export.py --batch {model.fixed_batch}): "
               f"it runs on batches of {model.fixed_batch}, not -bsize {args.batchsize}; export without --batch for a "
               "graph that takes any batch size")
-    dataset = preprocess.create_dataset(args.data_dir, training=False, batch_size=batch_size,
+    dataset = cifar.create_dataset(args.data_dir, training=False, batch_size=batch_size,
                                         num_samples=args.num_samples)
-    names = preprocess.class_names(args.data_dir)
+    names = cifar.class_names(args.data_dir)
     if args.attack:
         attack = attacks.Attack(model.network, args.attack, args.eps, args.steps, args.step_size, args.restarts,
                                 args.attack_seed)
@@ -131,7 +135,7 @@ def evaluate(args):
                              f"{100 * accuracy:.2f}% of {total} images of {args.data_dir}")
         print(f"wrote {args.plot}")
     if args.csv:
-        checkpoint.write_atomically(args.csv, lambda tmp: write_csv(tmp, names, confusion), mode=0o644,
+        files.write_atomically(args.csv, lambda tmp: write_csv(tmp, names, confusion), mode=0o644,
                                     overwrite=args.overwrite)
         print(f"wrote {args.csv}")
     if args.json:
@@ -218,7 +222,7 @@ def save_predictions(path, predictions, overwrite):
         with open(tmp, "wb") as f:
             np.save(f, predictions.astype(np.int32))
     try:
-        checkpoint.write_atomically(path, write, mode=0o644, overwrite=overwrite)
+        files.write_atomically(path, write, mode=0o644, overwrite=overwrite)
     except OSError as e:
         raise cli.InputError(f"cannot write predictions to {path} ({e.strerror}); "
                              "give a writable --save_predictions path") from None

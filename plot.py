@@ -10,15 +10,12 @@ the spread of its steps, the learning rate, and the validation accuracy (robust 
 import signal
 
 if __name__ == "__main__":
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # Ctrl-C: see cli.py
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # Ctrl-C: see qatcifar/interrupts.py
 
 import os  # noqa: E402
 import sys
 
-import checkpoint
-import cli
-import plots
-from train import METRICS_FILE
+from qatcifar import cli, files, interrupts, plots
 
 
 def get_args_parser():
@@ -32,7 +29,7 @@ def get_args_parser():
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    return cli.run(draw, args, interrupted="nothing was written")
+    return interrupts.run(draw, args, interrupted="nothing was written")
 
 
 def draw(args):
@@ -44,16 +41,16 @@ def draw(args):
         raise cli.InputError(f"-o {output} must end in .png")
     runs = {}
     for folder in args.savedirs:
-        path = os.path.join(folder, METRICS_FILE)
+        path = os.path.join(folder, files.METRICS_FILE)
         if not os.path.isfile(path):
-            raise cli.InputError(f"{folder} has no {METRICS_FILE}: give a train.py save directory (-dir) that has "
-                                 "finished at least one epoch")
+            raise cli.InputError(f"{folder} has no {files.METRICS_FILE}: give a train.py save directory (-dir) that "
+                                 "has finished at least one epoch")
         records = plots.read_metrics(path)
         if not records:
             raise cli.InputError(f"{path} holds no epoch record; give a save directory with a finished epoch")
         label = os.path.basename(os.path.abspath(folder))
         runs[label if label not in runs else folder] = records
-    checkpoint.check_new_file(output, "-o", overwrite=args.overwrite or args.output is None)
+    files.check_new_file(output, "-o", overwrite=args.overwrite or args.output is None)
     plots.save_curves(runs, output)
     print(f"wrote {output}")
     return output

@@ -16,9 +16,11 @@ path, "top": [{"class": name, "index": i, "probability": p}, ...]}, ...]}.
 import signal
 
 if __name__ == "__main__":
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # Ctrl-C: see cli.py
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # Ctrl-C: see qatcifar/interrupts.py
 
-import cli  # noqa: E402, I001  (first: quiets MindSpore's log before it loads)
+from qatcifar import cli  # noqa: E402, I001  (first: quiets MindSpore's log before it loads)
+
+from qatcifar import interrupts
 
 import json
 import os
@@ -27,8 +29,8 @@ import warnings
 import numpy as np
 from PIL import Image
 
-import inference
-import preprocess
+from qatcifar import inference
+from qatcifar import cifar
 
 FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")  # what Pillow may decode here
 MAX_PIXELS = 50_000_000  # larger images (a 7,000 x 7,000 photo) are refused before they are decoded
@@ -39,9 +41,9 @@ def get_args_parser():
     parser = cli.ArgumentParser(prog="predict.py", description=__doc__.split("\n")[0])
     parser.add_argument("-loc", "--check_point", required=True, help="model file: .ckpt, .mindir, .npz or .onnx")
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, BMP, ...)")
-    parser.add_argument("--top_k", type=cli.int_range(1, preprocess.NUM_CLASSES), default=3,
+    parser.add_argument("--top_k", type=cli.int_range(1, cifar.NUM_CLASSES), default=3,
                         help="classes shown per image")
-    parser.add_argument("-data", "--data_dir", default=preprocess.DEFAULT_DATA_DIR,
+    parser.add_argument("-data", "--data_dir", default=cifar.DEFAULT_DATA_DIR,
                         help="where batches.meta.txt names the classes, for models that carry no names "
                              "(CIFAR-10's names if it has none)")
     parser.add_argument("--threads", type=cli.int_range(1, 1024), default=None,
@@ -53,15 +55,16 @@ def get_args_parser():
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    return cli.run(predict, args, interrupted="nothing was classified")
+    return interrupts.run(predict, args, interrupted="nothing was classified")
 
 
 def predict(args):
     """Print (and return) the top classes of each image."""
     images = np.stack([load_image(path) for path in args.images])
-    cli.setup_device(args.device)
+    if not args.check_point.endswith((".onnx", ".npz")):  # (ONNX Runtime and the int8 reference need no MindSpore)
+        cli.setup_device(args.device)
     model = inference.load_model(args.check_point, args.threads)
-    names = model.class_names or preprocess.class_names(args.data_dir, default=preprocess.CIFAR10_CLASSES)
+    names = model.class_names or cifar.class_names(args.data_dir, default=cifar.CIFAR10_CLASSES)
     logits = np.concatenate([model.logits(images[i:i + BATCH]) for i in range(0, len(images), BATCH)])
     results = [{"image": path, "top": top_classes(row, names, args.top_k)}
                for path, row in zip(args.images, logits, strict=True)]
@@ -83,14 +86,14 @@ def load_image(path):
             with Image.open(path, formats=FORMATS) as image:
                 if image.width * image.height > MAX_PIXELS:
                     raise ValueError(f"{image.width}x{image.height} pixels, more than {MAX_PIXELS:,}")
-                image = image.convert("RGB").resize((preprocess.IMAGE_SIZE,) * 2, Image.Resampling.BILINEAR)
+                image = image.convert("RGB").resize((cifar.IMAGE_SIZE,) * 2, Image.Resampling.BILINEAR)
     except Image.UnidentifiedImageError:
         raise cli.InputError(f"{path} is not an image file Pillow reads ({', '.join(FORMATS)})") from None
     except (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         why = e.strerror if isinstance(e, OSError) and e.strerror else cli.first_line(e)
         raise cli.InputError(f"cannot read image {path} ({why}); give a readable image file") from None
     pixels = np.asarray(image, np.float32) / 255.0
-    normalized = (pixels - np.float32(preprocess.CIFAR10_MEAN)) / np.float32(preprocess.CIFAR10_STD)
+    normalized = (pixels - np.float32(cifar.CIFAR10_MEAN)) / np.float32(cifar.CIFAR10_STD)
     return normalized.transpose(2, 0, 1).astype(np.float32)  # HWC -> CHW
 
 

@@ -21,7 +21,10 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 import eval as evaluate  # noqa: E402
-import preprocess  # noqa: E402
+from qatcifar import (
+    cifar,  # noqa: E402
+    int8_export,
+)
 
 # What MindSpore and the project import is there for the whole session: the garbage collector no longer scans it, so
 # that release_memory's collection after every test costs a millisecond, not a tenth of a second.
@@ -84,7 +87,7 @@ def snapshot(folder):
 def synthetic_dir(tmp_path_factory):
     """A learnable synthetic CIFAR-format folder: data_batch_1.bin and test_batch.bin, 10,000 images each."""
     path = str(tmp_path_factory.mktemp("data") / "synthetic")
-    preprocess.write_synthetic(path, seed=0)
+    cifar.write_synthetic(path, seed=0)
     return path
 
 
@@ -92,14 +95,13 @@ def synthetic_dir(tmp_path_factory):
 def untrained(tmp_path_factory):
     """Checkpoints of an untrained ARCH, {"float32": path, "QAT": path}, written as train.py writes them: loadable,
     quickly made; the QAT one's observers have seen no step, so its activations are not quantized yet."""
-    import checkpoint
-    import resnetv2
-    from quant import quantize
+    from qatcifar import checkpoint, networks
+    from qatcifar.quant import quantize
 
     folder = tmp_path_factory.mktemp("untrained")
     paths = {"float32": str(folder / "float32.ckpt"), "QAT": str(folder / "qat.ckpt")}
-    checkpoint.save(resnetv2.resnet(ARCH), paths["float32"], {})
-    checkpoint.save(quantize(resnetv2.resnet(ARCH)), paths["QAT"], {})
+    checkpoint.save(networks.resnet(ARCH), paths["float32"], {})
+    checkpoint.save(quantize(networks.resnet(ARCH)), paths["QAT"], {})
     return paths
 
 
@@ -108,10 +110,10 @@ def observed_qat_net(arch=ARCH):
     after a ReLU in [0, 4]): the whole structure in a second, its predictions meaningless."""
     import mindspore as ms
 
-    import resnetv2
-    from quant import ActQuant, quantize
+    from qatcifar import networks
+    from qatcifar.quant import ActQuant, quantize
 
-    net = quantize(resnetv2.resnet(arch))
+    net = quantize(networks.resnet(arch))
     for _, cell in net.cells_and_names():
         if isinstance(cell, ActQuant):
             cell.steps.set_data(ms.Tensor(1, ms.int32))
@@ -124,12 +126,11 @@ def observed_qat_net(arch=ARCH):
 @pytest.fixture(scope="session")
 def int8_file(tmp_path_factory):
     """A valid int8 file of observed_qat_net, with QAT's default settings."""
-    import export
-    import int8
-    from quant import QuantConfig
+    from qatcifar import int8
+    from qatcifar.quant import QuantConfig
 
     path = str(tmp_path_factory.mktemp("int8") / "untrained.int8.npz")
-    int8.save(path, *export.int8_model(observed_qat_net(), QuantConfig()))
+    int8.save(path, *int8_export.int8_model(observed_qat_net(), QuantConfig()))
     return path
 
 
@@ -178,15 +179,15 @@ def assert_agrees_with_reference(logits, reference):
 def high_contrast(images):
     """Normalized images with every pixel pushed to black or white: inputs at the ends of their range, which drive
     many activations up to their observers' maxima, where 16-bit pair sums saturate."""
-    mean = np.float32(preprocess.CIFAR10_MEAN).reshape(1, 3, 1, 1)
-    std = np.float32(preprocess.CIFAR10_STD).reshape(1, 3, 1, 1)
+    mean = np.float32(cifar.CIFAR10_MEAN).reshape(1, 3, 1, 1)
+    std = np.float32(cifar.CIFAR10_STD).reshape(1, 3, 1, 1)
     pixels = np.where(images * std + mean > 0.5, np.float32(1), np.float32(0))
     return ((pixels - mean) / std).astype(np.float32)
 
 
 def first_test_images(data_dir, count):
     """The first `count` normalized test images, as eval.py feeds them."""
-    dataset = preprocess.create_dataset(data_dir, training=False, batch_size=count, num_samples=count)
+    dataset = cifar.create_dataset(data_dir, training=False, batch_size=count, num_samples=count)
     return next(dataset.create_tuple_iterator(num_epochs=1, output_numpy=True))[0]
 
 
@@ -197,7 +198,7 @@ def trained_exports(trained, synthetic_dir, tmp_path_factory):
     "logits": {"int8": array, "onnx": array}, "predictions": {"checkpoint": array, "int8": array, "onnx": array}}.
     """
     import export
-    import inference
+    from qatcifar import inference
 
     folder = tmp_path_factory.mktemp("exports")
     paths = {"checkpoint": trained[0]}
@@ -206,7 +207,7 @@ def trained_exports(trained, synthetic_dir, tmp_path_factory):
                                    "-data", synthetic_dir])
     images = first_test_images(synthetic_dir, AGREEMENT_IMAGES)
     paths["logits"] = {form: inference.load_model(paths[form]).logits(images) for form in ("int8", "onnx")}
-    dataset = preprocess.create_dataset(synthetic_dir, training=False, batch_size=100, num_samples=AGREEMENT_IMAGES)
+    dataset = cifar.create_dataset(synthetic_dir, training=False, batch_size=100, num_samples=AGREEMENT_IMAGES)
     paths["predictions"] = {form: logits.argmax(axis=1) for form, logits in paths["logits"].items()}
     paths["predictions"]["checkpoint"] = inference.predict(inference.load_model(trained[0]), dataset)[0]
     return paths

@@ -9,12 +9,10 @@ import mindspore as ms
 import numpy as np
 import pytest
 
-import adversarial
-import attacks
 import eval as evaluate
-import quant
 import train
 from conftest import ARCH, SMALL, expect_error, snapshot, train_in_subprocess
+from qatcifar import adversarial, attacks, quant, training
 
 
 def test_random_starts_are_uniform_and_a_function_of_key_and_step():
@@ -30,14 +28,14 @@ def test_random_starts_are_uniform_and_a_function_of_key_and_step():
 
 
 def test_signed_steps_stay_in_the_ball_and_the_pixel_range():
-    import resnetv2
+    from qatcifar import networks
     rng = np.random.default_rng(0)
     clean = rng.uniform(0, 1, (8, 3, 32, 32)).astype(np.float32)
     clean[:, :, :4] = 0  # pixels at the range's ends
     clean[:, :, -4:] = 1
     eps = 8 / 255
     start = np.clip(clean + rng.uniform(-eps, eps, clean.shape), 0, 1).astype(np.float32)
-    steps = attacks.SignedSteps(resnetv2.resnet(ARCH).set_train(False), eps, 3, 0.02)
+    steps = attacks.SignedSteps(networks.resnet(ARCH).set_train(False), eps, 3, 0.02)
     pixels = steps(ms.Tensor(clean), ms.Tensor(start), ms.Tensor(rng.integers(0, 10, 8).astype(np.int32))).asnumpy()
     assert np.abs(pixels - clean).max() <= eps + 1e-6 and pixels.min() >= 0 and pixels.max() <= 1
     assert (np.abs(pixels - start) > 0.01).mean() > 0.5  # the steps moved most pixels
@@ -46,8 +44,8 @@ def test_signed_steps_stay_in_the_ball_and_the_pixel_range():
 def make_step(flags):
     args = train.get_args_parser().parse_args([*SMALL, "-bsize", "8", *flags])
     adversarial.resolve(args)
-    net = train.build_network(args, steps_per_epoch=1)
-    return net, train.build_train_network(net, train.make_optimizer(net, args, steps_per_epoch=1), args)
+    net = training.build_network(args, steps_per_epoch=1)
+    return net, training.build_train_network(net, training.make_optimizer(net, args, steps_per_epoch=1), args)
 
 
 @pytest.mark.parametrize("model", [["--bn_fold"], ["--no-qat"]])

@@ -5,10 +5,9 @@ import os
 import numpy as np
 import pytest
 
-import attacks
 import eval as evaluate
-import preprocess
 from conftest import expect_error
+from qatcifar import attacks, cifar
 
 SAMPLES = "100"
 
@@ -20,7 +19,7 @@ def attacked(path, data, capsys, *flags):
 
 
 def records(folder):
-    return np.fromfile(os.path.join(folder, preprocess.TEST_FILE), np.uint8).reshape(-1, preprocess.RECORD_BYTES)
+    return np.fromfile(os.path.join(folder, cifar.TEST_FILE), np.uint8).reshape(-1, cifar.RECORD_BYTES)
 
 
 @pytest.mark.parametrize("text, value", [("0.5", 0.5), ("3/255", 3 / 255), ("0", 0.0), ("1", 1.0),
@@ -80,8 +79,8 @@ def test_saved_adversarial_images_stay_in_the_ball_and_load_with_plain_eval(trai
     assert saved.shape == original.shape and (saved[:, 0] == original[:, 0]).all()  # 10,000 records, same labels
     assert np.abs(saved[:count, 1:] - original[:count, 1:]).max() <= 4  # eps 4/255: four pixel levels
     assert (saved[:count, 1:] != original[:count, 1:]).any() and (saved[count:] == original[count:]).all()
-    assert sorted(os.listdir(folder)) == sorted([attacks.NOTE_FILE, preprocess.META_FILE, preprocess.SYNTHETIC_MARKER,
-                                                 preprocess.TEST_FILE])
+    assert sorted(os.listdir(folder)) == sorted([attacks.NOTE_FILE, cifar.META_FILE, cifar.SYNTHETIC_MARKER,
+                                                 cifar.TEST_FILE])
     # Any model file on the attacked images, with plain eval.py: the transfer to the deployed int8 model.
     for form in ("checkpoint", "int8", "onnx"):
         accuracy = evaluate.main(["-loc", trained_exports[form], "-data", folder, "--num_samples", SAMPLES])

@@ -7,8 +7,8 @@ import math
 import pytest
 
 import bench
-import resnetv2
 from conftest import ARCH, expect_error
+from qatcifar import networks
 
 KEYS = ("train_ips_float", "train_ips_qat", "qat_over_float", "eval_ips", "int8_ips", "pipeline_ips",
         "pipeline_over_train", "first_step_s", "first_step_s_float", "peak_rss_mb", "peak_rss_mb_qat")
@@ -77,7 +77,7 @@ def test_bench_tabulates_networks_to_choose_from(capsys):
     assert json.loads(out.strip().splitlines()[-1]) == results
     assert list(results["networks"]) == ["resnet8", "resnet20"]
     for name, network in results["networks"].items():
-        profile = resnetv2.profile(resnetv2.resnet(name))
+        profile = networks.profile(networks.resnet(name))
         assert (network["params"], network["macs"]) == (profile["params"], profile["macs"])
         assert network["train_ips_float"] > 0 and network["train_ips_qat"] > 0 and network["int8_file_kb"] > 0
         for model in (network["onnx_int8"], network["onnx_float32"]):

@@ -8,10 +8,9 @@ import sys
 
 import pytest
 
-import cli
 import eval as evaluate
-import train
 from conftest import SMALL, run_script
+from qatcifar import cli, training
 
 WORKER_LINE = re.compile(r"^worker (\d) of 2: (\d+) training images per epoch, parameter checksum (\w+), "
                          r"validation accuracy ([\d.]+)%$", re.M)
@@ -83,7 +82,7 @@ def test_a_data_parallel_checkpoint_is_an_ordinary_one(two_workers, synthetic_di
 def test_more_workers_than_the_data_can_shard(synthetic_dir):
     run = argparse.Namespace(data_dir=synthetic_dir, batchsize=8, repeatNum=1, num_samples=24, workers=4)
     with pytest.raises(cli.InputError) as error:
-        train.load_data(run, rank=3)  # 24 images / 4 workers: 6 each, less than a batch
+        training.load_data(run, rank=3)  # 24 images / 4 workers: 6 each, less than a batch
     assert str(error.value).startswith("4 workers x batch size 8 is more than 24 training images per epoch")
     assert "use fewer workers" in str(error.value)
 

@@ -8,11 +8,8 @@ import pytest
 
 import eval as evaluate
 import export
-import inference
-import int8
-import quant
-import resnetv2
 from conftest import SMALL, expect_error, observed_qat_net, run_script, snapshot, train_in_subprocess
+from qatcifar import inference, int8, int8_export, networks, quant
 
 SAMPLES = "500"
 INT8_SAMPLES = 100  # eval.py on the int8 file (the numpy reference runs about 10 images/s)
@@ -72,8 +69,8 @@ def test_int8_file_is_small_integer_and_agrees(trained_exports, synthetic_dir, t
 def test_the_int8_file_is_the_size_train_py_announces(arch, tmp_path):
     net = observed_qat_net(arch)
     path = str(tmp_path / "m.int8.npz")
-    int8.save(path, *export.int8_model(net, quant.QuantConfig()))
-    assert abs(os.path.getsize(path) / int8.expected_size(resnetv2.profile(net)) - 1) < 0.01
+    int8.save(path, *int8_export.int8_model(net, quant.QuantConfig()))
+    assert abs(os.path.getsize(path) / int8.expected_size(networks.profile(net)) - 1) < 0.01
 
 
 def test_requantize_rounds_like_real_arithmetic():

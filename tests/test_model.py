@@ -3,12 +3,12 @@ import mindspore as ms
 import numpy as np
 import pytest
 
-import resnetv2
 from conftest import ARCH
+from qatcifar import networks
 
 
 def test_output_shape():
-    net = resnetv2.resnet(ARCH, num_classes=10)
+    net = networks.resnet(ARCH, num_classes=10)
     net.set_train(False)
     logits = net(ms.Tensor(np.random.default_rng(0).normal(size=(2, 3, 32, 32)).astype(np.float32)))
     assert logits.shape == (2, 10)
@@ -42,19 +42,19 @@ def by_hand(stem, stages, classes=10):
     ("resnet18", 64, [(64, 2), (128, 2), (256, 2), (512, 2)], 11_173_962),  # the CIFAR ResNet-18 everyone reports
 ])
 def test_parameters_and_macs_as_counted_by_hand(arch, stem, stages, params):
-    profile = resnetv2.profile(resnetv2.resnet(arch))
+    profile = networks.profile(networks.resnet(arch))
     assert (profile["params"], profile["macs"]) == by_hand(stem, stages) and profile["params"] == params
     assert profile["arch"] == arch
 
 
 def test_published_sizes():
-    macs = {name: resnetv2.profile(resnetv2.resnet(name))["macs"] for name in resnetv2.ARCHS}
+    macs = {name: networks.profile(networks.resnet(name))["macs"] for name in networks.ARCHS}
     assert macs["resnet8"] == 12_501_632  # MLPerf Tiny: about 12.5 M
     assert abs(macs["resnet20"] / 41e6 - 1) < 0.01  # He et al.'s ResNet-20: about 41 M
     assert abs(macs["resnet18"] / 0.56e9 - 1) < 0.01
-    assert resnetv2.profile(resnetv2.resnet("resnet18", num_classes=100))["params"] == 11_173_962 + 90 * 513
+    assert networks.profile(networks.resnet("resnet18", num_classes=100))["params"] == 11_173_962 + 90 * 513
 
 
 def test_an_unknown_name_is_refused():
     with pytest.raises(ValueError, match="unknown network 'resnet9'"):
-        resnetv2.resnet("resnet9")
+        networks.resnet("resnet9")

@@ -15,6 +15,7 @@ import mindspore as ms
 import pytest
 
 from conftest import ROOT, SMALL, run_script, start_script
+from qatcifar import interrupts
 
 pytestmark = pytest.mark.slow
 UNBUFFERED = dict(os.environ, PYTHONUNBUFFERED="1")  # progress lines as they are printed
@@ -53,8 +54,9 @@ def test_ctrl_c_ends_eval_with_one_line_and_130(model, untrained, int8_file, syn
 QUIET_HARD_STOP = """
 import signal, time
 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # as the scripts do
-import cli
-cli.MINDSPORE_DIR = ""  # every frame counts as MindSpore's: Ctrl-C must end the process at once
+from qatcifar import cli
+from qatcifar import interrupts
+interrupts.MINDSPORE_DIR = ""  # every frame counts as MindSpore's: Ctrl-C must end the process at once
 
 
 def work(args):
@@ -63,7 +65,7 @@ def work(args):
         time.sleep(60)
 
 
-cli.run(work, None, "nothing was written")
+interrupts.run(work, None, "nothing was written")
 """
 
 
@@ -76,10 +78,10 @@ def test_ctrl_c_is_said_while_mindspore_is_quieted():
 
 
 def test_ctrl_c_at_any_line_of_a_quieted_block_leaves_stderr_open():
-    """Ctrl-C's KeyboardInterrupt (cli._raise_interrupt, run by a signal between two lines) arriving at each line of
-    mindspore_log_quiet in turn, entering and leaving: fd 2 is the same file afterwards. (Broken off before fd 2
+    """Ctrl-C's KeyboardInterrupt (interrupts._raise_interrupt, run by a signal between two lines) arriving at each
+    line of mindspore_log_quiet in turn, entering and leaving: fd 2 is the same file afterwards. (Broken off before fd 2
     was restored, the one line Ctrl-C prints went nowhere: eval.py ended 130 in silence, now and then.)"""
-    import cli
+    from qatcifar import cli
     code = inspect.unwrap(cli.mindspore_log_quiet).__code__
     lines = sorted({line for _, _, line in code.co_lines() if line is not None and line > code.co_firstlineno})
     stderr, saved, closed_off = os.fstat(2), os.dup(2), []
@@ -87,9 +89,9 @@ def test_ctrl_c_at_any_line_of_a_quieted_block_leaves_stderr_open():
         def trace(frame, event, arg, target=target):
             if frame.f_code is code and event == "line" and frame.f_lineno == target:
                 sys.settrace(None)
-                cli._raise_interrupt(cli.WAKE_SIGNAL, frame)
+                interrupts._raise_interrupt(interrupts.WAKE_SIGNAL, frame)
             return trace
-        cli._raised.clear()
+        interrupts._raised.clear()
         sys.settrace(trace)
         try:
             with cli.mindspore_log_quiet():
@@ -98,7 +100,7 @@ def test_ctrl_c_at_any_line_of_a_quieted_block_leaves_stderr_open():
             pass
         finally:
             sys.settrace(None)
-            cli._raised.clear()
+            interrupts._raised.clear()
         now = os.fstat(2)
         if (now.st_dev, now.st_ino) != (stderr.st_dev, stderr.st_ino):
             closed_off.append(target)

@@ -1,4 +1,4 @@
-"""ONNX export (QDQ int8 and float32) run by ONNX Runtime, predict.py on image files, latency.py and
+"""ONNX export (QDQ int8 and float32) run by ONNX Runtime, predict.py on image files, qatcifar.latency and
 bench.py --deploy."""
 import json
 import os
@@ -10,14 +10,9 @@ import onnxruntime as ort
 import pytest
 from PIL import Image
 
-import checkpoint
 import eval as evaluate
 import export
-import inference
-import ort_kernels
 import predict
-import preprocess
-import resnetv2
 from conftest import (
     AGREEMENT_IMAGES,
     ARCH,
@@ -27,6 +22,7 @@ from conftest import (
     high_contrast,
     run_script,
 )
+from qatcifar import checkpoint, cifar, inference, networks, ort_kernels
 
 SYNTHETIC_NAMES = [f"synthetic_{i}" for i in range(10)]
 
@@ -64,7 +60,7 @@ def float_onnx(tmp_path_factory):
     """A float32 ARCH with random BatchNorm statistics (so that folding them is tested) as a checkpoint and
     as ONNX: (checkpoint, onnx)."""
     folder = tmp_path_factory.mktemp("float_onnx")
-    net, rng = resnetv2.resnet(ARCH), np.random.default_rng(0)
+    net, rng = networks.resnet(ARCH), np.random.default_rng(0)
     ranges = {"gamma": (0.5, 1.5), "beta": (-0.2, 0.2), "moving_mean": (-0.2, 0.2), "moving_variance": (0.5, 2.0)}
     for name, param in net.parameters_and_names():
         low_high = ranges.get(name.rsplit(".", 1)[-1]) if ".bn." in name else None
@@ -95,8 +91,8 @@ def test_int8_onnx_is_standard_qdq_and_runs_on_integer_kernels(trained_exports, 
     assert metadata(path) == {"model": "int8 QDQ", "source": os.path.basename(trained_exports["checkpoint"]),
                               "class_names": SYNTHETIC_NAMES,
                               "network": {"arch": "resnet8", "params": 78_042, "macs": 12_501_632},
-                              "normalization": {"mean": list(preprocess.CIFAR10_MEAN),
-                                                "std": list(preprocess.CIFAR10_STD)}}
+                              "normalization": {"mean": list(cifar.CIFAR10_MEAN),
+                                                "std": list(cifar.CIFAR10_STD)}}
     # ONNX Runtime fuses every quantized operation into an integer kernel: no float convolution is left.
     ops = optimized_ops(path, tmp_path)
     assert ops.count("QLinearConv") == 9 and ops.count("QLinearAdd") == 3 and ops.count("QGemm") == 1
@@ -134,10 +130,10 @@ def test_eval_runs_the_onnx_model_with_threads(trained_exports, synthetic_dir, c
 @pytest.mark.slow
 def test_float_onnx_agrees_with_the_float_checkpoint(float_onnx, synthetic_dir):
     checkpoint_path, path = float_onnx
-    assert metadata(path)["model"] == "float32" and metadata(path)["class_names"] == list(preprocess.CIFAR10_CLASSES)
+    assert metadata(path)["model"] == "float32" and metadata(path)["class_names"] == list(cifar.CIFAR10_CLASSES)
     names = {t.name for t in onnx.load(path).graph.initializer}
     assert {"conv1.weight", "layer3.0.conv2.bias", "layer2.0.shortcut.weight", "fc.weight"} <= names
-    dataset = preprocess.create_dataset(synthetic_dir, training=False, batch_size=100, num_samples=AGREEMENT_IMAGES)
+    dataset = cifar.create_dataset(synthetic_dir, training=False, batch_size=100, num_samples=AGREEMENT_IMAGES)
     onnx_model, checkpoint_model = inference.load_model(path), inference.load_model(checkpoint_path)
     assert (inference.predict(onnx_model, dataset)[0] == inference.predict(checkpoint_model, dataset)[0]).mean() \
         >= 0.999
@@ -199,9 +195,9 @@ def test_predict_classifies_images_of_any_size_and_mode(float_onnx, synthetic_di
         probabilities = [c["probability"] for c in result["top"]]
         assert len(probabilities) == 4 and probabilities == sorted(probabilities, reverse=True)
         assert sum(probabilities) <= 1 + 1e-9
-        assert all(c["class"] == preprocess.CIFAR10_CLASSES[c["index"]] for c in result["top"])
+        assert all(c["class"] == cifar.CIFAR10_CLASSES[c["index"]] for c in result["top"])
     # A 32x32 PNG of a test image is that image: the probabilities of the test pipeline's image.
-    dataset = preprocess.create_dataset(synthetic_dir, training=False, batch_size=4, num_samples=4)
+    dataset = cifar.create_dataset(synthetic_dir, training=False, batch_size=4, num_samples=4)
     images = next(dataset.create_tuple_iterator(num_epochs=1, output_numpy=True))[0]
     for result, logits in zip(results, inference.load_model(float_onnx[1]).logits(images), strict=False):
         top = result["top"][0]
@@ -244,13 +240,13 @@ def test_predict_refuses_what_is_not_an_image(float_onnx, synthetic_dir, tmp_pat
 # --- speed ----------------------------------------------------------------------------------------------
 
 def test_latency_measures_a_model_in_a_process_of_its_own(float_onnx):
-    result = run_script("latency.py", float_onnx[1], "--seconds", "0.1", "--batch", "4", "--threads", "1")
+    result = run_script("-m", "qatcifar.latency", float_onnx[1], "--seconds", "0.1", "--batch", "4", "--threads", "1")
     assert result.returncode == 0, result.stderr
     figures = json.loads(result.stdout)
     assert set(figures) == {"b1_p50_ms", "b1_p95_ms", "b1_runs", "b4_ips", "peak_rss_mb"}
     assert 0 < figures["b1_p50_ms"] <= figures["b1_p95_ms"] and figures["b1_runs"] >= 20
     assert figures["peak_rss_mb"] < 1000  # ONNX Runtime alone, no MindSpore
-    bad = run_script("latency.py", float_onnx[1] + ".txt")
+    bad = run_script("-m", "qatcifar.latency", float_onnx[1] + ".txt")
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and len(bad.stderr.splitlines()) == 1
 
 

@@ -16,15 +16,9 @@ import pytest
 from onnx import TensorProto, numpy_helper
 from PIL import Image
 
-import checkpoint
 import eval as evaluate
 import export
-import inference
-import int8
-import onnx_graph
-import ort_kernels
 import predict
-import quant
 from conftest import (
     ROOT,
     assert_agrees_with_reference,
@@ -33,7 +27,8 @@ from conftest import (
     high_contrast,
     observed_qat_net,
 )
-from quant import QuantConfig
+from qatcifar import checkpoint, inference, int8, int8_export, onnx_graph, ort_kernels, quant
+from qatcifar.quant import QuantConfig
 
 EMULATED_CPU = "EPYC-Milan"  # AMD Zen 3: AVX2 without VNNI, the kind of CPU where the int8 model was inexact
 needs_qemu = pytest.mark.skipif(
@@ -66,14 +61,14 @@ def int8_storage(model):
 
 def onnx_model(header, arrays):
     network = {key: header[key] for key in ("arch", "params", "macs")}
-    return onnx_graph.from_int8(header, arrays, export.metadata("int8 QDQ", "test.ckpt", None, network))
+    return onnx_graph.from_int8(header, arrays, int8_export.metadata("int8 QDQ", "test.ckpt", None, network))
 
 
 @pytest.fixture(scope="module")
 def observed():
     """One observed QAT network exported with 7-bit (QAT's) and with 8-bit weights: {bits: (header, arrays)}."""
     net = observed_qat_net()
-    return {bits: export.int8_model(net, QuantConfig(weight_bits=bits)) for bits in (7, 8)}
+    return {bits: int8_export.int8_model(net, QuantConfig(weight_bits=bits)) for bits in (7, 8)}
 
 
 # --- which weights are exact everywhere ------------------------------------------------------------------
@@ -257,7 +252,7 @@ def emulated(*argv):
 @pytest.mark.slow
 @needs_qemu
 def test_the_probe_finds_the_emulated_cpu_inexact():
-    assert emulated("-c", "import ort_kernels; print(ort_kernels.probe())").stdout.strip() == "False"
+    assert emulated("-c", "from qatcifar import ort_kernels; print(ort_kernels.probe())").stdout.strip() == "False"
 
 
 @pytest.mark.slow
@@ -285,7 +280,7 @@ def test_int8_onnx_agrees_with_the_integer_reference_on_a_cpu_without_vnni(train
     eight = str(tmp_path / "eight.ckpt")  # the trained network, as an 8-bit checkpoint (no weight bits recorded)
     checkpoint.save_parameters({name: value for name, value in params.items()
                                 if not name.endswith(quant.BITS_SUFFIX)}, eight)
-    header, arrays = export.int8_model(*checkpoint.load_network(eight, 10))
+    header, arrays = int8_export.int8_model(*checkpoint.load_network(eight, 10))
     models = {"qat": trained_exports["onnx"], "eight": str(tmp_path / "eight.onnx"),
               "eight_int8": str(tmp_path / "eight_int8.onnx")}
     onnx.save(onnx_model(header, arrays), models["eight"])

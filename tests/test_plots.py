@@ -8,11 +8,10 @@ import pytest
 from matplotlib.image import imread
 from test_callbacks import FakeRunContext
 
-import callbacks
 import eval as evaluate
 import plot
-import plots
 from conftest import SMALL, expect_error, snapshot, train_in_subprocess
+from qatcifar import callbacks, plots
 
 
 def assert_png(path, width, height):

@@ -13,7 +13,8 @@ import pytest
 
 import preprocess
 from conftest import expect_error, start_script
-from preprocess import CIFAR10_MEAN, CIFAR10_STD, DatasetError
+from qatcifar import cifar
+from qatcifar.cifar import CIFAR10_MEAN, CIFAR10_STD, DatasetError
 
 
 def first_batch(dataset):
@@ -22,20 +23,20 @@ def first_batch(dataset):
 
 
 def test_training_pipeline_shapes_and_types(synthetic_dir):
-    dataset = preprocess.create_dataset(synthetic_dir, training=True, batch_size=16, num_samples=40)
+    dataset = cifar.create_dataset(synthetic_dir, training=True, batch_size=16, num_samples=40)
     assert dataset.get_dataset_size() == 2  # 40 // 16: the remainder is dropped when training
     images, labels = first_batch(dataset)
     assert images.shape == (16, 3, 32, 32) and images.dtype == np.float32
     assert labels.shape == (16,) and labels.dtype == np.int32
-    assert labels.min() >= 0 and labels.max() < preprocess.NUM_CLASSES
+    assert labels.min() >= 0 and labels.max() < cifar.NUM_CLASSES
 
 
 def test_eval_pipeline_is_normalized_and_in_file_order(synthetic_dir):
-    dataset = preprocess.create_dataset(synthetic_dir, training=False, batch_size=32, num_samples=70)
+    dataset = cifar.create_dataset(synthetic_dir, training=False, batch_size=32, num_samples=70)
     assert dataset.get_dataset_size() == 3  # the last, partial batch is kept for evaluation
     images, labels = first_batch(dataset)
     raw = np.fromfile(os.path.join(synthetic_dir, "test_batch.bin"), np.uint8,
-                      count=32 * preprocess.RECORD_BYTES).reshape(32, -1)
+                      count=32 * cifar.RECORD_BYTES).reshape(32, -1)
     assert (labels == raw[:, 0]).all()
     pixels = raw[:, 1:].reshape(32, 3, 32, 32) / 255.0
     expected = (pixels - np.array(CIFAR10_MEAN)[:, None, None]) / np.array(CIFAR10_STD)[:, None, None]
@@ -43,7 +44,7 @@ def test_eval_pipeline_is_normalized_and_in_file_order(synthetic_dir):
 
 
 def test_training_draws_different_samples_each_epoch(synthetic_dir):
-    dataset = preprocess.create_dataset(synthetic_dir, training=True, batch_size=32, num_samples=32)
+    dataset = cifar.create_dataset(synthetic_dir, training=True, batch_size=32, num_samples=32)
     iterator = dataset.create_tuple_iterator(num_epochs=2)  # one iterator over all epochs, as Model.train
     epochs = [[labels.asnumpy() for _, labels in iterator] for _ in range(2)]
     assert len(epochs[1]) == 1 and not np.array_equal(epochs[0][0], epochs[1][0])
@@ -51,65 +52,65 @@ def test_training_draws_different_samples_each_epoch(synthetic_dir):
 
 def test_synthetic_refuses_to_overwrite(synthetic_dir):
     with pytest.raises(DatasetError, match="is not empty: it holds data_batch_1.bin and more"):
-        preprocess.write_synthetic(synthetic_dir)
+        cifar.write_synthetic(synthetic_dir)
 
 
 def test_missing_folder_is_named(tmp_path):
     with pytest.raises(DatasetError, match="does not exist.*preprocess.py --download"):
-        preprocess.check_data_dir(str(tmp_path / "nope"), training=True)
+        cifar.check_data_dir(str(tmp_path / "nope"), training=True)
 
 
 def test_parent_of_the_data_folder_gets_a_hint(tmp_path):
-    (tmp_path / preprocess.ARCHIVE_FOLDER).mkdir()
-    with pytest.raises(DatasetError, match=f"did you mean -data .*{preprocess.ARCHIVE_FOLDER}"):
-        preprocess.check_data_dir(str(tmp_path), training=True)
+    (tmp_path / cifar.ARCHIVE_FOLDER).mkdir()
+    with pytest.raises(DatasetError, match=f"did you mean -data .*{cifar.ARCHIVE_FOLDER}"):
+        cifar.check_data_dir(str(tmp_path), training=True)
 
 
 def test_empty_folder_is_named(tmp_path):
     with pytest.raises(DatasetError, match=r"no data_batch_\*.bin"):
-        preprocess.check_data_dir(str(tmp_path), training=True)
+        cifar.check_data_dir(str(tmp_path), training=True)
     with pytest.raises(DatasetError, match="no test_batch.bin"):
-        preprocess.check_data_dir(str(tmp_path), training=False)
+        cifar.check_data_dir(str(tmp_path), training=False)
 
 
 def test_truncated_file_says_its_size(tmp_path):
-    (tmp_path / "data_batch_1.bin").write_bytes(bytes(preprocess.RECORD_BYTES * 300))
+    (tmp_path / "data_batch_1.bin").write_bytes(bytes(cifar.RECORD_BYTES * 300))
     with pytest.raises(DatasetError, match=r"921900 bytes \(300.00 records of 3073 bytes\)"):
-        preprocess.check_data_dir(str(tmp_path), training=True)
+        cifar.check_data_dir(str(tmp_path), training=True)
 
 
 def test_bad_label_is_named(tmp_path):
-    records = np.zeros((preprocess.RECORDS_PER_FILE, preprocess.RECORD_BYTES), np.uint8)
+    records = np.zeros((cifar.RECORDS_PER_FILE, cifar.RECORD_BYTES), np.uint8)
     records[17, 0] = 12
     records.tofile(tmp_path / "test_batch.bin")
     with pytest.raises(DatasetError, match="record 17 has label 12"):
-        preprocess.check_data_dir(str(tmp_path), training=False)
+        cifar.check_data_dir(str(tmp_path), training=False)
 
 
 def test_class_names_from_meta_file(synthetic_dir, tmp_path, capsys):
-    assert preprocess.class_names(synthetic_dir)[3] == "synthetic_3"
-    assert preprocess.class_names(str(tmp_path)) == [str(i) for i in range(10)]
-    (tmp_path / preprocess.META_FILE).write_text("cat\ndog\n")
-    assert preprocess.class_names(str(tmp_path)) == [str(i) for i in range(10)]
+    assert cifar.class_names(synthetic_dir)[3] == "synthetic_3"
+    assert cifar.class_names(str(tmp_path)) == [str(i) for i in range(10)]
+    (tmp_path / cifar.META_FILE).write_text("cat\ndog\n")
+    assert cifar.class_names(str(tmp_path)) == [str(i) for i in range(10)]
     assert "names 2 classes, not 10; classes are numbered instead" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("content, why", [(b"\xff\xfe\x00binary" * 3, "it is not UTF-8 text"),
                                           (b"x" * 5000, "it is over 4096 bytes")])
 def test_unreadable_class_names_are_an_error(content, why, tmp_path):
-    (tmp_path / preprocess.META_FILE).write_bytes(content)
+    (tmp_path / cifar.META_FILE).write_bytes(content)
     with pytest.raises(DatasetError, match=f"cannot read the class names in .*batches.meta.txt \\({why}\\)"):
-        preprocess.class_names(str(tmp_path))
+        cifar.class_names(str(tmp_path))
 
 
 def test_class_names_from_a_fifo_are_refused_not_waited_for(tmp_path):
-    os.mkfifo(tmp_path / preprocess.META_FILE)
+    os.mkfifo(tmp_path / cifar.META_FILE)
     with pytest.raises(DatasetError, match="batches.meta.txt is not a file"):
-        preprocess.class_names(str(tmp_path))
+        cifar.class_names(str(tmp_path))
 
 
 def full_file(path, label=0):
-    records = np.zeros((preprocess.RECORDS_PER_FILE, preprocess.RECORD_BYTES), np.uint8)
+    records = np.zeros((cifar.RECORDS_PER_FILE, cifar.RECORD_BYTES), np.uint8)
     records[:, 0] = label
     records.tofile(path)
 
@@ -124,26 +125,26 @@ def test_a_stray_file_that_cifar10dataset_would_read_is_named(name, training, tm
     full_file(tmp_path / name)
     with pytest.raises(DatasetError, match=f"{name} is not a CIFAR-10 file name, but MindSpore's Cifar10Dataset "
                                            f"would read it .*move it out of"):
-        preprocess.check_data_dir(str(tmp_path), training)
+        cifar.check_data_dir(str(tmp_path), training)
     os.remove(tmp_path / name)
-    preprocess.check_data_dir(str(tmp_path), training)
+    cifar.check_data_dir(str(tmp_path), training)
 
 
 def test_links_and_folders_among_the_data_files_are_named(tmp_path):
     os.symlink(tmp_path / "gone.bin", tmp_path / "test_batch.bin")
     with pytest.raises(DatasetError, match="cannot read .*test_batch.bin \\(No such file or directory\\)"):
-        preprocess.check_data_dir(str(tmp_path), training=False)
+        cifar.check_data_dir(str(tmp_path), training=False)
     os.remove(tmp_path / "test_batch.bin")
     os.symlink("test_batch.bin", tmp_path / "test_batch.bin")  # a loop
     with pytest.raises(DatasetError, match="cannot read .*test_batch.bin \\(Too many levels of symbolic links\\)"):
-        preprocess.check_data_dir(str(tmp_path), training=False)
+        cifar.check_data_dir(str(tmp_path), training=False)
     os.remove(tmp_path / "test_batch.bin")
     os.mkdir(tmp_path / "test_batch.bin")
     with pytest.raises(DatasetError, match="test_batch.bin is not a file; move it out"):
-        preprocess.check_data_dir(str(tmp_path), training=False)
+        cifar.check_data_dir(str(tmp_path), training=False)
     os.symlink("loop", tmp_path / "loop")
     with pytest.raises(DatasetError, match="data folder .*loop is a broken symbolic link \\(or a loop\\)"):
-        preprocess.check_data_dir(str(tmp_path / "loop"), training=False)
+        cifar.check_data_dir(str(tmp_path / "loop"), training=False)
 
 
 def test_synthetic_refuses_a_folder_that_holds_anything(tmp_path, capsys):
@@ -171,8 +172,8 @@ def test_preprocess_flags_are_checked(flags, fragment, tmp_path, capsys):
 
 # --- download, against a server on 127.0.0.1 that serves an archive built here --------------
 
-def cifar_archive(members=("data_batch_1.bin", "test_batch.bin"), folder=preprocess.ARCHIVE_FOLDER,
-                  size=preprocess.FILE_BYTES):
+def cifar_archive(members=("data_batch_1.bin", "test_batch.bin"), folder=cifar.ARCHIVE_FOLDER,
+                  size=cifar.FILE_BYTES):
     """A .tar.gz laid out like the official one (zero images, label 0: small once compressed); members of `size`
     bytes."""
     buffer = io.BytesIO()
@@ -227,7 +228,7 @@ def test_download_verifies_and_extracts(tmp_path, serve, archive, capsys):
     assert sorted(os.listdir(target)) == ["data_batch_1.bin", "test_batch.bin"]
     assert os.listdir(tmp_path) == ["cifar"]  # no archive or temporary folder left behind
     assert "downloading" in capsys.readouterr().err
-    preprocess.check_data_dir(target, training=True)
+    cifar.check_data_dir(target, training=True)
 
 
 def test_download_rejects_wrong_checksum_and_leaves_nothing(tmp_path, serve, archive, capsys):
@@ -236,28 +237,28 @@ def test_download_rejects_wrong_checksum_and_leaves_nothing(tmp_path, serve, arc
         preprocess.main(["--download", "-data", target, "--url", serve(archive)])  # the official MD5
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert error.startswith("error: checksum mismatch") and preprocess.CIFAR10_MD5 in error
+    assert error.startswith("error: checksum mismatch") and cifar.CIFAR10_MD5 in error
     assert os.listdir(tmp_path) == []
 
 
 def test_download_refuses_members_outside_the_target(tmp_path, serve):
     evil = cifar_archive(members=("../../escaped.bin",), folder="")
     with pytest.raises(DatasetError, match="cannot extract"):
-        preprocess.download(str(tmp_path / "sub" / "cifar"), serve(evil), hashlib.md5(evil).hexdigest())
+        cifar.download(str(tmp_path / "sub" / "cifar"), serve(evil), hashlib.md5(evil).hexdigest())
     assert not (tmp_path / "escaped.bin").exists() and os.listdir(tmp_path / "sub") == []
 
 
 def test_download_reports_http_errors(tmp_path, serve, archive):
     url = serve(archive).replace("cifar.tar.gz", "missing.tar.gz")
     with pytest.raises(DatasetError, match="download of .* failed.*--url"):
-        preprocess.download(str(tmp_path / "cifar"), url)
+        cifar.download(str(tmp_path / "cifar"), url)
     assert os.listdir(tmp_path) == []
 
 
 def test_interrupted_download_leaves_nothing(tmp_path, serve, archive):
     url = serve(archive[: len(archive) // 2], claimed_length=len(archive))  # the connection drops halfway
     with pytest.raises(DatasetError, match="download of .*(failed|stopped after)"):
-        preprocess.download(str(tmp_path / "cifar"), url, hashlib.md5(archive).hexdigest())
+        cifar.download(str(tmp_path / "cifar"), url, hashlib.md5(archive).hexdigest())
     assert os.listdir(tmp_path) == []
 
 
@@ -271,21 +272,21 @@ def test_download_refuses_a_synthetic_folder(synthetic_dir, capsys):
 def test_download_from_a_file_url(tmp_path, archive):
     (tmp_path / "c.tar.gz").write_bytes(archive)
     target = str(tmp_path / "cifar")
-    preprocess.download(target, (tmp_path / "c.tar.gz").as_uri(), hashlib.md5(archive).hexdigest())
+    cifar.download(target, (tmp_path / "c.tar.gz").as_uri(), hashlib.md5(archive).hexdigest())
     assert sorted(os.listdir(target)) == ["data_batch_1.bin", "test_batch.bin"]
 
 
 def linked_archive(kind):
     """The CIFAR-10 folder as a link to a sibling folder (kind "symlink"), or a data file hard-linked to another."""
     buffer = io.BytesIO()
-    content = bytes(preprocess.FILE_BYTES)
+    content = bytes(cifar.FILE_BYTES)
     with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
         for name in ("real/data_batch_1.bin", "real/test_batch.bin"):
             info = tarfile.TarInfo(name)
             info.size = len(content)
             tar.addfile(info, io.BytesIO(content))
-        link = tarfile.TarInfo(preprocess.ARCHIVE_FOLDER if kind == "symlink" else
-                               f"{preprocess.ARCHIVE_FOLDER}/test_batch.bin")
+        link = tarfile.TarInfo(cifar.ARCHIVE_FOLDER if kind == "symlink" else
+                               f"{cifar.ARCHIVE_FOLDER}/test_batch.bin")
         link.type = tarfile.SYMTYPE if kind == "symlink" else tarfile.LNKTYPE
         link.linkname = "real" if kind == "symlink" else "real/test_batch.bin"
         tar.addfile(link)
@@ -308,12 +309,12 @@ def test_download_refuses_links_in_the_archive(kind, tmp_path, serve, capsys):
 def test_download_refuses_an_oversized_member_before_extracting_it(tmp_path, serve):
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        info = tarfile.TarInfo(f"{preprocess.ARCHIVE_FOLDER}/data_batch_1.bin")
-        info.size = preprocess.FILE_BYTES + 1
+        info = tarfile.TarInfo(f"{cifar.ARCHIVE_FOLDER}/data_batch_1.bin")
+        info.size = cifar.FILE_BYTES + 1
         tar.addfile(info, io.BytesIO(bytes(info.size)))
     payload = buffer.getvalue()
-    with pytest.raises(DatasetError, match=f"is {preprocess.FILE_BYTES + 1} bytes, larger than a CIFAR-10 file"):
-        preprocess.download(str(tmp_path / "cifar"), serve(payload), hashlib.md5(payload).hexdigest())
+    with pytest.raises(DatasetError, match=f"is {cifar.FILE_BYTES + 1} bytes, larger than a CIFAR-10 file"):
+        cifar.download(str(tmp_path / "cifar"), serve(payload), hashlib.md5(payload).hexdigest())
     assert os.listdir(tmp_path) == []
 
 
@@ -321,14 +322,14 @@ def test_download_refuses_an_archive_of_many_members(tmp_path, serve):
     """A bomb of many small members (each within the size limit) is stopped after the 20th."""
     payload = cifar_archive(members=[f"x{i}.txt" for i in range(25)], size=10)
     with pytest.raises(DatasetError, match="x20.txt is number 21, more than the 20 allowed"):
-        preprocess.download(str(tmp_path / "cifar"), serve(payload), hashlib.md5(payload).hexdigest())
+        cifar.download(str(tmp_path / "cifar"), serve(payload), hashlib.md5(payload).hexdigest())
     assert os.listdir(tmp_path) == []
 
 
 def test_download_stops_an_endless_stream(tmp_path, monkeypatch):
-    monkeypatch.setattr(preprocess, "MAX_DOWNLOAD_BYTES", 8 << 20)  # (615 MB in use: as stopped, only later)
+    monkeypatch.setattr(cifar, "MAX_DOWNLOAD_BYTES", 8 << 20)  # (615 MB in use: as stopped, only later)
     with pytest.raises(DatasetError, match="file:///dev/zero sends more than 8388608 bytes"):
-        preprocess.download(str(tmp_path / "cifar"), "file:///dev/zero")
+        cifar.download(str(tmp_path / "cifar"), "file:///dev/zero")
     assert os.listdir(tmp_path) == []
 
 

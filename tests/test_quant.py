@@ -5,11 +5,10 @@ import mindspore.ops as ops
 import numpy as np
 import pytest
 
-import quant
-import resnetv2
 from conftest import ARCH
-from quant import ActQuant, QuantConfig, WeightQuant, fake_quant_weight, quantize
-from resnetv2 import ConvBN, ResidualAdd
+from qatcifar import networks, quant
+from qatcifar.networks import ConvBN, ResidualAdd
+from qatcifar.quant import ActQuant, QuantConfig, WeightQuant, fake_quant_weight, quantize
 
 rng = np.random.default_rng(0)
 
@@ -147,7 +146,7 @@ def test_quant_delay_passes_activations_through():
 
 
 def test_quantize_wraps_every_layer_and_keeps_weights():
-    float_net = resnetv2.resnet(ARCH)
+    float_net = networks.resnet(ARCH)
     weights = {p.name: p.asnumpy().copy() for p in float_net.get_parameters()}
     net = quantize(float_net)
     kinds = [type(cell) for _, cell in net.cells_and_names()]
@@ -165,7 +164,7 @@ def test_quantize_wraps_every_layer_and_keeps_weights():
     assert quant.config_from_checkpoint(dict(net.parameters_and_names())) == QuantConfig()
     assert quant.config_from_checkpoint(weights) is None
 
-    reference = resnetv2.resnet(ARCH)
+    reference = networks.resnet(ARCH)
     ms.load_param_into_net(reference, {name: ms.Parameter(value, name=name) for name, value in weights.items()})
     reference.set_train(False)
     net.set_train(False)  # observers never trained: activations are not quantized yet, weights are
@@ -180,7 +179,7 @@ def test_dense_with_activation_is_refused():
 
 
 def test_quantized_network_trains_a_step():
-    net = quantize(resnetv2.resnet(ARCH))
+    net = quantize(networks.resnet(ARCH))
     loss = nn.SoftmaxCrossEntropyWithLogits(sparse=True, reduction="mean")
     step = nn.TrainOneStepCell(nn.WithLossCell(net, loss), nn.Adam(net.trainable_params(), 1e-3))
     step.set_train()
@@ -203,9 +202,9 @@ def test_folded_and_frozen_inference_equal_unfolded(trained):
         ms.load_param_into_net(net, {name: params[name] for name, _ in net.parameters_and_names() if name in params})
         return net
 
-    unfolded = loaded(quantize(resnetv2.resnet(ARCH)))
-    folded = loaded(quantize(resnetv2.resnet(ARCH), QuantConfig(bn_fold=True)))
-    frozen = quant.freeze(loaded(quantize(resnetv2.resnet(ARCH))))  # weights quantized once, for inference
+    unfolded = loaded(quantize(networks.resnet(ARCH)))
+    folded = loaded(quantize(networks.resnet(ARCH), QuantConfig(bn_fold=True)))
+    frozen = quant.freeze(loaded(quantize(networks.resnet(ARCH))))  # weights quantized once, for inference
     for net in unfolded, folded, frozen:
         net.set_train(False)
     x = tensor(4, 3, 32, 32)

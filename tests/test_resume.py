@@ -5,11 +5,9 @@ import os
 import numpy as np
 import pytest
 
-import callbacks
-import checkpoint
-import quant
 import train
 from conftest import SMALL, expect_error, snapshot, train_in_subprocess
+from qatcifar import callbacks, checkpoint, files, quant, training
 
 
 @pytest.fixture(scope="module")
@@ -17,13 +15,13 @@ def finished(tmp_path_factory):
     """The save folder of a QAT run of 4 epochs of 12 steps (384 images, batch 32), as train.py's Checkpointer
     and Validator write it, without the training: (its last checkpoint, the folder)."""
     args = train.get_args_parser().parse_args([*SMALL, "-e", "4", "-bsize", "32", "--num_samples", "384"])
-    net = train.build_network(args, steps_per_epoch=12)
-    train_net = train.build_train_network(net, train.make_optimizer(net, args, steps_per_epoch=12), args)
+    net = training.build_network(args, steps_per_epoch=12)
+    train_net = training.build_train_network(net, training.make_optimizer(net, args, steps_per_epoch=12), args)
     folder = str(tmp_path_factory.mktemp("finished"))
     saver = callbacks.Checkpointer(train_net, folder, "resnet8_qat", steps_per_epoch=12, save_steps=0, keep=5,
                                    first_step=0, guard=callbacks.Guard(0, 12))
     saver.save(48)
-    checkpoint.save(net, os.path.join(folder, checkpoint.BEST_FILE), {"epoch_num": 4, "val_accuracy": 0.5})
+    checkpoint.save(net, os.path.join(folder, files.BEST_FILE), {"epoch_num": 4, "val_accuracy": 0.5})
     return saver.latest, folder
 
 
@@ -74,8 +72,8 @@ def test_a_run_of_8_bit_weights_resumes_with_them(synthetic_dir, tmp_path):
     """A checkpoint written before layers recorded their weight bits (they were 8) resumes as the 8-bit run it is,
     and its checkpoints then record 8 bits."""
     args = train.get_args_parser().parse_args([*SMALL, "-e", "1", "-bsize", "16", "--num_samples", "32"])
-    net = train.build_network(args, steps_per_epoch=2, weight_bits=8)
-    train_net = train.build_train_network(net, train.make_optimizer(net, args, steps_per_epoch=2), args)
+    net = training.build_network(args, steps_per_epoch=2, weight_bits=8)
+    train_net = training.build_train_network(net, training.make_optimizer(net, args, steps_per_epoch=2), args)
     folder = tmp_path / "run"
     folder.mkdir()
     saver = callbacks.Checkpointer(train_net, str(folder), "resnet8_qat", steps_per_epoch=2, save_steps=1, keep=5,

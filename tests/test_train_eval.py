@@ -9,13 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import checkpoint
 import eval as evaluate
-import resnetv2
-import schedules
 import train
 from conftest import ARCH, SMALL, expect_error, run_script, snapshot, train_in_subprocess
-from quant import quantize
+from qatcifar import checkpoint, networks, schedules, training
+from qatcifar.quant import quantize
 
 
 @pytest.mark.slow
@@ -125,7 +123,7 @@ def test_rerun_into_same_folder_keeps_earlier_checkpoints_and_log(trained, synth
 
 @pytest.mark.slow
 def test_qat_checkpoint_reloads_with_identical_logits(tmp_path):
-    net = quantize(resnetv2.resnet(ARCH))
+    net = quantize(networks.resnet(ARCH))
     loss = nn.SoftmaxCrossEntropyWithLogits(sparse=True, reduction="mean")
     step = nn.TrainOneStepCell(nn.WithLossCell(net, loss), nn.Adam(net.trainable_params(), 1e-3))
     step.set_train()
@@ -260,11 +258,11 @@ def test_train_refuses_read_only_save_directory(synthetic_dir, savedir, capsys):
 
 def foreign_checkpoints(tmp_path):
     wide = str(tmp_path / "resnet8_100_classes.ckpt")
-    checkpoint.save(resnetv2.resnet(ARCH, num_classes=100), wide, {})
+    checkpoint.save(networks.resnet(ARCH, num_classes=100), wide, {})
     unknown = str(tmp_path / "unknown_arch.ckpt")
     ms.save_checkpoint(nn.Dense(4, 2), unknown, append_dict={"arch": "resnet1000"})
     untagged = str(tmp_path / "untagged.ckpt")  # a resnet8 saved without the record: read as a resnet18
-    ms.save_checkpoint(resnetv2.resnet(ARCH), untagged)
+    ms.save_checkpoint(networks.resnet(ARCH), untagged)
     tiny = str(tmp_path / "dense.ckpt")
     ms.save_checkpoint(nn.SequentialCell([nn.Dense(4, 2)]), tiny)
     garbage = tmp_path / "garbage.ckpt"
@@ -373,8 +371,8 @@ def test_learning_rate_schedules():
 
 
 def test_label_smoothing_loss():
-    assert isinstance(train.make_loss(train.get_args_parser().parse_args([])), nn.SoftmaxCrossEntropyWithLogits)
-    loss = train.make_loss(train.get_args_parser().parse_args(["--label_smoothing", "0.2"]))
+    assert isinstance(training.make_loss(train.get_args_parser().parse_args([])), nn.SoftmaxCrossEntropyWithLogits)
+    loss = training.make_loss(train.get_args_parser().parse_args(["--label_smoothing", "0.2"]))
     logits = np.array([[2.0, 0.5, -1.0]], np.float32)
     log_p = logits - np.log(np.exp(logits).sum())
     expected = -(0.8 * log_p[0, 0] + 0.2 * log_p[0].mean())
@@ -386,8 +384,8 @@ def test_label_smoothing_loss():
 def test_mixed_precision_trains_the_qat_network_in_float16():
     """--amp O2 (refused on CPU, where it is slower) builds a float16 QAT step; run one step here to check it."""
     args = train.get_args_parser().parse_args([*SMALL, "--amp", "O2"])
-    net = train.build_network(args, steps_per_epoch=1)
-    step = train.build_train_network(net, train.make_optimizer(net, args, 1), args)
+    net = training.build_network(args, steps_per_epoch=1)
+    step = training.build_train_network(net, training.make_optimizer(net, args, 1), args)
     step.set_train()
     rng = np.random.default_rng(0)
     loss = step(ms.Tensor(rng.normal(size=(4, 3, 32, 32)).astype(np.float32)), ms.Tensor(np.arange(4, dtype=np.int32)))

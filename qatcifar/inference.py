@@ -4,7 +4,7 @@ predicting with them.
     >>> import inference
     >>> model = inference.load_model("checkpoints/resnet18_qat-40_1562.int8.npz")
     >>> logits = model.logits(images)      # normalized float32 (N, 3, 32, 32) -> (N, 10), numpy in and out
-    >>> dataset = preprocess.create_dataset("data/cifar-10-batches-bin", training=False, batch_size=100)
+    >>> dataset = cifar.create_dataset("data/cifar-10-batches-bin", training=False, batch_size=100)
     >>> predictions, labels = inference.predict(model, dataset)
 
 The format follows the file name: `.mindir` (MindSpore's graph, `export.py --format mindir`),
@@ -16,18 +16,12 @@ import os
 import sys
 from dataclasses import dataclass
 
-import mindspore as ms
-import mindspore.nn as nn
 import numpy as np
-from mindspore.train import mind_ir_pb2
 
-import checkpoint
-import cli
-import int8
-import ort_kernels
-import preprocess
-import quant
-import resnetv2
+from qatcifar import cifar, cli, files, int8, ort_kernels
+from qatcifar.archs import ARCHS
+
+# MindSpore is imported where a checkpoint or a MindIR graph is loaded: int8 and ONNX models run without it.
 
 INT8_CHUNK = 100  # images per call of the int8 reference, whatever the batch size
 MAX_ONNX_BYTES = 256 << 20  # a float32 ResNet-18 is 44.7 MB; ONNX Runtime would read any size into memory
@@ -45,7 +39,7 @@ class Model:
 
 def load_model(path, threads=None):
     """A Model of a .ckpt, .mindir, int8 .npz or .onnx file; `threads`: ONNX Runtime's (default: its own)."""
-    checkpoint.check_file(path)
+    files.check_file(path)
     if threads and not path.endswith(".onnx"):
         raise cli.InputError(f"--threads sets ONNX Runtime's threads; {path} is not an .onnx model (leave it out)")
     if path.endswith(".onnx"):
@@ -61,17 +55,21 @@ def load_model(path, threads=None):
                     model["header"].get("normalization"))
         return Model(lambda images: int8_logits(model, images), "int8 (integer inference)",
                      class_names=names_or_none(model["header"].get("class_names")), size=size_or_none(model["header"]))
-    net, config = checkpoint.load_network(path, preprocess.NUM_CLASSES)
+    from qatcifar import checkpoint, networks, quant
+
+    net, config = checkpoint.load_network(path, cifar.NUM_CLASSES)
     kind = checkpoint.kind(config)
     description = kind if kind == checkpoint.FLOAT32 else f"{checkpoint.QAT} (int8 fake-quant)"
     model = network_model(quant.freeze(net), description)
     model.network = net
-    model.size = size_or_none(resnetv2.profile(net))
+    model.size = size_or_none(networks.profile(net))
     return model
 
 
 def network_model(net, description, fixed_batch=None):
     """A Model of a MindSpore network or GraphCell; a short batch is padded to a fixed batch size."""
+    import mindspore as ms
+
     def logits(images):
         count = len(images)
         if fixed_batch and count < fixed_batch:
@@ -87,7 +85,7 @@ def int8_logits(model, images):
 
 def names_or_none(names):
     """A model file's class names, if they are NUM_CLASSES short strings (files are read as untrusted)."""
-    ok = (isinstance(names, list) and len(names) == preprocess.NUM_CLASSES
+    ok = (isinstance(names, list) and len(names) == cifar.NUM_CLASSES
           and all(isinstance(name, str) and 0 < len(name) <= 100 for name in names))
     return names if ok else None
 
@@ -98,7 +96,7 @@ def size_or_none(record):
     if not isinstance(record, dict):
         return None
     size = {key: record.get(key) for key in ("arch", "params", "macs")}
-    ok = (size["arch"] in resnetv2.ARCHS and all(type(size[key]) is int and 0 < size[key] < 1 << 40
+    ok = (size["arch"] in ARCHS and all(type(size[key]) is int and 0 < size[key] < 1 << 40
                                                  for key in ("params", "macs")))
     return size if ok else None
 
@@ -106,12 +104,12 @@ def size_or_none(record):
 def check_input(path, input_shape, classes, normalization):
     """An int8 or ONNX model must take this pipeline's images (shape and normalization) and give CIFAR-10's
     classes."""
-    image = [3, preprocess.IMAGE_SIZE, preprocess.IMAGE_SIZE]
-    expected = {"mean": list(preprocess.CIFAR10_MEAN), "std": list(preprocess.CIFAR10_STD)}
-    if input_shape != image or classes != preprocess.NUM_CLASSES or normalization != expected:
+    image = [3, cifar.IMAGE_SIZE, cifar.IMAGE_SIZE]
+    expected = {"mean": list(cifar.CIFAR10_MEAN), "std": list(cifar.CIFAR10_STD)}
+    if input_shape != image or classes != cifar.NUM_CLASSES or normalization != expected:
         raise cli.InputError(f"{path} is a model for other data: input {input_shape}, {classes} classes, "
                              f"normalization {normalization}; this toolkit feeds {image} CIFAR-10 images "
-                             f"normalized with {expected} into {preprocess.NUM_CLASSES} classes")
+                             f"normalized with {expected} into {cifar.NUM_CLASSES} classes")
 
 
 def load_onnx(path, threads=None):
@@ -170,6 +168,10 @@ def warn_if_inexact(path):
 
 def load_mindir(path):
     """A MindIR graph of this toolkit's input and output shapes, and the batch size fixed in it (None: any)."""
+    import mindspore as ms
+    import mindspore.nn as nn
+    from mindspore.train import mind_ir_pb2
+
     proto = mind_ir_pb2.ModelProto()
     try:
         with open(path, "rb") as f:
@@ -178,11 +180,11 @@ def load_mindir(path):
         outputs = [list(tensor.dims) for value in proto.graph.output for tensor in value.tensor]
     except Exception as e:  # protobuf raises several kinds of errors for a foreign file
         raise cli.InputError(f"{path} is not a MindIR file written by export.py ({type(e).__name__})") from None
-    image = [3, preprocess.IMAGE_SIZE, preprocess.IMAGE_SIZE]
-    if (len(inputs) != 1 or len(outputs) != 1 or inputs[0][1:] != image or outputs[0][1:] != [preprocess.NUM_CLASSES]
+    image = [3, cifar.IMAGE_SIZE, cifar.IMAGE_SIZE]
+    if (len(inputs) != 1 or len(outputs) != 1 or inputs[0][1:] != image or outputs[0][1:] != [cifar.NUM_CLASSES]
             or inputs[0][0] != outputs[0][0] or not (inputs[0][0] == -1 or inputs[0][0] > 0)):
         raise cli.InputError(f"{path} is a MindIR of another network: inputs {inputs}, outputs {outputs}; eval.py "
-                             f"runs a batch of {image} images to {preprocess.NUM_CLASSES} class scores, "
+                             f"runs a batch of {image} images to {cifar.NUM_CLASSES} class scores, "
                              "[batch, 3, 32, 32] -> [batch, 10] (-1: any batch size)")
     try:
         with cli.mindspore_log_quiet():

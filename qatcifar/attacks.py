@@ -23,15 +23,13 @@ import mindspore.nn as nn
 import mindspore.ops as ops
 import numpy as np
 
-import checkpoint
-import cli
-import preprocess
+from qatcifar import cifar, cli, files
 
 METHODS = ("fgsm", "pgd")
 DEFAULTS = {"eps": 8 / 255, "steps": 10, "restarts": 1, "attack_seed": 0}
 NOTE_FILE = "ADVERSARIAL.txt"
-MEAN = np.array(preprocess.CIFAR10_MEAN, np.float32).reshape(1, 3, 1, 1)
-STD = np.array(preprocess.CIFAR10_STD, np.float32).reshape(1, 3, 1, 1)
+MEAN = np.array(cifar.CIFAR10_MEAN, np.float32).reshape(1, 3, 1, 1)
+STD = np.array(cifar.CIFAR10_STD, np.float32).reshape(1, 3, 1, 1)
 
 
 def pixel_fraction(text):
@@ -68,7 +66,7 @@ def resolve(args, path):
     if args.step_size is None:
         args.step_size = 2.5 * args.eps / args.steps  # Madry et al.'s 2/255 for 8/255 in 10 steps (7 steps there)
     if args.save_adversarial:
-        preprocess.check_new_folder(args.save_adversarial)
+        cifar.check_new_folder(args.save_adversarial)
 
 
 def to_pixels(images):
@@ -176,16 +174,16 @@ def evaluate(attack, dataset, keep=False):
 def save_folder(folder, data_dir, records, description):
     """A CIFAR-format test folder: test_batch.bin with `records` as its first images and the rest of data_dir's
     test_batch.bin unchanged, its batches.meta.txt (and SYNTHETIC.txt), and a note saying how it was made."""
-    source = np.fromfile(os.path.join(data_dir, preprocess.TEST_FILE), np.uint8).reshape(-1, preprocess.RECORD_BYTES)
+    source = np.fromfile(os.path.join(data_dir, cifar.TEST_FILE), np.uint8).reshape(-1, cifar.RECORD_BYTES)
     source[:len(records), 1:] = records.reshape(len(records), -1)
 
     def write(tmp):
-        source.tofile(os.path.join(tmp, preprocess.TEST_FILE))
-        for name in (preprocess.META_FILE, preprocess.SYNTHETIC_MARKER):  # (regular files only: a FIFO would block)
+        source.tofile(os.path.join(tmp, cifar.TEST_FILE))
+        for name in (cifar.META_FILE, cifar.SYNTHETIC_MARKER):  # (regular files only: a FIFO would block)
             if os.path.isfile(os.path.join(data_dir, name)):
                 shutil.copyfile(os.path.join(data_dir, name), os.path.join(tmp, name))
-        checkpoint.write_text(os.path.join(tmp, NOTE_FILE), description)
-    preprocess.write_folder(folder, write)
+        files.write_text(os.path.join(tmp, NOTE_FILE), description)
+    cifar.write_folder(folder, write)
 
 
 def to_uint8(adversarial, images, eps):

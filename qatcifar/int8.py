@@ -38,7 +38,7 @@ BYTES_PER_LAYER = 1200
 
 
 def expected_size(profile):
-    """The size of the int8 file of a network, from resnetv2.profile: a byte per weight, an int32 bias and a float32
+    """The size of the int8 file of a network, from networks.profile: a byte per weight, an int32 bias and a float32
     scale per output channel, and each layer's records."""
     return profile["weights"] + 8 * profile["channels"] + BYTES_PER_LAYER * profile["layers"]
 

@@ -27,8 +27,7 @@ import mindspore.nn as nn
 import mindspore.ops as ops
 import numpy as np
 
-import attacks
-import cli
+from qatcifar import attacks, cli
 
 METHODS = ("none", "fgsm", "pgd")
 DEFAULT_EPS = 8 / 255

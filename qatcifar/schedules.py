@@ -8,7 +8,7 @@ the optimizer's and the observers' int32 step counters (`check_step_count`).
 """
 import math
 
-import cli
+from qatcifar import cli
 
 SCHEDULES = ("constant", "cosine", "onecycle")
 MAX_SCHEDULE_STEPS = 10 ** 8  # 400 MB of float32 rates

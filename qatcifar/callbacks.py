@@ -17,34 +17,30 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
 
 import numpy as np
 from mindspore.train import Callback
 
-import attacks
-import checkpoint
-import cli
-import inference
-import plots
+from qatcifar import attacks, checkpoint, cli, files, inference, interrupts, plots
 
 EXIT_SAVE_FAILED, EXIT_DIVERGED = 1, 3  # and 2 for bad input, 128 + the signal when interrupted
 WORKER_0 = "worker 0's latest"  # the checkpoint a data-parallel worker that does not save points to
 SUMMARY_SCALARS = ("loss", "lr", "images_per_s", "val_accuracy", "val_robust_accuracy")  # --summary_dir, per epoch
 
 
-@dataclass
-class Stop:
-    """How train.py ends when training stopped early: exit `status` after `message`."""
-    status: int
-    message: str
-    error: bool  # an `error:` line on stderr; else lines on stdout
+class Stop(Exception):
+    """How train.py ends when training stopped early: raised to its main, which reports it and exits `status`."""
 
-    def exit(self):
-        if self.error:
-            cli.fail(self.message, code=self.status)
-        print(self.message, flush=True)
-        raise SystemExit(self.status)
+    def __init__(self, status, message, error):
+        super().__init__(message)
+        self.status, self.message = status, message
+        self.error = error  # an `error:` line on stderr; else lines on stdout
+
+    def report(self):
+        """Say how training ended; return the exit status."""
+        print(f"error: {self.message}" if self.error else self.message, file=sys.stderr if self.error else sys.stdout,
+              flush=True)
+        return self.status
 
 
 class Guard(Callback):
@@ -100,7 +96,7 @@ class Guard(Callback):
         name = signal.Signals(signum).name
         if self.signal is not None:
             print(f"\n{name} again: quitting without saving", file=sys.stderr, flush=True)
-            os._exit(128 + signum)
+            interrupts.quit_now(128 + signum)
         self.signal = signum
         print(f"\n{name}: stopping after this step and saving a checkpoint", flush=True)
 
@@ -203,7 +199,7 @@ class Validator(Callback):
         super().__init__()
         self.net, self.dataset, self.every, self.epochs = net, dataset, every, epochs
         self.guard, self.writer, self.attack = guard, writer, attack
-        self.path = os.path.join(savedir, checkpoint.BEST_FILE)
+        self.path = os.path.join(savedir, files.BEST_FILE)
         self.key = "val_robust_accuracy" if attack else "val_accuracy"  # what best.ckpt is the best of
         self.best = previous_best(self.path, self.key) if writer else None
         self.results, self.last = {}, None
@@ -383,7 +379,7 @@ class Progress(Callback):
         if self.validator:
             self.record.update(self.validator.results.get(self.record["epoch"], {}))
         try:  # appended: an earlier run's records stay
-            checkpoint.append_line(self.metrics_path, json.dumps(self.record))
+            files.append_line(self.metrics_path, json.dumps(self.record))
         except OSError as e:
             self.guard.report_save_failure(self.metrics_path, e)
             return

@@ -1,7 +1,7 @@
 """Speed and memory of one model file as its own runtime runs it, in this process alone.
 
-    python latency.py checkpoints/resnet18_qat-40_1562.onnx --threads 1
-    python latency.py checkpoints/resnet18_qat-40_1562.ckpt --batch 0      # latency only
+    python -m qatcifar.latency checkpoints/resnet18_qat-40_1562.onnx --threads 1
+    python -m qatcifar.latency checkpoints/resnet18_qat-40_1562.ckpt --batch 0      # latency only
 
 Prints one JSON line: latency at batch 1 (`b1_p50_ms`, `b1_p95_ms`, over at least --seconds and
 20 runs, after warm-up runs that compile MindSpore's graph), throughput at batch 100 (`b100_ips`)
@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-import cli  # (its argument parsing; it does not import MindSpore)
+from qatcifar import cli  # (its argument parsing; it does not import MindSpore)
 
 IMAGE = (3, 32, 32)
 MIN_RUNS = 20
@@ -54,14 +54,16 @@ def load(path, threads):
         name = session.get_inputs()[0].name
         return lambda images: session.run(None, {name: images})[0]
     if path.endswith(".npz"):
-        import int8
+        from qatcifar import int8
 
         model = int8.load(path)
         return lambda images: int8.run(model, images)
     import mindspore as ms
 
-    import cli  # MindSpore: a checkpoint or a MindIR graph, as eval.py runs them
-    import inference
+    from qatcifar import (
+        cli,  # MindSpore: a checkpoint or a MindIR graph, as eval.py runs them
+        inference,
+    )
 
     cli.setup_device("CPU")
     if threads:
@@ -101,7 +103,7 @@ def peak_rss_mb():
 
 
 def main(argv=None):
-    parser = cli.ArgumentParser(prog="latency.py", description=__doc__.split("\n")[0])
+    parser = cli.ArgumentParser(prog="python -m qatcifar.latency", description=__doc__.split("\n")[0])
     parser.add_argument("model", help="a .onnx, .npz (int8), .ckpt or .mindir file")
     parser.add_argument("--threads", type=bounded(int, 1), default=None, help="CPU threads (default: the runtime's)")
     parser.add_argument("--batch", type=bounded(int, 0), default=100, help="throughput's batch size (0: no throughput)")

@@ -1,39 +1,23 @@
-"""Command-line plumbing shared by every script: bad input, argument types, the device.
+"""Command-line plumbing shared by every command: bad input, argument types, progress bars, the device.
 
 - `InputError`: what helpers raise for bad input (a missing file, a foreign checkpoint, a
-  flag that cannot work); its message says what is wrong and how to fix it.
-- `fail(message)`: how a script's `main` reports it: one `error:` line on stderr, exit
-  status 2 (or `code`), no traceback.
+  flag that cannot work); its message says what is wrong and how to fix it. A command's main
+  reports it with `interrupts.fail` (or `interrupts.run`), the one place that ends the process.
 - `ArgumentParser`: argparse with that same one-line error, and defaults in -h;
-  `add_device_argument(parser)` gives every script the same `--device`.
+  `add_device_argument(parser)` gives every command the same `--device`.
 - `setup_device(name)`: picks CPU or GPU and sets MindSpore's context.
-- `run(work, args, interrupted)`: a script's main around its work: bad input reported with
-  `fail`, Ctrl-C with one line and exit status 130.
+- `progress`: a live bar on a terminal, nothing in a file or a pipe.
 
-Ctrl-C: MindSpore's runtime turns SIGINT into SIGTERM (exit status 143, no message), so each
-script, run as a script, blocks SIGINT before it imports this module (and MindSpore starts
-threads, which inherit the mask); `run` waits for it on a thread of its own, which then
-raises KeyboardInterrupt in the main thread (by SIGUSR1, which also breaks off a blocking
-call): `finally` blocks clean up, and the script says what was left. Where MindSpore holds
-the main thread (compiling a graph) the process ends at once instead, after removing the
-temporary files in flight (`temporary`). train.py takes Ctrl-C between steps instead
-(callbacks.Guard).
-
-Import this module before MindSpore: it quiets MindSpore's log (GLOG_v), which is
-read once, when MindSpore is first imported. It does not import MindSpore itself until a
-function needs it, so that doctor.py (which checks MindSpore) and latency.py (which measures a
+Import this module before MindSpore: it quiets MindSpore's log (GLOG_v), which is read once,
+when MindSpore is first imported. It does not import MindSpore itself until a function needs
+it, so that doctor.py (which checks MindSpore) and the latency worker (which measures a
 runtime's memory alone) share its argument parsing.
 """
 import argparse
 import contextlib
-import importlib.util
 import math
 import os
-import shutil
-import signal
 import sys
-import threading
-import time
 
 # MindSpore's INFO and WARNING lines (plugin probing, deprecations) would bury our output
 # and our error lines; the user can still ask for them with GLOG_v=1 or 2.
@@ -45,18 +29,10 @@ DEVICES = ("auto", "CPU", "GPU")
 ONEDNN_ISA = "AVX2"
 INT32_MAX = 2 ** 31 - 1  # step counters and observer counts are int32 Parameters
 SEED_MAX = 2 ** 32 - 1   # mindspore.dataset.config.set_seed's range
-EXIT_INTERRUPTED = 128 + signal.SIGINT
-WAKE_SIGNAL = signal.SIGUSR1  # how run's Ctrl-C thread reaches the main thread, where SIGINT is blocked
 
 
 class InputError(Exception):
     """Bad input; the message names the problem and the fix. A script's main reports it with `fail`."""
-
-
-def fail(message, code=2):
-    """Report a problem the way every script does: one `error:` line, exit status 2 (bad input) or `code`."""
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(code)
 
 
 def first_line(error):
@@ -78,7 +54,8 @@ class ArgumentParser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message):
-        fail(f"{message} (see: python {self.prog} -h)")
+        from qatcifar import interrupts  # (which imports this module)
+        interrupts.fail(f"{message} (see: python {self.prog} -h)")
 
 
 def interactive():
@@ -148,40 +125,15 @@ def _parse(kind, text):
         raise argparse.ArgumentTypeError(f"not a valid {kind.__name__}: {text!r}") from None
 
 
-def run(work, args, interrupted):
-    """work(args), as a script's main runs it: InputError as one `error:` line and exit status 2; Ctrl-C as one
-    line, `interrupted: <interrupted>` (what was kept or left), and exit status 130. Returns what work returns."""
-    global _message
-    _message = interrupted
-    if signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, []):
-        signal.signal(WAKE_SIGNAL, _raise_interrupt)
-        # (its line goes to the stderr of now: mindspore_log_quiet may have closed off fd 2 when it must be said)
-        threading.Thread(target=_forward_interrupt, args=(threading.get_ident(), os.dup(2)), daemon=True,
-                         name="ctrl-c").start()
-    try:
-        result = work(args)
-        _raised.set()  # finished before Ctrl-C could stop it: nothing more to interrupt
-        return result
-    except InputError as e:
-        if not _interrupt.is_set():
-            fail(str(e))
-    except KeyboardInterrupt:
-        pass
-    except Exception:
-        if not _interrupt.is_set():
-            raise
-        # else: a library call broken off by the interrupt raised something of its own
-    _raised.set()  # (the Ctrl-C thread stands down)
-    print(f"interrupted: {interrupted}", file=sys.stderr, flush=True)
-    raise SystemExit(EXIT_INTERRUPTED)
-
-
 @contextlib.contextmanager
 def mindspore_log_quiet(native=True):
     """Within the block MindSpore logs nothing: for calls whose failure the caller reports itself, in one line (a
     failed save_checkpoint logs a CRITICAL line from Python). With `native`, for short calls only, also nothing
     from C++ (a failed mindspore.load logs three ERROR lines straight to file descriptor 2, which is closed off
     meanwhile for every thread)."""
+    if "mindspore" not in sys.modules:  # (writing a file in a command without MindSpore: nothing to quiet)
+        yield
+        return
     import mindspore as ms
     logger = ms.log._get_logger()  # (private: MindSpore's logger is named after the process id)
     disabled, logger.disabled = logger.disabled, True
@@ -198,56 +150,6 @@ def mindspore_log_quiet(native=True):
             os.dup2(saved, 2)
             os.close(saved)
         logger.disabled = disabled
-
-
-@contextlib.contextmanager
-def temporary(path):
-    """Within the block, the temporary folder `path` is removed if Ctrl-C must end the process at once."""
-    _temporary.add(path)
-    try:
-        yield path
-    finally:
-        _temporary.discard(path)
-
-
-_interrupt, _raised = threading.Event(), threading.Event()  # Ctrl-C was pressed; KeyboardInterrupt was raised
-_message, _temporary = "", set()
-_spec = importlib.util.find_spec("mindspore")  # its folder, without importing it
-MINDSPORE_DIR = os.path.dirname(_spec.origin) + os.sep if _spec and _spec.origin else "\0"  # ("\0": no file's)
-PATIENCE_S = 1.0  # how long Ctrl-C waits for the main thread to leave MindSpore's code
-
-
-def _forward_interrupt(main_thread, stderr):
-    """Wait for Ctrl-C; then signal the main thread every 0.1 s until it raised KeyboardInterrupt (each signal
-    also breaks off a blocking call, a download's). If MindSpore keeps it for PATIENCE_S (compiling a graph, which
-    cannot be broken off cleanly), remove the temporary files in flight and end the process at once."""
-    signal.sigwait({signal.SIGINT})
-    _interrupt.set()
-    deadline = time.monotonic() + PATIENCE_S
-    while not _raised.is_set():
-        if time.monotonic() > deadline:
-            for path in list(_temporary):
-                shutil.rmtree(path, ignore_errors=True)
-            sys.stderr.flush()
-            os.write(stderr, f"interrupted: {_message}\n".encode())
-            os._exit(EXIT_INTERRUPTED)
-        signal.pthread_kill(main_thread, WAKE_SIGNAL)
-        time.sleep(0.1)
-
-
-def _raise_interrupt(signum, frame):
-    """KeyboardInterrupt, unless MindSpore's own Python code is running: broken off there (in a graph compilation)
-    its C++ side logs pages of errors. Nor while a `with` block is entered or left (contextlib's frames): broken
-    off there, mindspore_log_quiet would leave fd 2 closed off, and the line that says what was kept with it."""
-    if _raised.is_set():
-        return
-    while frame is not None:
-        filename = frame.f_code.co_filename
-        if filename.startswith(MINDSPORE_DIR) or filename == contextlib.__file__:
-            return
-        frame = frame.f_back
-    _raised.set()
-    raise KeyboardInterrupt
 
 
 def setup_device(name="auto", pynative=False):

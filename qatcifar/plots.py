@@ -18,7 +18,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-import checkpoint
+from qatcifar import files
 
 CURVES_FILE = "curves.png"
 
@@ -131,7 +131,7 @@ def save_confusion(confusion, names, path, title):
 
 def save(figure, path, overwrite=True):
     FigureCanvasAgg(figure)
-    checkpoint.write_atomically(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100), mode=0o644,
+    files.write_atomically(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100), mode=0o644,
                                 overwrite=overwrite)
 
 

@@ -45,7 +45,7 @@ import mindspore.ops as ops
 import numpy as np
 from mindspore import Parameter, Tensor
 
-from resnetv2 import ConvBN, ResidualAdd
+from qatcifar.networks import ConvBN, ResidualAdd
 
 # Suffixes of parameters that only quantized networks have: they tell checkpoints apart.
 OBSERVER_SUFFIX = "_quant.steps"

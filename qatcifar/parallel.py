@@ -21,7 +21,7 @@ import mindspore.ops as ops
 import numpy as np
 from mindspore import ParameterTuple
 
-import cli
+from qatcifar import cli
 
 CLUSTER_VARIABLES = ("MS_ROLE", "MS_SCHED_HOST", "MS_SCHED_PORT", "MS_WORKER_NUM")
 LAUNCH_HINT = "msrun --worker_num=N --local_worker_num=N --master_port=8118 --join=True train.py ..."

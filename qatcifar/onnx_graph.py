@@ -25,9 +25,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-import ort_kernels
-import quant
-import resnetv2
+from qatcifar import networks, ort_kernels, quant
 
 OPSET = 13     # per-channel (axis) DequantizeLinear
 IR_VERSION = 8  # what opset 13 needs: ONNX Runtime 1.10 (2021) and later read it
@@ -128,12 +126,12 @@ def uint8_weights(model):
 def from_float(net, metadata):
     """A float32 ResNet (eval mode) as an ONNX model, BatchNorm folded into the convolutions."""
     graph = FloatGraph(net)
-    resnetv2.walk(net, graph)
+    networks.walk(net, graph)
     return graph.b.model(f"{net.arch}-float32", [3, 32, 32], net.fc.out_channels, metadata)
 
 
 class FloatGraph:
-    """resnetv2.walk's calls as float ONNX nodes; initializers are named after the network's cells."""
+    """networks.walk's calls as float ONNX nodes; initializers are named after the network's cells."""
 
     def __init__(self, net):
         self.b = Builder()

@@ -1,0 +1,98 @@
+"""From a trained QAT network to the int8 file's numbers (int8.py holds the format and its reference inference):
+BatchNorm folded into the convolutions, int8 weights with per-channel scales, int32 biases, the observers'
+activation scales and zero points; and what a model file says of its network and its data (`metadata`).
+
+    >>> header, arrays = int8_export.int8_model(net, config)     # a QAT network in eval mode, its QuantConfig
+    >>> int8.save("model.int8.npz", header, arrays)
+"""
+import numpy as np
+
+from qatcifar import cifar, cli, int8, networks, quant
+
+
+def metadata(model, source, class_names, network):
+    """What an ONNX model carries besides the graph (each value JSON in its metadata_props); `network`:
+    network_record's."""
+    return {"model": model, "source": source, "class_names": class_names, "network": network,
+            "normalization": {"mean": cifar.CIFAR10_MEAN, "std": cifar.CIFAR10_STD}}
+
+
+def network_record(net):
+    """What a model file says of its network (eval.py --json reports it): {"arch", "params", "macs"}."""
+    profile = networks.profile(net)
+    return {key: profile[key] for key in ("arch", "params", "macs")}
+
+
+def int8_model(net, config):
+    """The header and arrays of the int8 file, from a QAT ResNet in eval mode and its QuantConfig."""
+    if config.weight_bits > 8 or config.act_bits != 8:
+        raise cli.InputError(f"the int8 file holds weights of at most 8 bits and 8-bit activations; this checkpoint "
+                             f"has {config.weight_bits}-bit weights and {config.act_bits}-bit activations")
+    graph = Int8Graph(net, config)
+    networks.walk(net, graph)
+    header = {"format": int8.FORMAT, "version": int8.VERSION, **network_record(net),
+              "weight_bits": config.weight_bits, "num_classes": net.fc.out_channels,
+              "input_shape": [3, cifar.IMAGE_SIZE, cifar.IMAGE_SIZE],
+              "normalization": {"mean": cifar.CIFAR10_MEAN, "std": cifar.CIFAR10_STD},
+              "tensors": graph.tensors, "graph": graph.nodes}
+    return header, graph.arrays
+
+
+class Int8Graph:
+    """Collects the nodes, tensor quantization parameters and arrays of the int8 file."""
+
+    def __init__(self, net, config):
+        self.names = {id(cell): name for name, cell in net.cells_and_names()}
+        self.levels, self.weight_bits = 2 ** config.act_bits - 1, config.weight_bits
+        self.nodes, self.tensors, self.arrays = [], {}, {}
+
+    def _tensor(self, observer):
+        steps, delay = int(observer.steps.asnumpy()), int(observer.quant_delay.asnumpy())
+        if steps <= delay:
+            raise cli.InputError(f"{self.names[id(observer)]} has seen {steps} training steps, not more than its "
+                                 f"quant_delay {delay}: activations are not quantized yet; train longer or with a "
+                                 "smaller --quant_delay")
+        scale, zero_point = quant.activation_qparams(observer.min_val.value(), observer.max_val.value(), self.levels)
+        name = f"t{len(self.tensors)}"
+        self.tensors[name] = {"scale": float(scale.asnumpy()), "zero_point": int(zero_point.asnumpy())}
+        return name
+
+    def _weights(self, name, weight, bias, input_scale):
+        scale = quant.weight_scale(weight, self.weight_bits)
+        self.arrays[f"{name}.weight"] = quant.weight_levels(weight, scale).asnumpy().astype(np.int8)
+        scale = scale.asnumpy().reshape(-1).astype(np.float32)
+        self.arrays[f"{name}.weight_scale"] = scale
+        bias_scale = np.float64(input_scale) * scale.astype(np.float64)
+        self.arrays[f"{name}.bias"] = np.round(bias.asnumpy().astype(np.float64) / bias_scale).astype(np.int32)
+        return {"weight": f"{name}.weight", "weight_scale": f"{name}.weight_scale", "bias": f"{name}.bias"}
+
+    def input(self, net):
+        out = self._tensor(net.conv1.input_quant)
+        self.nodes.append({"op": "quantize", "input": "image", "output": out})
+        return out
+
+    def conv(self, unit, source):
+        name = self.names[id(unit)]
+        weight, bias = unit.folded_weight_and_bias()
+        node = {"op": "conv", "name": name, "input": source, "stride": unit.conv.stride[0],
+                "padding": unit.conv.padding if unit.conv.pad_mode == "pad" else 0, "relu": bool(unit.relu)}
+        node.update(self._weights(name, weight, bias, self.tensors[source]["scale"]))
+        node["output"] = self._tensor(unit.output_quant)
+        self.nodes.append(node)
+        return node["output"]
+
+    def add(self, cell, sources):
+        out = self._tensor(cell.output_quant)
+        self.nodes.append({"op": "add", "name": self.names[id(cell)], "inputs": sources, "relu": True, "output": out})
+        return out
+
+    def mean(self, source, fc):
+        out = self._tensor(fc.input_quant)
+        self.nodes.append({"op": "mean", "input": source, "output": out})
+        return out
+
+    def dense(self, cell, source):
+        name = self.names[id(cell)]
+        node = {"op": "dense", "name": name, "input": source, "output": "logits"}
+        node.update(self._weights(name, cell.weight.value(), cell.bias.value(), self.tensors[source]["scale"]))
+        self.nodes.append(node)
