@@ -197,11 +197,12 @@ def run_script(what, script, *argv, env=None):
 def train_worker(args):
     """Time train.py's training step on one fixed batch: the first step (graph compilation), then --steps."""
     device = cli.setup_device(args.device)
-    flags = ["-bsize", str(args.batch), "--device", device, "--no-qat" if args.worker == "float" else "--qat",
+    flags = ["--device", device, "--no-qat" if args.worker == "float" else "--qat",
              "--arch", args.arch[0] if args.arch else networks.DEFAULT_ARCH]
     if args.worker in ("fgsm", "pgd"):
         flags += ["--adv_train", args.worker] + (["--adv_steps", str(args.adv_steps)] if args.worker == "pgd" else [])
-    train_args = training.get_args_parser().parse_args(flags)
+    train_args = training.settings(flags)
+    train_args.batchsize = args.batch
     adversarial.resolve(train_args)
     dataset = cifar.create_dataset(args.data, training=True, batch_size=args.batch, num_samples=args.batch)
     images, labels = next(dataset.create_tuple_iterator(num_epochs=1))

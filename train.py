@@ -35,11 +35,33 @@ from mindspore.train import Model
 
 from qatcifar import adversarial, callbacks, checkpoint, cifar, files, int8, networks, parallel, schedules, training
 from qatcifar.quant import QuantConfig
-from qatcifar.training import get_args_parser  # noqa: F401  (train.get_args_parser, as in torchvision's scripts)
+from qatcifar.training import SEED_DEFAULTS  # noqa: E402
+
+
+def get_args_parser():
+    parser = cli.ArgumentParser(prog="train.py", description=__doc__.split("\n")[0])
+    # The seed's flags, both spellings, as in its usage text.
+    parser.add_argument("-bsize", "--batchsize", type=cli.positive_int, default=SEED_DEFAULTS["batchsize"],
+                        help="batch size per device: under msrun, per worker (the global batch: workers x this)")
+    parser.add_argument("-repeatNum", "--repeatNum", type=cli.positive_int, default=SEED_DEFAULTS["repeatNum"],
+                        help="repeat num: passes over the data in one epoch")
+    parser.add_argument("-dir", "--savedir", default=SEED_DEFAULTS["savedir"], help="save directory")
+    parser.add_argument("-e", "--epoch", type=cli.positive_int, default=SEED_DEFAULTS["epoch"], help="no of epochs")
+    parser.add_argument("-opt", "--optimizer", type=str.lower, choices=sorted(training.OPTIMIZERS),
+                        default=SEED_DEFAULTS["optimizer"], metavar="OPTIMIZER",
+                        help="optimizer: adam, momentum, or sgd (Nesterov SGD)")
+    parser.add_argument("-lr", "--learningRate", type=cli.positive_float, default=SEED_DEFAULTS["learningRate"],
+                        help="learning rate")
+    parser.add_argument("-m", "--momentum", type=cli.unit_interval, default=SEED_DEFAULTS["momentum"],
+                        help="momentum of -opt momentum and sgd, in [0, 1)")
+    parser.add_argument("-wDecay", "--weightDecay", type=cli.non_negative_float, default=SEED_DEFAULTS["weightDecay"],
+                        help="weight decay (L2) of conv and dense weights")
+    training.add_arguments(parser)  # ours
+    return parser
 
 
 def main(argv=None):
-    parser = training.get_args_parser()
+    parser = get_args_parser()
     args = parser.parse_args(argv)
     if (args.bn_fold or args.freeze_bn is not None) and not args.qat:
         parser.error("--bn_fold and --freeze_bn need QAT; drop --no-qat")

@@ -1,8 +1,8 @@
-"""What a training run is made of, built from train.py's flags: the parser, the data, the network, the optimizer,
-the loss and the training step (train.py runs them; bench.py times the step alone).
+"""What a training run is made of, built from train.py's flags: the flags beyond the seed's, the data, the network,
+the optimizer, the loss and the training step (train.py runs them; bench.py times the step alone).
 
     >>> from qatcifar import training
-    >>> run = training.get_args_parser().parse_args(["--arch", "resnet8"])
+    >>> run = training.settings(["--arch", "resnet8"])
     >>> net = training.build_network(run, steps_per_epoch=1)
     >>> step = training.build_train_network(net, training.make_optimizer(net, run, 1), run)
 """
@@ -23,24 +23,22 @@ OPTIMIZERS = {  # name: (parameter groups, learning rate, run) -> optimizer
 }
 
 
-def get_args_parser():
-    parser = cli.ArgumentParser(prog="train.py", description="Train a ResNet on CIFAR-10 with quantization-aware "
-                                "training (QAT), in MindSpore, on CPU or GPU.")
-    # The seed's flags, both spellings, as in its usage text.
-    parser.add_argument("-bsize", "--batchsize", type=cli.positive_int, default=32,
-                        help="batch size per device: under msrun, per worker (the global batch: workers x this)")
-    parser.add_argument("-repeatNum", "--repeatNum", type=cli.positive_int, default=1,
-                        help="repeat num: passes over the data in one epoch")
-    parser.add_argument("-dir", "--savedir", default="checkpoints", help="save directory")
-    parser.add_argument("-e", "--epoch", type=cli.positive_int, default=40, help="no of epochs")
-    parser.add_argument("-opt", "--optimizer", type=str.lower, choices=sorted(OPTIMIZERS), default="adam",
-                        metavar="OPTIMIZER", help="optimizer: adam, momentum, or sgd (Nesterov SGD)")
-    parser.add_argument("-lr", "--learningRate", type=cli.positive_float, default=0.001, help="learning rate")
-    parser.add_argument("-m", "--momentum", type=cli.unit_interval, default=0.9,
-                        help="momentum of -opt momentum and sgd, in [0, 1)")
-    parser.add_argument("-wDecay", "--weightDecay", type=cli.non_negative_float, default=1e-4,
-                        help="weight decay (L2) of conv and dense weights")
-    # Ours.
+# The defaults of the seed's flags, which train.py's parser defines (its first eight).
+SEED_DEFAULTS = {"batchsize": 32, "repeatNum": 1, "savedir": "checkpoints", "epoch": 40, "optimizer": "adam",
+                 "learningRate": 0.001, "momentum": 0.9, "weightDecay": 1e-4}
+
+
+def settings(flags=()):
+    """train.py's settings as its parser gives them: the seed's defaults, and `flags` of the others (bench.py, which
+    times the training step alone)."""
+    parser = cli.ArgumentParser(prog="train.py")
+    parser.set_defaults(**SEED_DEFAULTS)
+    add_arguments(parser)
+    return parser.parse_args(list(flags))
+
+
+def add_arguments(parser):
+    """train.py's flags beyond the seed's."""
     parser.add_argument("--arch", choices=tuple(networks.ARCHS), default=None,
                         help=f"the network: resnet8 (MLPerf Tiny's, 78 k parameters), resnet20 (0.27 M) or resnet18 "
                              f"(11.2 M, the seed's); default: the checkpoint's with --resume, else "
@@ -96,7 +94,6 @@ def get_args_parser():
     parser.add_argument("--num_samples", type=cli.positive_int, default=None,
                         help="use N training images per epoch, drawn at random each epoch (default: all)")
     adversarial.add_arguments(parser)
-    return parser
 
 
 def check_amp(args, device):
