@@ -6,6 +6,7 @@ import glob
 import inspect
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -135,12 +136,12 @@ def test_ctrl_c_ends_bench_and_removes_its_data(tmp_path):
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 300 MB tmpfs (two QAT training checkpoints are 268 MB), unmounted afterwards; the test is skipped where
+    """A 16 MB tmpfs (a ResNet-8 QAT training checkpoint is about 1 MB), unmounted afterwards; the test is skipped where
     it cannot be mounted (mounting needs root, or CAP_SYS_ADMIN)."""
     mount = tmp_path / "disk"
     mount.mkdir()
     try:
-        result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300m", "tmpfs", str(mount)], capture_output=True,
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], capture_output=True,
                                 text=True)
     except FileNotFoundError:
         pytest.skip("no mount command to make a small disk to fill")
@@ -187,24 +188,31 @@ def test_a_full_disk_at_the_start_stops_train_with_1_before_training(small_disk,
 
 def test_a_disk_that_fills_during_training_stops_it_with_1_and_keeps_what_was_saved(small_disk, synthetic_dir):
     folder = small_disk / "run"
-    process = start_script("train.py", "-data", synthetic_dir, "-dir", str(folder), "-e", "3", *RUN, env=UNBUFFERED)
-    wait_for_line(process, "epoch 1/3 done")  # its checkpoint is saved
+    process = start_script("train.py", "-data", synthetic_dir, "-dir", str(folder), "-e", "30", *RUN, env=UNBUFFERED)
+    wait_for_line(process, "epoch 1/30 done")  # its checkpoint is saved
+    process.send_signal(signal.SIGSTOP)  # (a ResNet-8 epoch of 4 steps may end while the disk is being filled)
     fill(small_disk)
+    process.send_signal(signal.SIGCONT)
     stdout, stderr = process.communicate(timeout=600)
     assert process.returncode == 1, stderr
     assert len(stderr.splitlines()) == 1, stderr
     [line] = stderr.splitlines()
     assert line.startswith(f"error: could not save {folder}/") and "(No space left on device)" in line
-    assert f"the last checkpoint saved, {folder}/resnet8_qat-1_4.ckpt, is intact" in line
+    saved = re.search(rf"the last checkpoint saved, {re.escape(str(folder))}/resnet8_qat-(\d+)_4.ckpt, is intact", line)
+    assert saved, line
+    last = int(saved.group(1))
+    assert line.endswith("free space or fix the save folder, then continue with --resume auto")
     records = assert_whole(folder)
-    assert [r["epoch"] for r in records] in ([], [1])  # the disk filled before or after epoch 1's record
-    assert "resnet8_qat-1_4.ckpt" in os.listdir(folder) and "resnet8_qat-2_4.ckpt" not in os.listdir(folder)
+    assert [r["epoch"] for r in records] in (list(range(1, last)), list(range(1, last + 1)))  # filled before or after
+    assert f"resnet8_qat-{last}_4.ckpt" in os.listdir(folder)
+    assert f"resnet8_qat-{last + 1}_4.ckpt" not in os.listdir(folder)
     os.remove(small_disk / "filler")
-    result = run_script("train.py", "-data", synthetic_dir, "-dir", str(folder), "-e", "3", *RUN, "--resume", "auto",
+    end = str(last + 2)
+    result = run_script("train.py", "-data", synthetic_dir, "-dir", str(folder), "-e", end, *RUN, "--resume", "auto",
                         "--keep", "1")  # (room for two checkpoints: the new one is written before the old goes)
     assert result.returncode == 0, result.stderr
-    assert "checkpoint: " + str(folder / "resnet8_qat-3_4.ckpt") in result.stdout
-    assert [r["epoch"] for r in assert_whole(folder)][-2:] == [2, 3]
+    assert "checkpoint: " + str(folder / f"resnet8_qat-{end}_4.ckpt") in result.stdout
+    assert [r["epoch"] for r in assert_whole(folder)][-2:] == [last + 1, last + 2]
 
 
 def test_a_full_summary_disk_is_one_warning_and_training_goes_on(small_disk, synthetic_dir, tmp_path):
