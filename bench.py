@@ -35,10 +35,10 @@ int8 and float32 models of those checkpoints as --deploy does (batch-1 latency, 
 PGD-k (--adv_train; fresh processes, alternating, as above), and eval.py's attacks per image on
 the QAT checkpoint: FGSM and PGD-10, against the clean forward pass.
 """
-import signal
+from qatcifar import cli, interrupts  # noqa: I001  (first: cli quiets MindSpore's log before it loads)
 
 if __name__ == "__main__":
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # Ctrl-C: see qatcifar/interrupts.py
+    interrupts.block()  # Ctrl-C and SIGTERM wait for interrupts.run (see there), also in MindSpore's threads
 
 import argparse  # noqa: E402
 import json
@@ -49,25 +49,10 @@ import sys
 import tempfile
 import time
 
-from qatcifar import (
-    adversarial,
-    attacks,
-    checkpoint,
-    cifar,
-    cli,
-    inference,
-    int8,
-    int8_export,
-    interrupts,
-    networks,
-    ort_kernels,
-    quant,
-    training,
-)
-from qatcifar.latency import peak_rss_mb
+from qatcifar import adversarial, checkpoint, cifar, measure, networks, ort_kernels, quant
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-EVAL_BATCH = 100
+EVAL_BATCH = measure.EVAL_BATCH  # (the measurements' batch)
 IMAGES = cli.int_range(1, cifar.RECORDS_PER_FILE)  # its synthetic data: 10,000 training and test images
 
 
@@ -107,10 +92,6 @@ def get_args_parser():
                         help="with --validation: epochs per train.py run (the first is warm-up)")
     parser.add_argument("--val_samples", type=IMAGES, default=500,
                         help="with --validation: validation images per epoch")
-    # Internal: one measurement in a fresh process.
-    parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
-    parser.add_argument("--data", help=argparse.SUPPRESS)
-    parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
     return parser
 
 
@@ -127,9 +108,6 @@ def arch_list(text):
 def main(argv=None):
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    if args.worker:
-        print(json.dumps(WORKERS[args.worker](args)))
-        return None
     others = [flag for flag, given in (("--deploy", args.deploy), ("--adversarial", args.adversarial),
                                        ("--validation", args.validation)) if given]
     if args.arch and len(args.arch) > 1 and others:
@@ -174,7 +152,7 @@ def measure_alternating(runs, args, tmp):
 def worker(kind, args):
     """Run one measurement in a fresh process (its own graph compilation and peak memory)."""
     arch = ["--arch", args.arch[0]] if args.arch else []  # (one network: choice_table sets one at a time)
-    stdout = run_script(f"the {kind} measurement", "bench.py", "--worker", kind, "--data", args.data, *arch,
+    stdout = run_script(f"the {kind} measurement", "-m", "qatcifar.measure", kind, "--data", args.data, *arch,
                         "--checkpoint", args.checkpoint, "--device", args.device, "--batch", str(args.batch),
                         "--steps", str(args.steps), "--eval_images", str(args.eval_images),
                         "--int8_images", str(args.int8_images), "--adv_steps", str(args.adv_steps),
@@ -192,81 +170,6 @@ def run_script(what, script, *argv, env=None):
         lines = result.stderr.strip().splitlines()
         raise MeasurementFailed(f"{what} failed: {lines[-1] if lines else result.returncode}")
     return result.stdout
-
-
-def train_worker(args):
-    """Time train.py's training step on one fixed batch: the first step (graph compilation), then --steps."""
-    device = cli.setup_device(args.device)
-    flags = ["--device", device, "--no-qat" if args.worker == "float" else "--qat",
-             "--arch", args.arch[0] if args.arch else networks.DEFAULT_ARCH]
-    if args.worker in ("fgsm", "pgd"):
-        flags += ["--adv_train", args.worker] + (["--adv_steps", str(args.adv_steps)] if args.worker == "pgd" else [])
-    train_args = training.settings(flags)
-    train_args.batchsize = args.batch
-    adversarial.resolve(train_args)
-    dataset = cifar.create_dataset(args.data, training=True, batch_size=args.batch, num_samples=args.batch)
-    images, labels = next(dataset.create_tuple_iterator(num_epochs=1))
-    start = time.perf_counter()
-    net = training.build_network(train_args, steps_per_epoch=1)
-    step = training.build_train_network(net, training.make_optimizer(net, train_args, steps_per_epoch=1), train_args)
-    step.set_train()
-    step(images, labels).asnumpy()
-    first_step_s = time.perf_counter() - start
-    times = []
-    for _ in range(args.steps):
-        start = time.perf_counter()
-        step(images, labels).asnumpy()
-        times.append(time.perf_counter() - start)
-    checkpoint.save(net, args.checkpoint, {})
-    return {"device": device, "first_step_s": first_step_s, "step_s": times, "peak_rss_mb": peak_rss_mb()}
-
-
-def eval_worker(args):
-    """Images/s of eval.py's forward pass on a checkpoint, and of the int8 reference of its export."""
-    cli.setup_device(args.device)
-    model = inference.load_model(args.checkpoint)
-    dataset = cifar.create_dataset(args.data, training=False, batch_size=EVAL_BATCH, num_samples=args.eval_images)
-    inference.predict(model, dataset)  # warm-up: graph compilation
-    eval_ips = statistics.median(timed_ips(model, dataset) for _ in range(3))
-    int8_path = args.checkpoint + ".npz"
-    net, config = checkpoint.load_network(args.checkpoint, cifar.NUM_CLASSES)
-    int8.save(int8_path, *int8_export.int8_model(net, config))
-    int8_model = inference.load_model(int8_path)
-    small = cifar.create_dataset(args.data, training=False, batch_size=EVAL_BATCH, num_samples=args.int8_images)
-    return {"eval_ips": eval_ips, "int8_ips": timed_ips(int8_model, small)}
-
-
-def timed_ips(model, dataset):
-    start = time.perf_counter()
-    predictions, _ = inference.predict(model, dataset)
-    return len(predictions) / (time.perf_counter() - start)
-
-
-def attack_worker(args):
-    """Seconds per image of the clean forward pass, FGSM and PGD-10 on a checkpoint, as eval.py --attack runs them
-    (batch 100), each after a warm-up batch that compiles its graph."""
-    cli.setup_device(args.device)
-    net = inference.load_model(args.checkpoint).network
-    dataset = cifar.create_dataset(args.data, training=False, batch_size=EVAL_BATCH,
-                                        num_samples=args.attack_images)
-    images, labels = next(dataset.create_tuple_iterator(num_epochs=1, output_numpy=True))
-    inference.predict(net, dataset)  # warm-up: graph compilation
-    seconds = {"clean": timed(lambda: inference.predict(net, dataset))}
-    for method in attacks.METHODS:
-        attack = attacks.Attack(net, method, eps=8 / 255, steps=10)
-        attack(images, labels)  # warm-up: graph compilation
-        seconds[method] = timed(lambda: attacks.evaluate(attack, dataset))  # noqa: B023 (called at once)
-    return {f"{name}_s_per_image": s / args.attack_images for name, s in seconds.items()}
-
-
-def timed(work):
-    start = time.perf_counter()
-    work()
-    return time.perf_counter() - start
-
-
-WORKERS = {"float": train_worker, "qat": train_worker, "fgsm": train_worker, "pgd": train_worker,
-           "eval": eval_worker, "attack": attack_worker}
 
 
 def pipeline_speed(data, batch, passes=3):

@@ -18,16 +18,10 @@ With --attack (a checkpoint only; see qatcifar/attacks.py), every evaluated imag
 the report adds the robust accuracy, the accuracy on the adversarial images; --save_adversarial
 writes them as a CIFAR-format folder on which `eval.py -data DIR` evaluates any model file.
 """
-import signal
+from qatcifar import cli, interrupts  # noqa: I001  (first: cli quiets MindSpore's log before it loads)
 
 if __name__ == "__main__":
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # Ctrl-C: see qatcifar/interrupts.py
-
-from qatcifar import cli  # noqa: E402, I001  (first: quiets MindSpore's log before it loads)
-
-from qatcifar import interrupts
-
-from qatcifar import files
+    interrupts.block()  # Ctrl-C and SIGTERM wait for interrupts.run (see there), also in MindSpore's threads
 
 import csv
 import json
@@ -35,11 +29,7 @@ import os
 
 import numpy as np
 
-from qatcifar import attacks
-from qatcifar import checkpoint
-from qatcifar import inference
-from qatcifar import plots
-from qatcifar import cifar
+from qatcifar import attacks, checkpoint, cifar, files, inference, plots
 
 DEFAULT_CHECKPOINT_DIR = "checkpoints"  # train.py's default save directory
 

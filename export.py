@@ -18,14 +18,10 @@
 The output is written under a temporary name and renamed into place when complete; an existing
 file is replaced only with --overwrite, the checkpoint itself never.
 """
-import signal
+from qatcifar import cli, interrupts  # noqa: I001  (first: cli quiets MindSpore's log before it loads)
 
 if __name__ == "__main__":
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # Ctrl-C: see qatcifar/interrupts.py
-
-from qatcifar import cli  # noqa: E402, I001  (first: quiets MindSpore's log before it loads)
-
-from qatcifar import interrupts
+    interrupts.block()  # Ctrl-C and SIGTERM wait for interrupts.run (see there), also in MindSpore's threads
 
 import os
 
@@ -33,11 +29,7 @@ import mindspore as ms
 import numpy as np
 import onnx
 
-from qatcifar import checkpoint, files, int8_export
-from qatcifar import int8
-from qatcifar import onnx_graph
-from qatcifar import cifar
-from qatcifar import quant
+from qatcifar import checkpoint, cifar, files, int8, int8_export, onnx_graph, quant
 
 FORMATS = {"mindir": ".mindir", "int8": ".int8.npz", "onnx": ".onnx"}
 MAX_BATCH = 65536  # a fixed batch is traced with a zero batch of that size: 786 MB at most

@@ -7,15 +7,15 @@ Each folder's metrics.jsonl (its latest run, resumed parts included) gives the l
 the spread of its steps, the learning rate, and the validation accuracy (robust accuracy too under
 --val_attack) with the best epoch marked. train.py keeps <save dir>/curves.png up to date itself.
 """
-import signal
+from qatcifar import cli, interrupts  # noqa: I001  (first: cli quiets MindSpore's log before it loads)
 
 if __name__ == "__main__":
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # Ctrl-C: see qatcifar/interrupts.py
+    interrupts.block()  # Ctrl-C and SIGTERM wait for interrupts.run (see there), also in MindSpore's threads
 
 import os  # noqa: E402
 import sys
 
-from qatcifar import cli, files, interrupts, plots
+from qatcifar import files, plots
 
 
 def get_args_parser():

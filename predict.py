@@ -13,14 +13,10 @@ Class names: those the model file carries (int8 and ONNX files), else -data's ba
 else CIFAR-10's. With --json the last line of stdout is {"model": ..., "predictions": [{"image":
 path, "top": [{"class": name, "index": i, "probability": p}, ...]}, ...]}.
 """
-import signal
+from qatcifar import cli, interrupts  # noqa: I001  (first: cli quiets MindSpore's log before it loads)
 
 if __name__ == "__main__":
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # Ctrl-C: see qatcifar/interrupts.py
-
-from qatcifar import cli  # noqa: E402, I001  (first: quiets MindSpore's log before it loads)
-
-from qatcifar import interrupts
+    interrupts.block()  # Ctrl-C and SIGTERM wait for interrupts.run (see there), also in MindSpore's threads
 
 import json
 import os
@@ -29,8 +25,7 @@ import warnings
 import numpy as np
 from PIL import Image
 
-from qatcifar import inference
-from qatcifar import cifar
+from qatcifar import cifar, inference
 
 FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")  # what Pillow may decode here
 MAX_PIXELS = 50_000_000  # larger images (a 7,000 x 7,000 photo) are refused before they are decoded

@@ -6,14 +6,10 @@
 The pipeline itself (`create_dataset(data_dir, training, batch_size, ...)`, the folder checks,
 the download) is `qatcifar.cifar`; its names are importable from here too, as in the seed.
 """
-import signal
+from qatcifar import cli, interrupts  # noqa: I001  (first: cli quiets MindSpore's log before it loads)
 
 if __name__ == "__main__":
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # Ctrl-C: see qatcifar/cli.py
-
-from qatcifar import cli  # noqa: E402, I001  (first: quiets MindSpore's log before it loads)
-
-from qatcifar import interrupts
+    interrupts.block()  # Ctrl-C and SIGTERM wait for interrupts.run (see there), also in MindSpore's threads
 
 import argparse  # noqa: E402
 import re  # noqa: E402
@@ -31,7 +27,6 @@ from qatcifar.cifar import (  # noqa: E402, F401  (the seed's names)
     download,
     write_synthetic,
 )
-
 
 # --- command line --------------------------------------------------------------------------
 

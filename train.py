@@ -14,16 +14,10 @@ qatcifar/training.py, the callbacks (stopping, saving, validating, progress) in
 qatcifar/callbacks.py, the checkpoint files in qatcifar/checkpoint.py; docs/training.md explains
 the run.
 """
-import signal
+from qatcifar import cli, interrupts  # noqa: I001  (first: cli quiets MindSpore's log before it loads)
 
 if __name__ == "__main__":
-    # Before MindSpore starts threads, which inherit this mask: Ctrl-C stays pending until the Guard
-    # takes it between steps. (MindSpore's graph runtime would turn SIGINT into SIGTERM.)
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-
-from qatcifar import cli  # noqa: E402, I001  (first: quiets MindSpore's log before it loads)
-
-from qatcifar import interrupts
+    interrupts.block()  # Ctrl-C and SIGTERM wait for interrupts.run (see there), also in MindSpore's threads
 
 import argparse  # noqa: E402
 import json
@@ -67,10 +61,8 @@ def main(argv=None):
         parser.error("--bn_fold and --freeze_bn need QAT; drop --no-qat")
     if args.freeze_bn is not None and not args.bn_fold:
         parser.error("--freeze_bn needs --bn_fold")
-    try:
-        return train(args)
-    except cli.InputError as e:
-        interrupts.fail(str(e))
+    try:  # (Ctrl-C and SIGTERM go to the Guard, which stops training after the current step)
+        return interrupts.run(train, args, deferred=True)
     except callbacks.Stop as stop:  # the documented exit statuses of an interrupted, diverged or failed run
         raise SystemExit(stop.report()) from None
     finally:

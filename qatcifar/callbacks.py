@@ -47,9 +47,9 @@ class Guard(Callback):
     """Stops training cleanly: at a non-finite loss, after the current step on Ctrl-C or SIGTERM, and
     when another callback reports weights that are not finite or a failed save.
 
-    SIGTERM has a handler; a second one quits at once, without saving (checkpoints on disk stay
-    whole: they are renamed into place only when complete). SIGINT (Ctrl-C) is blocked when
-    train.py runs as a script and taken here from the pending signals after each step.
+    Ctrl-C and SIGTERM reach it from train.py's signal thread (`interrupts.defer`) while training
+    runs; those sent before it began are handed over then. A second one quits at once, without
+    saving (checkpoints on disk stay whole: they are renamed into place only when complete).
     """
 
     def __init__(self, first_step, steps_per_epoch):
@@ -86,24 +86,18 @@ class Guard(Callback):
 
     def on_train_begin(self, run_context):
         self.run_context = run_context
-        self.previous = signal.signal(signal.SIGTERM, self.on_signal)
+        interrupts.defer(self.on_signal)
 
     def on_train_end(self, run_context):
-        signal.signal(signal.SIGTERM, self.previous)
-        self.take_pending_sigint()
+        interrupts.defer(None)
 
-    def on_signal(self, signum, frame):
+    def on_signal(self, signum):
         name = signal.Signals(signum).name
         if self.signal is not None:
             print(f"\n{name} again: quitting without saving", file=sys.stderr, flush=True)
             interrupts.quit_now(128 + signum)
         self.signal = signum
         print(f"\n{name}: stopping after this step and saving a checkpoint", flush=True)
-
-    def take_pending_sigint(self):
-        if signal.SIGINT in signal.sigpending():
-            signal.sigwait({signal.SIGINT})
-            self.on_signal(signal.SIGINT, None)
 
     def on_train_step_end(self, run_context):
         """First of the callbacks after each step: a signal caught since the last one stops training after
@@ -113,7 +107,6 @@ class Guard(Callback):
         loss = loss_value(cb.net_outputs)
         if not math.isfinite(loss):
             self.report_divergence(self.first_step + cb.cur_step_num, f"the loss is {loss}")
-        self.take_pending_sigint()
         if self.signal is not None:
             self.interrupted = True
             run_context.request_stop()

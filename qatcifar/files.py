@@ -2,7 +2,7 @@
 
 - `write_atomically(path, write)`: write(tmp) into a hidden `.partial-<pid>` folder beside `path`,
   flush it to disk, rename it into place; a crash leaves the old file or the whole new one.
-  `remove_stale_partials` clears the folders of writes a dead process left.
+  Folders of writes a dead process left (`remove_stale_partials`) are removed by the next write there.
 - `check_new_file`, `check_save_dir`: an output checked before any work.
 - `lock_save_dir`: one train.py run per save folder (flock, released when the process ends).
 """
@@ -25,7 +25,7 @@ def write_atomically(path, write, mode=None, overwrite=True):
 
     tmp lies in a hidden folder beside `path`, `.partial-<pid>`, which is removed afterwards,
     whatever happens: a crash leaves the previous file or the complete new one, never a partial
-    file under the final name (and `remove_stale_partials` clears a dead process's folder).
+    file under the final name (and the folders dead processes left there are removed first).
     `mode`: the file's permissions, when not what `write` made. With overwrite=False the file is
     linked into place, which fails with FileExistsError if `path` exists, even when another
     process created it meanwhile. Raises what writing raises.
@@ -33,7 +33,9 @@ def write_atomically(path, write, mode=None, overwrite=True):
     directory = os.path.dirname(path) or "."
     folder = os.path.join(directory, f".partial-{os.getpid()}")
     tmp = os.path.join(folder, os.path.basename(path))
-    with interrupts.temporary(folder):  # (removed also when Ctrl-C must end a script at once: see interrupts.run)
+    with contextlib.suppress(OSError):
+        remove_stale_partials(directory)  # (left by a process killed while it wrote here)
+    with interrupts.temporary(folder):  # (removed also when a signal must end a script at once: see interrupts.run)
         try:
             with contextlib.suppress(FileExistsError):
                 os.mkdir(folder)  # (not makedirs: a save folder removed meanwhile is an error, not made anew)

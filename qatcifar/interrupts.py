@@ -1,20 +1,22 @@
 """How a command ends: bad input, Ctrl-C and SIGTERM, exit statuses. The one place, besides each command's main,
 that ends the process.
 
+- `block()`: each command's first call, run as a script: Ctrl-C (SIGINT) and SIGTERM wait for `run`.
 - `fail(message)`: one `error:` line on stderr, exit status 2 (or `code`), no traceback.
 - `run(work, args, interrupted)`: a command's main around its work: bad input (`cli.InputError`) reported with
-  `fail`, Ctrl-C with one line and exit status 130.
-- `temporary(path)`: a temporary folder removed if Ctrl-C must end the process at once.
-- `quit_now(status)`: end at once (a second SIGTERM or Ctrl-C in training).
+  `fail`; Ctrl-C or SIGTERM with one line, `interrupted: <interrupted>`, and exit status 128 + the signal
+  (130, 143). With `deferred=True` (train.py) signals are not raised but handed to `defer`'s handler.
+- `defer(handler)`: from now on, hand each signal to handler(signum) (train.py's Guard, which stops after
+  the current step and saves); `defer(None)`: hold them again.
+- `temporary(path)`: a temporary folder removed if a signal must end the process at once.
+- `quit_now(status)`: end at once (a second signal in training).
 
-Ctrl-C: MindSpore's runtime turns SIGINT into SIGTERM (exit status 143, no message), so each
-command, run as a script, blocks SIGINT before it imports MindSpore (and MindSpore starts
-threads, which inherit the mask); `run` waits for it on a thread of its own, which then
-raises KeyboardInterrupt in the main thread (by SIGUSR1, which also breaks off a blocking
-call): `finally` blocks clean up, and the command says what was left. Where MindSpore holds
-the main thread (compiling a graph) the process ends at once instead, after removing the
-temporary files in flight (`temporary`). train.py takes Ctrl-C between steps instead
-(callbacks.Guard).
+Why: MindSpore's runtime turns SIGINT into SIGTERM, which by default ends the process with status
+143 and no word. So each command blocks both signals before it imports MindSpore (whose threads
+inherit the mask), and `run` waits for them on a thread of its own. That thread raises
+KeyboardInterrupt in the main thread (by SIGUSR1, which also breaks off a blocking call): `finally`
+blocks clean up, and the command says what was left. Where MindSpore holds the main thread
+(compiling a graph) the process ends at once instead, after removing the temporary files in flight.
 """
 import contextlib
 import importlib.util
@@ -27,8 +29,15 @@ import time
 
 from qatcifar import cli
 
-EXIT_INTERRUPTED = 128 + signal.SIGINT
-WAKE_SIGNAL = signal.SIGUSR1  # how run's Ctrl-C thread reaches the main thread, where SIGINT is blocked
+SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
+EXIT_INTERRUPTED = 128 + signal.SIGINT  # and 128 + SIGTERM = 143
+WAKE_SIGNAL = signal.SIGUSR1  # how run's signal thread reaches the main thread, where the signals are blocked
+
+
+def block():
+    """Block Ctrl-C and SIGTERM in this thread and every thread started after (MindSpore's): `run` waits for them.
+    A command's first call when it runs as a script, before it imports MindSpore."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
 
 
 def fail(message, code=2):
@@ -37,37 +46,56 @@ def fail(message, code=2):
     raise SystemExit(code)
 
 
-def run(work, args, interrupted):
-    """work(args), as a script's main runs it: InputError as one `error:` line and exit status 2; Ctrl-C as one
-    line, `interrupted: <interrupted>` (what was kept or left), and exit status 130. Returns what work returns."""
-    global _message
-    _message = interrupted
-    if signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, []):
-        signal.signal(WAKE_SIGNAL, _raise_interrupt)
-        # (its line goes to the stderr of now: mindspore_log_quiet may have closed off fd 2 when it must be said)
-        threading.Thread(target=_forward_interrupt, args=(threading.get_ident(), os.dup(2)), daemon=True,
-                         name="ctrl-c").start()
-    try:
-        result = work(args)
-        _raised.set()  # finished before Ctrl-C could stop it: nothing more to interrupt
-        return result
-    except cli.InputError as e:
-        if not _interrupt.is_set():
-            fail(str(e))
+def run(work, args, interrupted="", deferred=False):
+    """work(args), as a command's main runs it: InputError as one `error:` line and exit status 2; Ctrl-C or
+    SIGTERM as one line, `interrupted: <interrupted>` (what was kept or left), and exit status 128 + the signal.
+    `deferred`: signals are handed to `defer`'s handler instead (held until one is given). Returns what work
+    returns."""
+    global _message, _deferred
+    _message, _deferred = interrupted, deferred
+    try:  # (a signal pending since the command started may be raised as soon as the thread runs)
+        watched = SIGNALS & signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        if watched:
+            signal.signal(WAKE_SIGNAL, _raise_interrupt)
+            # (its line goes to the stderr of now: mindspore_log_quiet may have closed off fd 2 when it must be said)
+            threading.Thread(target=_watch, args=(watched, threading.get_ident(), os.dup(2)), daemon=True,
+                             name="signals").start()
+        try:
+            result = work(args)
+        except cli.InputError as e:
+            if not _interrupt.is_set():
+                _raised.set()  # (the signal thread stands down: the error is reported, whole)
+                fail(str(e))
+        except Exception:
+            if not _interrupt.is_set():
+                _raised.set()
+                raise
+            # else: a library call broken off by the interrupt raised something of its own
+        else:
+            _raised.set()  # finished before a signal could stop it: nothing more to interrupt
+            return result
     except KeyboardInterrupt:
         pass
-    except Exception:
-        if not _interrupt.is_set():
-            raise
-        # else: a library call broken off by the interrupt raised something of its own
-    _raised.set()  # (the Ctrl-C thread stands down)
-    print(f"interrupted: {interrupted}", file=sys.stderr, flush=True)
-    raise SystemExit(EXIT_INTERRUPTED)
+    _raised.set()
+    print(_said(_message), file=sys.stderr, flush=True)
+    raise SystemExit(128 + _signum)
+
+
+def defer(handler):
+    """Hand each signal, from now on, to handler(signum), on the signal thread (None: hold them); signals held so
+    far are handed over at once. For `run(..., deferred=True)`."""
+    global _handler
+    with _lock:
+        _handler = handler
+        held = list(_held) if handler else []
+        _held.clear()
+    for signum in held:
+        handler(signum)
 
 
 @contextlib.contextmanager
 def temporary(path):
-    """Within the block, the temporary folder `path` is removed if Ctrl-C must end the process at once."""
+    """Within the block, the temporary folder `path` is removed if a signal must end the process at once."""
     _temporary.add(path)
     try:
         yield path
@@ -75,18 +103,36 @@ def temporary(path):
         _temporary.discard(path)
 
 
-_interrupt, _raised = threading.Event(), threading.Event()  # Ctrl-C was pressed; KeyboardInterrupt was raised
-_message, _temporary = "", set()
+_interrupt, _raised = threading.Event(), threading.Event()  # a signal stops the work; KeyboardInterrupt was raised
+_message, _temporary, _signum = "", set(), signal.SIGINT
+_deferred, _handler, _held, _lock = False, None, [], threading.Lock()
 _spec = importlib.util.find_spec("mindspore")  # its folder, without importing it
 MINDSPORE_DIR = os.path.dirname(_spec.origin) + os.sep if _spec and _spec.origin else "\0"  # ("\0": no file's)
-PATIENCE_S = 1.0  # how long Ctrl-C waits for the main thread to leave MindSpore's code
+PATIENCE_S = 1.0  # how long a signal waits for the main thread to leave MindSpore's code
 
 
-def _forward_interrupt(main_thread, stderr):
-    """Wait for Ctrl-C; then signal the main thread every 0.1 s until it raised KeyboardInterrupt (each signal
-    also breaks off a blocking call, a download's). If MindSpore keeps it for PATIENCE_S (compiling a graph, which
-    cannot be broken off cleanly), remove the temporary files in flight and end the process at once."""
-    signal.sigwait({signal.SIGINT})
+def _said(message):
+    """The one line a command ends with when a signal stopped it."""
+    return f"interrupted: {message}" if _signum == signal.SIGINT else f"interrupted by SIGTERM: {message}"
+
+
+def _watch(watched, main_thread, stderr):
+    """Wait for a signal. Deferred, hand it to the handler (or hold it). Else signal the main thread every 0.1 s until
+    it raised KeyboardInterrupt (each signal also breaks off a blocking call, a download's). If MindSpore keeps it for
+    PATIENCE_S (compiling a graph, which cannot be broken off cleanly), remove the temporary files in flight and end
+    the process at once."""
+    global _signum
+    while True:
+        signum = signal.sigwait(watched)
+        if not _deferred:
+            break
+        with _lock:
+            handler = _handler
+            if handler is None:
+                _held.append(signum)
+        if handler is not None:
+            handler(signum)
+    _signum = signum
     _interrupt.set()
     deadline = time.monotonic() + PATIENCE_S
     while not _raised.is_set():
@@ -94,8 +140,8 @@ def _forward_interrupt(main_thread, stderr):
             for path in list(_temporary):
                 shutil.rmtree(path, ignore_errors=True)
             sys.stderr.flush()
-            os.write(stderr, f"interrupted: {_message}\n".encode())
-            os._exit(EXIT_INTERRUPTED)
+            os.write(stderr, f"{_said(_message)}\n".encode())
+            os._exit(128 + signum)
         signal.pthread_kill(main_thread, WAKE_SIGNAL)
         time.sleep(0.1)
 

@@ -15,14 +15,14 @@ BLAS, under the int8 reference, reads OMP_NUM_THREADS and OPENBLAS_NUM_THREADS, 
 set before the process starts (bench.py sets them).
 """
 import argparse
+import functools
 import json
 import os
-import sys
 import time
 
 import numpy as np
 
-from qatcifar import cli  # (its argument parsing; it does not import MindSpore)
+from qatcifar import cli, interrupts  # (its argument parsing; neither imports MindSpore)
 
 IMAGE = (3, 32, 32)
 MIN_RUNS = 20
@@ -113,22 +113,24 @@ def main(argv=None):
         problem = "is not a model file" if os.path.isfile(args.model) else "is not a file" if os.path.exists(
             args.model) else "does not exist"
         parser.error(f"{args.model} {problem} ({', '.join(SUFFIXES)}); give one train.py or export.py wrote")
+    interrupts.run(functools.partial(measure, parser), args, interrupted="no figures")
+
+
+def measure(parser, args):
+    """Print the figures of args.model as one JSON line."""
     try:
-        try:
-            logits = load(args.model, args.threads)
-        except Exception as e:  # each runtime raises its own errors for a broken file
-            first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            parser.error(f"cannot load {args.model} ({first_line}); give one train.py or export.py wrote")
-        p50, p95, runs = latency_ms(logits, args.seconds)
-        result = {"b1_p50_ms": p50, "b1_p95_ms": p95, "b1_runs": runs}
-        if args.batch:
-            result[f"b{args.batch}_ips"] = throughput_ips(logits, args.batch, args.seconds)
-    except KeyboardInterrupt:
-        print("interrupted: no figures", file=sys.stderr)
-        raise SystemExit(130) from None
+        logits = load(args.model, args.threads)
+    except Exception as e:  # each runtime raises its own errors for a broken file
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        parser.error(f"cannot load {args.model} ({first_line}); give one train.py or export.py wrote")
+    p50, p95, runs = latency_ms(logits, args.seconds)
+    result = {"b1_p50_ms": p50, "b1_p95_ms": p95, "b1_runs": runs}
+    if args.batch:
+        result[f"b{args.batch}_ips"] = throughput_ips(logits, args.batch, args.seconds)
     result["peak_rss_mb"] = peak_rss_mb()
     print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":
+    interrupts.block()  # (before a runtime starts threads)
     main()

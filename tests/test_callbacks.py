@@ -113,7 +113,7 @@ def test_a_signal_stops_training_after_the_next_step_with_an_interrupt_checkpoin
     saver = callbacks.Checkpointer(nn.Dense(3, 2), str(tmp_path), "resnet18_qat", steps_per_epoch=2, save_steps=0,
                                    keep=5, first_step=0, guard=guard)
     try:
-        guard.on_signal(signal.SIGTERM, None)
+        guard.on_signal(signal.SIGTERM)
         saver.on_train_step_end(FakeRunContext(step=2))  # the signal came after the Guard's turn in step 2
         assert not context.stop_requested and os.listdir(tmp_path) == ["resnet18_qat-1_2.ckpt"]
         guard.on_train_step_end(context)  # step 3
@@ -132,7 +132,7 @@ def test_a_signal_stops_training_after_the_next_step_with_an_interrupt_checkpoin
 def test_an_interrupted_worker_that_does_not_save_names_worker_0s_checkpoint(tmp_path, capsys):
     """In a data-parallel run only worker 0 saves: the others point to its checkpoint, not to 'None'."""
     guard = callbacks.Guard(0, steps_per_epoch=2)
-    guard.on_signal(signal.SIGINT, None)
+    guard.on_signal(signal.SIGINT)
     assert guard.outcome(callbacks.WORKER_0).report() == 128 + signal.SIGINT  # train.py's main exits with it
     out = capsys.readouterr().out
     assert "interrupted by SIGINT; checkpoint: worker 0's latest" in out and "None" not in out
@@ -190,7 +190,7 @@ def test_an_interrupted_epoch_is_not_logged(tmp_path):
     for step in (1, 2):
         context = FakeRunContext(step, 1)
         if step == 2:
-            guard.on_signal(signal.SIGTERM, None)  # caught during the epoch's last step
+            guard.on_signal(signal.SIGTERM)  # caught during the epoch's last step
         progress.on_train_step_begin(None)
         guard.on_train_step_end(context)
         progress.on_train_step_end(context)

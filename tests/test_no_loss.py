@@ -16,7 +16,7 @@ import mindspore as ms
 import pytest
 
 from conftest import ROOT, SMALL, run_script, start_script
-from qatcifar import interrupts
+from qatcifar import files, interrupts
 
 pytestmark = pytest.mark.slow
 UNBUFFERED = dict(os.environ, PYTHONUNBUFFERED="1")  # progress lines as they are printed
@@ -30,33 +30,38 @@ def wait_for_line(process, text):
     raise AssertionError(f"{process.args} ended without a line {text!r}: {process.stderr.read()[-2000:]}")
 
 
-def interrupt(process):
-    """Ctrl-C, and what the process then says: (exit status, stderr)."""
-    process.send_signal(signal.SIGINT)
+def interrupt(process, signum=signal.SIGINT):
+    """Ctrl-C (or `signum`), and what the process then says: (exit status, stderr, the signal)."""
+    process.send_signal(signum)
     stdout, stderr = process.communicate(timeout=120)
-    return process.returncode, stderr
+    return process.returncode, stderr, signum
 
 
-def assert_interrupted(status, stderr, said):
-    assert status == 130, stderr
-    assert stderr.splitlines() == [f"interrupted: {said}"], stderr
+def assert_interrupted(status, stderr, signum, said):
+    """One line, and the status of the signal: 130 (Ctrl-C) or 143 (SIGTERM)."""
+    assert status == 128 + signum, stderr
+    by = "" if signum == signal.SIGINT else " by SIGTERM"
+    assert stderr.splitlines() == [f"interrupted{by}: {said}"], stderr
 
 
+SIGNALS = pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl_c", "sigterm"])
+
+
+@SIGNALS
 @pytest.mark.parametrize("model", ["checkpoint", "int8"])
-def test_ctrl_c_ends_eval_with_one_line_and_130(model, untrained, int8_file, synthetic_dir):
+def test_a_signal_ends_eval_with_one_line(model, signum, untrained, int8_file, synthetic_dir):
     """MindSpore would turn Ctrl-C into SIGTERM (status 143, no word) with a checkpoint; numpy's int8 inference
-    would end in a KeyboardInterrupt traceback."""
+    would end in a KeyboardInterrupt traceback; SIGTERM ended both with 143 and no word."""
     path = untrained["QAT"] if model == "checkpoint" else int8_file
     process = start_script("eval.py", "-loc", path, "-data", synthetic_dir, env=UNBUFFERED)
     wait_for_line(process, "running on CPU")
-    assert_interrupted(*interrupt(process), "evaluation stopped; nothing was written")
+    assert_interrupted(*interrupt(process, signum), "evaluation stopped; nothing was written")
 
 
 QUIET_HARD_STOP = """
-import signal, time
-signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # as the scripts do
-from qatcifar import cli
-from qatcifar import interrupts
+import time
+from qatcifar import cli, interrupts
+interrupts.block()  # as the commands do
 interrupts.MINDSPORE_DIR = ""  # every frame counts as MindSpore's: Ctrl-C must end the process at once
 
 
@@ -110,26 +115,44 @@ def test_ctrl_c_at_any_line_of_a_quieted_block_leaves_stderr_open():
     assert closed_off == [], f"fd 2 left closed off by Ctrl-C at lines {closed_off} of cli.py"
 
 
-def test_ctrl_c_ends_export_and_leaves_no_file(untrained, tmp_path):
+@SIGNALS
+def test_a_signal_ends_export_and_leaves_no_file(signum, untrained, tmp_path):
+    """(SIGTERM left an empty .partial-<pid> folder beside the output.)"""
     output = str(tmp_path / "m.mindir")
     process = start_script("export.py", "-loc", untrained["QAT"], "--format", "mindir", "-o", output, env=UNBUFFERED)
     wait_for_line(process, "running on CPU")
-    assert_interrupted(*interrupt(process), "no file was written")
+    assert_interrupted(*interrupt(process, signum), "no file was written")
     assert os.listdir(tmp_path) == []
 
 
-def test_ctrl_c_ends_bench_and_removes_its_data(tmp_path):
-    """A terminal's Ctrl-C reaches bench.py and the measurement it runs (one process group)."""
+@SIGNALS
+def test_a_signal_ends_bench_and_removes_its_data(signum, tmp_path):
+    """A terminal's Ctrl-C reaches bench.py and the measurement it runs (one process group); so does a SIGTERM sent
+    to the group (a container's stop). (SIGTERM left bench's data, 30 MB, in the temporary folder.)"""
     process = subprocess.Popen([sys.executable, "bench.py", "--steps", "1", "--repeats", "1"], cwd=ROOT,
                                env=dict(UNBUFFERED, TMPDIR=str(tmp_path)), stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 60
     while not glob.glob(str(tmp_path / "*" / "data" / "test_batch.bin")) and time.time() < deadline:
         time.sleep(0.5)  # until the synthetic data is written and the first measurement starts
-    os.killpg(process.pid, signal.SIGINT)
+    os.killpg(process.pid, signum)
     stdout, stderr = process.communicate(timeout=120)
-    assert_interrupted(process.returncode, stderr, "no figures (the temporary data folder is removed)")
+    assert_interrupted(process.returncode, stderr, signum, "no figures (the temporary data folder is removed)")
     assert os.listdir(tmp_path) == []
+
+
+def test_the_partial_folder_of_a_killed_write_is_removed_by_the_next_write_there(tmp_path):
+    """What SIGKILL leaves (export.py's .partial-<pid>/ folder, plot.py's half-written PNG in one) goes at the next
+    write into that folder, by any command; a living process's stays."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / f".partial-{dead.pid}"
+    stale.mkdir()
+    (stale / "curves.png").write_bytes(b"")
+    living = tmp_path / f".partial-{os.getppid()}"
+    living.mkdir()
+    files.write_text(str(tmp_path / "args.json"), "{}")
+    assert sorted(os.listdir(tmp_path)) == sorted(["args.json", living.name])
 
 
 # --- a disk that fills ------------------------------------------------------------------------------

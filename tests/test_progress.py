@@ -44,6 +44,7 @@ def test_train_py_draws_one_live_bar_per_epoch_on_a_terminal(synthetic_dir, tmp_
     assert "epoch 2/2 done in" in output and "validation accuracy" in output and "checkpoint: " in output
 
 
+@pytest.mark.slow
 def test_eval_py_shows_a_bar_on_a_terminal_and_none_in_a_pipe(untrained, synthetic_dir):
     # 100 batches of 10: long enough for the bar to be redrawn (tqdm redraws it at most every 0.1 s)
     argv = ("eval.py", "-loc", untrained["float32"], "-data", synthetic_dir, "--num_samples", "1000", "-bsize", "10")

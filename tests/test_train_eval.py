@@ -295,9 +295,11 @@ def test_eval_refuses_bad_checkpoints(which, fragments, tmp_path, synthetic_dir,
     expect_error(evaluate.main, ["-loc", paths[which], "-data", synthetic_dir], capsys, *fragments)
 
 
+@pytest.mark.slow  # (a process each, which imports MindSpore)
 @pytest.mark.parametrize("which", ["flipped", "garbage"])
 def test_a_corrupt_checkpoint_gets_one_line_from_the_script(which, tmp_path, synthetic_dir):
-    """MindSpore logs a failed read as an ERROR line of its own, outside what capsys sees: checked in a process."""
+    """MindSpore logs a failed read as an ERROR line of its own, through a logging handler that neither capsys nor
+    capfd sees in pytest's process: checked in a process of its own."""
     result = run_script("eval.py", "-loc", foreign_checkpoints(tmp_path)[which], "-data", synthetic_dir, timeout=120)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: "), result.stderr
@@ -337,6 +339,7 @@ def test_eval_needs_the_test_file(untrained, tmp_path, capsys):
     expect_error(evaluate.main, ["-loc", untrained["QAT"], "-data", str(tmp_path)], capsys, "no test_batch.bin")
 
 
+@pytest.mark.slow  # (a process each, which imports MindSpore; the same errors are tested in this one above)
 @pytest.mark.parametrize("argv", [
     ["train.py", "-data", "/nonexistent/cifar", "-dir", "{tmp}"],
     ["eval.py", "-loc", "/nonexistent.ckpt"],
