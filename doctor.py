@@ -22,7 +22,7 @@ import struct
 import subprocess
 import sys
 
-from qatcifar import cli  # (its argument parsing; it does not import MindSpore, which this script checks)
+from qatcifar import cli, interrupts  # (neither imports MindSpore, which this script checks)
 
 OK, WARNING, PROBLEM = "ok", "warning", "problem"
 SYSTEM_LIBRARY_DIRS = ("/lib64", "/usr/lib64", "/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu",
@@ -52,6 +52,11 @@ def get_args_parser():
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
+    return interrupts.run(diagnose, args, interrupted="the checks stopped; nothing was written")
+
+
+def diagnose(args):
+    """Print each check's lines; 1 if one found a problem, else 0."""
     results = []
     for check in (check_python, check_numpy, check_mindspore, check_cpu, check_gpu, check_collectives, check_msrun,
                   check_data, check_savedir):
@@ -304,4 +309,5 @@ def held(folder):
 
 
 if __name__ == "__main__":
+    interrupts.block()  # (before MindSpore is imported to be checked: see qatcifar/interrupts.py)
     sys.exit(main())

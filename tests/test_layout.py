@@ -103,3 +103,31 @@ def test_the_process_ends_only_in_a_main_or_in_the_interrupt_helper():
         assert set(exits(os.path.join(ROOT, f"{name}.py"))) <= {"main", "module"}, name
     for name in LIBRARY - {"interrupts"}:
         assert set(exits(os.path.join(ROOT, "qatcifar", f"{name}.py"))) <= {"main"}, name  # (latency's worker)
+
+
+def calls(path, function):
+    """The names of the functions `function` of a file calls as interrupts.<name>."""
+    tree = ast.parse(open(path).read())
+    bodies = [node for node in ast.walk(tree) if isinstance(node, ast.FunctionDef) and node.name == function]
+    return {node.func.attr for body in bodies for node in ast.walk(body) if isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute) and getattr(node.func.value, "id", "") == "interrupts"}
+
+
+def blocks_signals_when_run(path):
+    """Whether the file calls interrupts.block() in an `if __name__ == "__main__":` block."""
+    tree = ast.parse(open(path).read())
+    return any(isinstance(node, ast.If) and "__main__" in ast.unparse(node.test) and "interrupts.block()" in
+               ast.unparse(node) for node in tree.body)
+
+
+def test_every_command_takes_ctrl_c_and_sigterm_one_way():
+    """One mechanism (qatcifar/interrupts.py): signals blocked before MindSpore starts threads, the work run inside
+    interrupts.run, which says one line and exits 130 or 143."""
+    paths = [os.path.join(ROOT, f"{name}.py") for name in COMMANDS - {"resnetv2"}]  # (resnetv2: the networks' names)
+    paths += [os.path.join(ROOT, "qatcifar", f"{name}.py") for name in ("latency", "measure")]  # bench's workers
+    for path in paths:
+        assert blocks_signals_when_run(path), path
+        assert "run" in calls(path, "main"), path
+    for name in LIBRARY - {"interrupts"}:  # nothing else installs a handler or waits for a signal
+        text = open(os.path.join(ROOT, "qatcifar", f"{name}.py")).read()
+        assert "signal.signal(" not in text and "sigwait" not in text and "sigpending" not in text, name
