@@ -10,6 +10,7 @@ import gc
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -228,11 +229,145 @@ def uninterrupted(synthetic_dir, tmp_path_factory):
     return folder
 
 
+IN_PROCESS_MINDSPORE = ("mindspore", "train", "eval", "export", "bench", "qatcifar.")  # (qatcifar.files, .cli do not)
+NO_MINDSPORE = {"qatcifar.files", "qatcifar.cli", "qatcifar.interrupts", "qatcifar.plots", "qatcifar.int8",
+                "qatcifar.ort_kernels", "qatcifar.onnx_graph"}
+
+
+def uses_mindspore(module):
+    """Whether a test module runs MindSpore in pytest's process: it imports MindSpore, a command that runs it, or a
+    library module that does. (Modules that only start processes do not.)"""
+    names = {getattr(value, "__name__", "") for value in vars(module).values()}
+    return any(name.startswith(IN_PROCESS_MINDSPORE) and name not in NO_MINDSPORE for name in names)
+
+
 @pytest.fixture(autouse=True)
-def release_memory():
-    """Free what MindSpore caches for each compiled network: the suite builds dozens in one process."""
-    yield
+def release_memory(request):
+    """Around each test of a module that runs MindSpore in this process: MindSpore's default PYNATIVE_MODE before and
+    after it (a command's main, also in a session fixture, leaves GRAPH_MODE set, and the next unit test would compile
+    its cells: 15 s instead of 3), and afterwards free what MindSpore caches for each compiled network (the suite
+    builds dozens in one process)."""
+    if not uses_mindspore(request.module):
+        yield
+        return
     import mindspore as ms
 
+    def pynative():
+        if ms.get_context("mode") != ms.PYNATIVE_MODE:
+            ms.set_context(mode=ms.PYNATIVE_MODE)
+
+    pynative()
+    yield
+    pynative()
     gc.collect()
     ms.ms_memory_recycle()
+
+
+UNBUFFERED = dict(os.environ, PYTHONUNBUFFERED="1")  # progress lines as they are printed
+
+
+def wait_for_line(process, text):
+    """Read a started script's stdout up to a line that holds `text`."""
+    for line in process.stdout:
+        if text in line:
+            return
+    raise AssertionError(f"{process.args} ended without a line {text!r}: {process.stderr.read()[-2000:]}")
+
+
+def interrupt(process, signum=signal.SIGINT):
+    """Ctrl-C (or `signum`), and what the process then says: (exit status, stderr, the signal)."""
+    process.send_signal(signum)
+    stdout, stderr = process.communicate(timeout=120)
+    return process.returncode, stderr, signum
+
+
+def assert_interrupted(status, stderr, signum, said):
+    """One line, and the status of the signal: 130 (Ctrl-C) or 143 (SIGTERM)."""
+    assert status == 128 + signum, stderr
+    by = "" if signum == signal.SIGINT else " by SIGTERM"
+    assert stderr.splitlines() == [f"interrupted{by}: {said}"], stderr
+
+
+SYNTHETIC_NAMES = [f"synthetic_{i}" for i in range(10)]  # the class names of cifar.write_synthetic's folders
+
+
+def node(header, name):
+    """The node named `name` in an int8 file's header."""
+    return next(n for n in header["graph"] if n.get("name") == name)
+
+
+def assert_png(path, width, height):
+    """A PNG of that size, with something drawn on it."""
+    from matplotlib.image import imread
+
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    image = imread(path)
+    assert image.shape[:2] == (height, width) and image.std() > 0.05  # drawn, not blank
+
+
+def write_metrics(folder, lines):
+    """A metrics.jsonl of these lines in `folder` (made if need be)."""
+    folder.mkdir(exist_ok=True)
+    (folder / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
+
+
+@pytest.fixture
+def savedir(tmp_path):
+    """A save directory that already holds a run's files, which no failed run may touch."""
+    folder = tmp_path / "saved"
+    folder.mkdir()
+    (folder / "resnet18_qat-1_1.ckpt").write_bytes(b"earlier run")
+    (folder / "args.json").write_text("{}")
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def float_onnx(tmp_path_factory):
+    """A float32 ARCH with random BatchNorm statistics (so that folding them is tested) as a checkpoint and
+    as ONNX: (checkpoint, onnx)."""
+    import mindspore as ms
+
+    import export
+    from qatcifar import checkpoint, networks
+
+    folder = tmp_path_factory.mktemp("float_onnx")
+    net, rng = networks.resnet(ARCH), np.random.default_rng(0)
+    ranges = {"gamma": (0.5, 1.5), "beta": (-0.2, 0.2), "moving_mean": (-0.2, 0.2), "moving_variance": (0.5, 2.0)}
+    for name, param in net.parameters_and_names():
+        low_high = ranges.get(name.rsplit(".", 1)[-1]) if ".bn." in name else None
+        if low_high:
+            param.set_data(ms.Tensor(rng.uniform(*low_high, param.shape).astype(np.float32)))
+    path = str(folder / "float.ckpt")
+    checkpoint.save(net, path, {})
+    return path, export.main(["-loc", path, "--format", "onnx", "-o", str(folder / "float.onnx")])
+
+
+def metric_records(epochs, robust=False, first=1):
+    out = []
+    for epoch in range(first, first + epochs):
+        record = {"epoch": epoch, "step": 10 * epoch, "loss": 2.0 / epoch, "loss_min": 1.0 / epoch,
+                  "loss_max": 3.0 / epoch, "lr": 0.001 * epoch, "images_per_s": 30.0}
+        if epoch % 2 == 0:
+            record.update(val_accuracy=0.5 + 0.04 * epoch, val_s=1.0)
+            if robust:
+                record["val_robust_accuracy"] = 0.2 + 0.03 * epoch
+        out.append(record)
+    return out
+
+
+class FakeRunContext:
+    """What a callback sees of Model.train: the step and epoch counts, the step's loss, and the stop request."""
+
+    def __init__(self, step, epoch=1, loss=1.0):
+        import mindspore as ms
+
+        self.args = type("CallbackParams", (), {"cur_step_num": step, "cur_epoch_num": epoch,
+                                                "net_outputs": ms.Tensor(loss, ms.float32)})()
+        self.stop_requested = False
+
+    def original_args(self):
+        return self.args
+
+    def request_stop(self):
+        self.stop_requested = True

@@ -7,8 +7,12 @@ import math
 import pytest
 
 import bench
-from conftest import ARCH, expect_error
-from qatcifar import networks
+from conftest import (
+    ARCH,
+    expect_error,
+    run_script,
+)
+from qatcifar import networks, ort_kernels
 
 KEYS = ("train_ips_float", "train_ips_qat", "qat_over_float", "eval_ips", "int8_ips", "pipeline_ips",
         "pipeline_over_train", "first_step_s", "first_step_s_float", "peak_rss_mb", "peak_rss_mb_qat")
@@ -85,3 +89,26 @@ def test_bench_tabulates_networks_to_choose_from(capsys):
         assert network["onnx_int8"]["file_mb"] < network["onnx_float32"]["file_mb"]
     rows = [line.split()[0] for line in out.splitlines() if line.startswith("resnet")]
     assert rows == ["resnet8", "resnet20"]  # one row a network
+
+
+@pytest.mark.slow
+def test_bench_deploy_reports_every_model():
+    result = run_script("bench.py", "--deploy", "--json", "--seconds", "0.2", "--arch", ARCH)
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    deploy = figures["deploy"]
+    assert list(deploy) == ["mindspore_float32", "mindspore_qat", "int8_reference", "onnx_float32", "onnx_int8",
+                            "onnx_int8_8bit"]
+    for model in deploy.values():
+        assert set(model) == {"b1_p50_ms", "b1_p95_ms", "b1_p50_ms_1thread", "b1_p95_ms_1thread", "b100_ips",
+                              "file_mb", "peak_rss_mb"}
+        assert 0 < model["b1_p50_ms"] <= model["b1_p95_ms"] and model["b100_ips"] > 0 and model["peak_rss_mb"] > 0
+    assert figures["int8_over_float_onnx_b100"] == deploy["onnx_int8"]["b100_ips"] / deploy["onnx_float32"]["b100_ips"]
+    assert figures["int8_onnx_over_mindspore_b1"] == \
+        deploy["mindspore_float32"]["b1_p50_ms"] / deploy["onnx_int8"]["b1_p50_ms"]
+    assert deploy["onnx_int8"]["file_mb"] <= 0.16  # resnet8's (ResNet-18's: commands/test_train.py)
+    assert figures["int8_8bit_over_7bit_b1"] == deploy["onnx_int8_8bit"]["b1_p50_ms"] / deploy["onnx_int8"]["b1_p50_ms"]
+    assert set(figures["int8_isa"]) <= {"avx512_vnni", "avx_vnni", "amx_int8"} and figures["cpu_count"] >= 1
+    assert figures["int8_kernels"] == ort_kernels.describe()  # which kernels, and whether the probe finds them exact
+    assert "ONNX Runtime's uint8 x int8 kernels here: " in result.stdout
+    assert sum(line.startswith(tuple(deploy)) for line in result.stdout.splitlines()) == 6  # the table's rows

@@ -15,7 +15,7 @@ import mindspore as ms
 import numpy as np
 import pytest
 
-from conftest import SHORT_RUN, run_script, snapshot, start_script, train_in_subprocess
+from conftest import SHORT_RUN, run_script, snapshot, start_script, train_in_subprocess, wait_for_line
 
 FINAL = "resnet8_qat-3_4.ckpt"  # SHORT_RUN's last checkpoint, step 12
 pytestmark = pytest.mark.slow
@@ -23,13 +23,6 @@ pytestmark = pytest.mark.slow
 
 def start(data, folder, *flags):
     return start_script("train.py", "-data", data, "-dir", folder, *SHORT_RUN, *flags)
-
-
-def wait_for_line(process, text):
-    for line in process.stdout:
-        if text in line:
-            return
-    raise AssertionError(f"train.py ended without a line {text!r}: {process.stderr.read()[-2000:]}")
 
 
 def wait_for_save(folder, timeout=300):

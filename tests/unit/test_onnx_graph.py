@@ -1,30 +1,24 @@
-"""ONNX export (QDQ int8 and float32) run by ONNX Runtime, predict.py on image files, qatcifar.latency and
-bench.py --deploy."""
+"""qatcifar.onnx_graph: the ONNX models (QDQ int8 and float32) run by ONNX Runtime on its integer kernels, agreeing
+with the int8 reference and the checkpoint; eval.py on them."""
 import json
 import os
 
-import mindspore as ms
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from PIL import Image
 
 import eval as evaluate
 import export
-import predict
 from conftest import (
     AGREEMENT_IMAGES,
-    ARCH,
+    SYNTHETIC_NAMES,
     assert_agrees_with_reference,
     expect_error,
     first_test_images,
     high_contrast,
-    run_script,
 )
-from qatcifar import checkpoint, cifar, inference, networks, ort_kernels
-
-SYNTHETIC_NAMES = [f"synthetic_{i}" for i in range(10)]
+from qatcifar import cifar, inference
 
 
 def metadata(path):
@@ -40,35 +34,6 @@ def optimized_ops(path, tmp_path):
     options.log_severity_level = 3
     ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     return [node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node]
-
-
-def cifar_images(data_dir, count):
-    """The first test images as uint8 (count, 32, 32, 3) arrays."""
-    records = np.fromfile(os.path.join(data_dir, "test_batch.bin"), np.uint8, count=count * 3073).reshape(count, -1)
-    return records[:, 1:].reshape(count, 3, 32, 32).transpose(0, 2, 3, 1)
-
-
-def save_pngs(data_dir, folder, count):
-    paths = [str(folder / f"test{i}.png") for i in range(count)]
-    for path, pixels in zip(paths, cifar_images(data_dir, count), strict=True):
-        Image.fromarray(pixels).save(path)
-    return paths
-
-
-@pytest.fixture(scope="module")
-def float_onnx(tmp_path_factory):
-    """A float32 ARCH with random BatchNorm statistics (so that folding them is tested) as a checkpoint and
-    as ONNX: (checkpoint, onnx)."""
-    folder = tmp_path_factory.mktemp("float_onnx")
-    net, rng = networks.resnet(ARCH), np.random.default_rng(0)
-    ranges = {"gamma": (0.5, 1.5), "beta": (-0.2, 0.2), "moving_mean": (-0.2, 0.2), "moving_variance": (0.5, 2.0)}
-    for name, param in net.parameters_and_names():
-        low_high = ranges.get(name.rsplit(".", 1)[-1]) if ".bn." in name else None
-        if low_high:
-            param.set_data(ms.Tensor(rng.uniform(*low_high, param.shape).astype(np.float32)))
-    path = str(folder / "float.ckpt")
-    checkpoint.save(net, path, {})
-    return path, export.main(["-loc", path, "--format", "onnx", "-o", str(folder / "float.onnx")])
 
 
 # --- the int8 model in QDQ form ---------------------------------------------------------------------
@@ -178,96 +143,7 @@ def test_onnx_export_and_eval_refuse_bad_input(untrained, float_onnx, synthetic_
 
 # --- predict.py ----------------------------------------------------------------------------------------
 
-def test_predict_classifies_images_of_any_size_and_mode(float_onnx, synthetic_dir, tmp_path, capsys):
-    pngs = save_pngs(synthetic_dir, tmp_path, 4)
-    pixels = cifar_images(synthetic_dir, 1)[0]
-    image = Image.fromarray(pixels)
-    others = {"big.jpg": image.resize((640, 480)), "rgba.png": image.convert("RGBA"), "gray.bmp": image.convert("L"),
-              "palette.gif": image.convert("P")}
-    for name, image in others.items():
-        image.save(tmp_path / name)
-    paths = pngs + [str(tmp_path / name) for name in others]
-    results = predict.main(["-loc", float_onnx[1], *paths, "--json", "--top_k", "4"])
-    printed = capsys.readouterr().out.strip().splitlines()
-    assert json.loads(printed[-1])["predictions"] == results and len(results) == len(paths)
-    assert printed[-1 - len(paths)].startswith(f"{paths[0]}: ")
-    for result in results:
-        probabilities = [c["probability"] for c in result["top"]]
-        assert len(probabilities) == 4 and probabilities == sorted(probabilities, reverse=True)
-        assert sum(probabilities) <= 1 + 1e-9
-        assert all(c["class"] == cifar.CIFAR10_CLASSES[c["index"]] for c in result["top"])
-    # A 32x32 PNG of a test image is that image: the probabilities of the test pipeline's image.
-    dataset = cifar.create_dataset(synthetic_dir, training=False, batch_size=4, num_samples=4)
-    images = next(dataset.create_tuple_iterator(num_epochs=1, output_numpy=True))[0]
-    for result, logits in zip(results, inference.load_model(float_onnx[1]).logits(images), strict=False):
-        top = result["top"][0]
-        assert top["index"] == logits.argmax()
-        assert abs(top["probability"] - np.exp(logits.max()) / np.exp(logits).sum()) <= 1e-4
-
-
-@pytest.mark.slow
-def test_predict_runs_every_model_format(trained_exports, synthetic_dir, tmp_path, capsys):
-    pngs = save_pngs(synthetic_dir, tmp_path, 20)
-    for form in ("checkpoint", "int8", "onnx"):
-        results = predict.main(["-loc", trained_exports[form], *pngs, "--top_k", "1", "-data", synthetic_dir])
-        assert [r["top"][0]["index"] for r in results] == list(trained_exports["predictions"][form][:20]), form
-        assert {r["top"][0]["class"] for r in results} <= set(SYNTHETIC_NAMES)  # (the files' own names)
-    mindir = str(tmp_path / "m.mindir")
-    export.main(["-loc", trained_exports["checkpoint"], "--format", "mindir", "-o", mindir])
-    results = predict.main(["-loc", mindir, *pngs, "--top_k", "1"])
-    indices = np.array([r["top"][0]["index"] for r in results])
-    agreement = (indices == trained_exports["predictions"]["checkpoint"][:20]).mean()
-    assert agreement >= 0.95  # the MindIR runs the fake-quant graph, as the checkpoint does
-
-
-def test_predict_refuses_what_is_not_an_image(float_onnx, synthetic_dir, tmp_path, capsys):
-    png = save_pngs(synthetic_dir, tmp_path, 1)[0]
-    (tmp_path / "notes.png").write_text("not an image")
-    with open(png, "rb") as f:
-        (tmp_path / "truncated.png").write_bytes(f.read()[:200])
-    Image.new("L", (8000, 7000)).save(tmp_path / "huge.png")  # 56 million pixels, a few kilobytes
-    model = float_onnx[1]
-    for path, fragment in ((tmp_path / "missing.jpg", "does not exist"), (tmp_path, "is not a file"),
-                           (tmp_path / "notes.png", "is not an image file Pillow reads"),
-                           (tmp_path / "truncated.png", "cannot read image"),
-                           (tmp_path / "huge.png", "8000x7000 pixels, more than 50,000,000")):
-        expect_error(predict.main, ["-loc", model, png, str(path)], capsys, str(path), fragment)
-    expect_error(predict.main, ["-loc", model], capsys, "required: IMAGE")
-    expect_error(predict.main, ["-loc", model, png, "--top_k", "11"], capsys, "--top_k", "from 1 to 10")
-    expect_error(predict.main, ["-loc", str(tmp_path / "none.onnx"), png], capsys, "does not exist")
-
 
 # --- speed ----------------------------------------------------------------------------------------------
 
-def test_latency_measures_a_model_in_a_process_of_its_own(float_onnx):
-    result = run_script("-m", "qatcifar.latency", float_onnx[1], "--seconds", "0.1", "--batch", "4", "--threads", "1")
-    assert result.returncode == 0, result.stderr
-    figures = json.loads(result.stdout)
-    assert set(figures) == {"b1_p50_ms", "b1_p95_ms", "b1_runs", "b4_ips", "peak_rss_mb"}
-    assert 0 < figures["b1_p50_ms"] <= figures["b1_p95_ms"] and figures["b1_runs"] >= 20
-    assert figures["peak_rss_mb"] < 1000  # ONNX Runtime alone, no MindSpore
-    bad = run_script("-m", "qatcifar.latency", float_onnx[1] + ".txt")
-    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and len(bad.stderr.splitlines()) == 1
 
-
-@pytest.mark.slow
-def test_bench_deploy_reports_every_model():
-    result = run_script("bench.py", "--deploy", "--json", "--seconds", "0.2", "--arch", ARCH)
-    assert result.returncode == 0, result.stderr[-2000:]
-    figures = json.loads(result.stdout.strip().splitlines()[-1])
-    deploy = figures["deploy"]
-    assert list(deploy) == ["mindspore_float32", "mindspore_qat", "int8_reference", "onnx_float32", "onnx_int8",
-                            "onnx_int8_8bit"]
-    for model in deploy.values():
-        assert set(model) == {"b1_p50_ms", "b1_p95_ms", "b1_p50_ms_1thread", "b1_p95_ms_1thread", "b100_ips",
-                              "file_mb", "peak_rss_mb"}
-        assert 0 < model["b1_p50_ms"] <= model["b1_p95_ms"] and model["b100_ips"] > 0 and model["peak_rss_mb"] > 0
-    assert figures["int8_over_float_onnx_b100"] == deploy["onnx_int8"]["b100_ips"] / deploy["onnx_float32"]["b100_ips"]
-    assert figures["int8_onnx_over_mindspore_b1"] == \
-        deploy["mindspore_float32"]["b1_p50_ms"] / deploy["onnx_int8"]["b1_p50_ms"]
-    assert deploy["onnx_int8"]["file_mb"] <= 0.16  # resnet8's (ResNet-18's: test_train_eval.py)
-    assert figures["int8_8bit_over_7bit_b1"] == deploy["onnx_int8_8bit"]["b1_p50_ms"] / deploy["onnx_int8"]["b1_p50_ms"]
-    assert set(figures["int8_isa"]) <= {"avx512_vnni", "avx_vnni", "amx_int8"} and figures["cpu_count"] >= 1
-    assert figures["int8_kernels"] == ort_kernels.describe()  # which kernels, and whether the probe finds them exact
-    assert "ONNX Runtime's uint8 x int8 kernels here: " in result.stdout
-    assert sum(line.startswith(tuple(deploy)) for line in result.stdout.splitlines()) == 6  # the table's rows

@@ -1,4 +1,4 @@
-"""Fake quantization: int8 weights per channel, straight-through gradients, observers."""
+"""qatcifar.quant, fake quantization: int8 weights per channel, straight-through gradients, observers."""
 import mindspore as ms
 import mindspore.nn as nn
 import mindspore.ops as ops

@@ -1,9 +1,8 @@
-"""Nothing lost when a run is cut short or crowded: Ctrl-C in every script, a disk that fills, two train.py runs
-into one folder. Each starts the scripts as a user does, in a process of their own.
-(Interrupted and killed training runs are in test_crash.py.)"""
+"""Nothing lost when a command is cut short or crowded: Ctrl-C and SIGTERM in eval.py, export.py and bench.py, a disk
+that fills, two train.py runs into one folder. Each starts the commands as a user does, in a process of their own.
+(Interrupted and killed training runs are in test_train_crash.py.)"""
 import errno
 import glob
-import inspect
 import json
 import os
 import re
@@ -15,33 +14,10 @@ import time
 import mindspore as ms
 import pytest
 
-from conftest import ROOT, SMALL, run_script, start_script
-from qatcifar import files, interrupts
+from conftest import ROOT, SMALL, UNBUFFERED, assert_interrupted, interrupt, run_script, start_script, wait_for_line
 
 pytestmark = pytest.mark.slow
-UNBUFFERED = dict(os.environ, PYTHONUNBUFFERED="1")  # progress lines as they are printed
 RUN = [*SMALL, "-bsize", "16", "--num_samples", "64", "--eval_every", "0", "--quant_delay", "1"]  # 4 steps an epoch
-
-
-def wait_for_line(process, text):
-    for line in process.stdout:
-        if text in line:
-            return
-    raise AssertionError(f"{process.args} ended without a line {text!r}: {process.stderr.read()[-2000:]}")
-
-
-def interrupt(process, signum=signal.SIGINT):
-    """Ctrl-C (or `signum`), and what the process then says: (exit status, stderr, the signal)."""
-    process.send_signal(signum)
-    stdout, stderr = process.communicate(timeout=120)
-    return process.returncode, stderr, signum
-
-
-def assert_interrupted(status, stderr, signum, said):
-    """One line, and the status of the signal: 130 (Ctrl-C) or 143 (SIGTERM)."""
-    assert status == 128 + signum, stderr
-    by = "" if signum == signal.SIGINT else " by SIGTERM"
-    assert stderr.splitlines() == [f"interrupted{by}: {said}"], stderr
 
 
 SIGNALS = pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl_c", "sigterm"])
@@ -56,63 +32,6 @@ def test_a_signal_ends_eval_with_one_line(model, signum, untrained, int8_file, s
     process = start_script("eval.py", "-loc", path, "-data", synthetic_dir, env=UNBUFFERED)
     wait_for_line(process, "running on CPU")
     assert_interrupted(*interrupt(process, signum), "evaluation stopped; nothing was written")
-
-
-QUIET_HARD_STOP = """
-import time
-from qatcifar import cli, interrupts
-interrupts.block()  # as the commands do
-interrupts.MINDSPORE_DIR = ""  # every frame counts as MindSpore's: Ctrl-C must end the process at once
-
-
-def work(args):
-    with cli.mindspore_log_quiet():  # fd 2 closed off, as around a checkpoint's load
-        print("loading", flush=True)
-        time.sleep(60)
-
-
-interrupts.run(work, None, "nothing was written")
-"""
-
-
-def test_ctrl_c_is_said_while_mindspore_is_quieted():
-    """Ctrl-C while MindSpore holds the main thread with fd 2 closed off (eval.py loading a checkpoint): the one
-    line still reaches stderr."""
-    process = start_script("-c", QUIET_HARD_STOP, env=UNBUFFERED)
-    wait_for_line(process, "loading")
-    assert_interrupted(*interrupt(process), "nothing was written")
-
-
-def test_ctrl_c_at_any_line_of_a_quieted_block_leaves_stderr_open():
-    """Ctrl-C's KeyboardInterrupt (interrupts._raise_interrupt, run by a signal between two lines) arriving at each
-    line of mindspore_log_quiet in turn, entering and leaving: fd 2 is the same file afterwards. (Broken off before fd 2
-    was restored, the one line Ctrl-C prints went nowhere: eval.py ended 130 in silence, now and then.)"""
-    from qatcifar import cli
-    code = inspect.unwrap(cli.mindspore_log_quiet).__code__
-    lines = sorted({line for _, _, line in code.co_lines() if line is not None and line > code.co_firstlineno})
-    stderr, saved, closed_off = os.fstat(2), os.dup(2), []
-    for target in lines:
-        def trace(frame, event, arg, target=target):
-            if frame.f_code is code and event == "line" and frame.f_lineno == target:
-                sys.settrace(None)
-                interrupts._raise_interrupt(interrupts.WAKE_SIGNAL, frame)
-            return trace
-        interrupts._raised.clear()
-        sys.settrace(trace)
-        try:
-            with cli.mindspore_log_quiet():
-                pass
-        except KeyboardInterrupt:
-            pass
-        finally:
-            sys.settrace(None)
-            interrupts._raised.clear()
-        now = os.fstat(2)
-        if (now.st_dev, now.st_ino) != (stderr.st_dev, stderr.st_ino):
-            closed_off.append(target)
-            os.dup2(saved, 2)
-    os.close(saved)
-    assert closed_off == [], f"fd 2 left closed off by Ctrl-C at lines {closed_off} of cli.py"
 
 
 @SIGNALS
@@ -139,20 +58,6 @@ def test_a_signal_ends_bench_and_removes_its_data(signum, tmp_path):
     stdout, stderr = process.communicate(timeout=120)
     assert_interrupted(process.returncode, stderr, signum, "no figures (the temporary data folder is removed)")
     assert os.listdir(tmp_path) == []
-
-
-def test_the_partial_folder_of_a_killed_write_is_removed_by_the_next_write_there(tmp_path):
-    """What SIGKILL leaves (export.py's .partial-<pid>/ folder, plot.py's half-written PNG in one) goes at the next
-    write into that folder, by any command; a living process's stays."""
-    dead = subprocess.Popen(["true"])
-    dead.wait()
-    stale = tmp_path / f".partial-{dead.pid}"
-    stale.mkdir()
-    (stale / "curves.png").write_bytes(b"")
-    living = tmp_path / f".partial-{os.getppid()}"
-    living.mkdir()
-    files.write_text(str(tmp_path / "args.json"), "{}")
-    assert sorted(os.listdir(tmp_path)) == sorted(["args.json", living.name])
 
 
 # --- a disk that fills ------------------------------------------------------------------------------

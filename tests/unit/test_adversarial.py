@@ -1,4 +1,4 @@
-"""Adversarial training in train.py (adversarial.py): its random starts, its training step, its flags, and that it
+"""qatcifar.adversarial, adversarial training in train.py: its random starts, its training step, its flags, and that it
 makes the model more robust, resumably."""
 import json
 import math

@@ -1,5 +1,5 @@
-"""--resume refuses a checkpoint of another run; checkpoint names. (That a resumed run ends exactly
-as an uninterrupted one is tested in test_crash.py, after kills and interrupts.)"""
+"""qatcifar.checkpoint: --resume refuses a checkpoint of another run; checkpoint names; 8-bit checkpoints resume as
+8-bit. (That a resumed run ends exactly as an uninterrupted one is in commands/test_train_crash.py.)"""
 import os
 
 import numpy as np

@@ -1,4 +1,5 @@
-"""export.py and the int8 reference inference: MindIR and int8 files against the QAT checkpoint."""
+"""export.py end to end: MindIR and int8 files against the QAT checkpoint, every bad input refused, nothing
+clobbered."""
 import json
 import os
 
@@ -71,33 +72,6 @@ def test_the_int8_file_is_the_size_train_py_announces(arch, tmp_path):
     path = str(tmp_path / "m.int8.npz")
     int8.save(path, *int8_export.int8_model(net, quant.QuantConfig()))
     assert abs(os.path.getsize(path) / int8.expected_size(networks.profile(net)) - 1) < 0.01
-
-
-def test_requantize_rounds_like_real_arithmetic():
-    rng = np.random.default_rng(0)
-    values = rng.integers(-2 ** 27, 2 ** 27, size=1000).astype(np.int64)
-    multipliers = rng.uniform(1e-6, 0.9, size=1000)
-    expected = np.floor(values * multipliers + 0.5)
-    assert np.abs(int8.requantize(values, multipliers) - expected).max() <= 1
-    assert (int8.requantize(values, multipliers) == expected).mean() > 0.99
-    m0, shift = int8.quantize_multiplier(multipliers)
-    assert ((m0 >= 2 ** 30) & (m0 < 2 ** 31)).all()
-    np.testing.assert_allclose(m0 * 2.0 ** (shift - 31), multipliers, rtol=1e-9)
-
-
-def test_integer_convolution_is_exact():
-    rng = np.random.default_rng(1)
-    q = rng.integers(0, 256, size=(2, 64, 6, 6)).astype(np.uint8)
-    weight = rng.integers(-127, 128, size=(8, 64, 3, 3)).astype(np.int8)
-    bias = rng.integers(-1000, 1000, size=8).astype(np.int64)
-    acc = int8.conv(q, 17, weight, bias, stride=2, padding=1)
-    padded = np.pad(q.astype(np.int64) - 17, ((0, 0), (0, 0), (1, 1), (1, 1)))
-    expected = np.zeros((2, 8, 3, 3), np.int64)
-    for i in range(3):
-        for j in range(3):
-            patch = padded[:, :, 2 * i:2 * i + 3, 2 * j:2 * j + 3]
-            expected[:, :, i, j] = np.einsum("nckl,ockl->no", patch, weight.astype(np.int64)) + bias
-    np.testing.assert_array_equal(acc, expected)
 
 
 # --- bad input -------------------------------------------------------------------------------
@@ -213,91 +187,6 @@ def test_bn_fold_training_freezes_batchnorm_and_exports_an_equivalent_int8_model
 
 # --- tampered and foreign model files: refused before the evaluation -------------------------------
 
-def tampered(int8_file, tmp_path, change):
-    """A copy of a valid int8 file with change(header, arrays) applied (a header it returns replaces it)."""
-    model = int8.load(int8_file)
-    header, arrays = model["header"], dict(model["arrays"])
-    replaced = change(header, arrays)
-    header = replaced if isinstance(replaced, list) else header
-    path = str(tmp_path / "tampered.int8.npz")
-    int8.save(path, header, arrays)
-    return path
-
-
-def node(header, name):
-    return next(n for n in header["graph"] if n.get("name") == name)
-
-
-def set_key(mapping, key, value):
-    mapping[key] = value
-
-
-TAMPERINGS = {
-    "header a list": (lambda h, a: [h], "(format list, expected 'qat-resnet-int8' version 1)"),
-    "stride 0": (lambda h, a: set_key(node(h, "layer2.0.conv1"), "stride", 0),
-                 "operation 5 ('conv', 'layer2.0.conv1'): weight (32, 16, 3, 3), stride 0"),
-    "empty graph": (lambda h, a: set_key(h, "graph", []), "the header has no graph"),
-    "weight removed": (lambda h, a: a.pop("layer3.0.conv2.weight"), "array 'layer3.0.conv2.weight' is not in the file"),
-    "weight reshaped": (lambda h, a: set_key(a, "layer1.0.conv1.weight", a["layer1.0.conv1.weight"][:, :8]),
-                        "weight (16, 8, 3, 3), stride 1 and padding 1 do not fit an input of shape (16, 32, 32)"),
-    "unknown op": (lambda h, a: set_key(node(h, "layer3.0.add"), "op", "mul"), "unknown operation 'mul'"),
-    "100 outputs": (lambda h, a: a.update({"fc.weight": np.zeros((100, 64), np.int8),
-                                           "fc.weight_scale": np.ones(100, np.float32),
-                                           "fc.bias": np.zeros(100, np.int32)}),
-                    "num_classes 10 is not the logits' (100,)"),
-    "100 classes": (lambda h, a: a.update({"fc.weight": np.zeros((100, 64), np.int8),
-                                           "fc.weight_scale": np.ones(100, np.float32),
-                                           "fc.bias": np.zeros(100, np.int32)}) or set_key(h, "num_classes", 100),
-                    "is a model for other data: input [3, 32, 32], 100 classes"),
-    "zero scale": (lambda h, a: set_key(h["tensors"]["t5"], "scale", 0.0), "tensor 't5' has no scale > 0"),
-    "used before defined": (lambda h, a: h["graph"].insert(1, h["graph"].pop(5)), "is not an earlier operation's"),
-    "pickled weight": (lambda h, a: set_key(a, "fc.bias", np.array([object()] * 10)), "not an .npz archive of arrays"),
-    "endless graph": (lambda h, a: set_key(h, "graph", h["graph"][:1] + [h["graph"][1]] * 2000),
-                      "the graph has 2001 operations, more than the 1000"),
-    "huge layer": (lambda h, a: a.update({"conv1.weight": np.zeros((2048, 3, 3, 3), np.int8),
-                                          "conv1.weight_scale": np.ones(2048, np.float32),
-                                          "conv1.bias": np.zeros(2048, np.int32)}),
-                   "a 32x32 output of 2048 channels from 3x3x3 windows is more than the 1048576 values per image"),
-}
-
-
-@pytest.mark.parametrize("case", sorted(TAMPERINGS))
-def test_eval_refuses_a_tampered_int8_file_before_evaluating(case, int8_file, synthetic_dir, tmp_path, capsys,
-                                                             monkeypatch):
-    change, fragment = TAMPERINGS[case]
-    if case == "pickled weight":  # int8.save cannot write one: np.savez with pickling
-        monkeypatch.setattr(int8.np, "savez", lambda f, **arrays: np.lib.npyio._savez(f, (), arrays, False, True))
-    path = tampered(int8_file, tmp_path, change)
-    monkeypatch.setattr(inference, "predict", lambda *args: pytest.fail("evaluated a tampered file"))
-    expect_error(evaluate.main, ["-loc", path, "-data", synthetic_dir], capsys, fragment)
-
-
-def test_the_untampered_int8_file_loads(int8_file):
-    assert int8.load(int8_file)["header"]["num_classes"] == 10
-
-
-def test_oversized_npz_members_are_refused_before_they_are_read(int8_file, tmp_path):
-    """A member larger than an int8 ResNet-18 (declared, not read: compressed zeros), and a member whose array
-    header claims more data than the member holds."""
-    import zipfile
-
-    big = str(tmp_path / "big.int8.npz")
-    with zipfile.ZipFile(int8_file) as source, zipfile.ZipFile(big, "w", zipfile.ZIP_DEFLATED) as target:
-        for info in source.infolist():
-            target.writestr(info.filename, source.read(info))
-        with target.open("extra.npy", "w", force_zip64=True) as f:  # (the limit's double; 3 GiB is as refused)
-            np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": (128 << 20,)})
-            f.write(bytes(128 << 20))
-    assert os.path.getsize(big) < 20 << 20
-    with pytest.raises(ValueError, match=r"bytes: more than an int8 ResNet-18 holds"):
-        int8.load(big)
-    lying = str(tmp_path / "lying.int8.npz")
-    with zipfile.ZipFile(lying, "w") as target:
-        with target.open("header.json.npy", "w") as f:
-            np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": (1 << 40,)})
-    with pytest.raises(ValueError, match=r"claims shape \(1099511627776,\), more than its"):
-        int8.load(lying)
-
 
 @pytest.mark.parametrize("shape, classes", [((1, 3, 64, 64), 10), ((1, 3, 32, 32), 100)])
 def test_eval_refuses_a_mindir_of_another_network(shape, classes, synthetic_dir, tmp_path, capsys, monkeypatch):
@@ -309,13 +198,6 @@ def test_eval_refuses_a_mindir_of_another_network(shape, classes, synthetic_dir,
     monkeypatch.setattr(inference, "predict", lambda *args: pytest.fail("evaluated a foreign MindIR"))
     expect_error(evaluate.main, ["-loc", path + ".mindir", "-data", synthetic_dir], capsys,
                  f"is a MindIR of another network: inputs [{list(shape)}], outputs [[1, {classes}]]")
-
-
-def test_an_int8_header_nested_too_deep_is_refused(tmp_path):
-    path = tmp_path / "deep.int8.npz"
-    np.savez(path, **{"header.json": np.frombuffer(b"[" * 100000 + b"]" * 100000, np.uint8)})
-    with pytest.raises(ValueError, match="header.json is not JSON"):
-        int8.load(str(path))
 
 
 def test_a_mindir_that_does_not_load_gets_one_line_from_the_script(untrained, synthetic_dir, tmp_path):

@@ -1,4 +1,4 @@
-"""Adversarial attacks in eval.py (attacks.py): FGSM and PGD in pixel space, and adversarial test folders."""
+"""qatcifar.attacks, the attacks of eval.py: FGSM and PGD in pixel space, and adversarial test folders."""
 import json
 import os
 

@@ -1,4 +1,4 @@
-"""The networks: output shape, parameters and multiply-accumulates, against counts made by hand."""
+"""qatcifar.networks: output shape, parameters and multiply-accumulates, against counts made by hand."""
 import mindspore as ms
 import numpy as np
 import pytest

@@ -1,5 +1,5 @@
 """The training callbacks one by one, without training: the Guard's decisions, saving, progress records.
-(Whole runs stopped by signals and crashes are in test_crash.py.)"""
+(Whole runs stopped by signals and crashes are in commands/test_train_crash.py.)"""
 import errno
 import json
 import os
@@ -9,23 +9,8 @@ import mindspore as ms
 import mindspore.nn as nn
 import pytest
 
-from conftest import start_script
+from conftest import FakeRunContext, start_script
 from qatcifar import callbacks, checkpoint, files
-
-
-class FakeRunContext:
-    """What a callback sees of Model.train: the step and epoch counts, the step's loss, and the stop request."""
-
-    def __init__(self, step, epoch=1, loss=1.0):
-        self.args = type("CallbackParams", (), {"cur_step_num": step, "cur_epoch_num": epoch,
-                                                "net_outputs": ms.Tensor(loss, ms.float32)})()
-        self.stop_requested = False
-
-    def original_args(self):
-        return self.args
-
-    def request_stop(self):
-        self.stop_requested = True
 
 
 def started_guard(context, first_step=0, steps_per_epoch=2):

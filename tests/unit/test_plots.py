@@ -1,0 +1,95 @@
+"""qatcifar.plots: metrics read back, train.py's curves.png and --summary_dir events (valid PNGs of the expected size; a
+plotting failure never stops training). The pictures themselves were checked by looking at them. (plot.py and eval.py
+--plot: commands/.)"""
+import json
+import os
+
+import mindspore.nn as nn
+import pytest
+
+from conftest import SMALL, FakeRunContext, assert_png, expect_error, metric_records, train_in_subprocess, write_metrics
+from qatcifar import callbacks, plots
+
+
+def test_read_metrics_keeps_the_latest_run_with_its_resumed_part(tmp_path):
+    earlier = [json.dumps(r) for r in metric_records(3)]  # a run of 3 epochs, then a new run into the same folder
+    latest = ([json.dumps(r) for r in metric_records(2)] + ["not json", "[1, 2]"]
+              + [json.dumps(r) for r in metric_records(2, first=3)])
+    write_metrics(tmp_path / "run", earlier + latest)
+    assert [r["epoch"] for r in plots.read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
+def test_read_metrics_skips_what_it_cannot_draw(tmp_path):
+    """Bytes that are not text, records with a string or missing figure: skipped, not a traceback."""
+    good = metric_records(4)
+    broken = [dict(good[0], loss="x"), {k: v for k, v in good[0].items() if k != "lr"},
+              dict(good[1], val_accuracy=None), dict(good[0], epoch=True)]
+    folder = tmp_path / "run"
+    write_metrics(folder, [json.dumps(r) for r in good[:2] + broken])
+    with open(folder / "metrics.jsonl", "ab") as f:
+        f.write(b"\x00\xff\xfe garbage\n" + "".join(json.dumps(r) + "\n" for r in good[2:]).encode())
+    assert plots.read_metrics(folder / "metrics.jsonl") == good
+
+
+@pytest.mark.parametrize("robust", [False, True])
+def test_curves_are_drawn_from_metrics_records(robust, tmp_path):
+    path = tmp_path / "curves.png"
+    plots.save_curves({"run": metric_records(6, robust)}, str(path))
+    assert_png(path, 1500, 450)
+
+
+def test_progress_redraws_the_curves_and_a_plotting_failure_is_one_warning(tmp_path, capsys, monkeypatch):
+    optimizer = nn.Adam(nn.Dense(3, 2).trainable_params(), learning_rate=0.01)
+    metrics = tmp_path / "metrics.jsonl"
+    progress = callbacks.Progress(8, steps_per_epoch=1, epochs=3, first_step=0, every=50, metrics_path=str(metrics),
+                                  optimizer=optimizer, guard=callbacks.Guard(0, 1))
+    progress.on_train_begin(None)
+
+    def epoch(number):
+        progress.on_train_epoch_begin(None)
+        progress.on_train_step_begin(None)
+        progress.on_train_step_end(FakeRunContext(number, number, loss=1.0 / number))
+        progress.on_train_epoch_end(FakeRunContext(number, number))
+
+    epoch(1)
+    assert_png(tmp_path / "curves.png", 1500, 450)
+    before = (tmp_path / "curves.png").read_bytes()
+    monkeypatch.setattr(plots, "save_curves", lambda runs, path: 1 / 0)
+    capsys.readouterr()
+    epoch(2)
+    epoch(3)
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning")]
+    assert warnings == ["warning: could not draw curves.png (division by zero); training goes on, metrics.jsonl has "
+                        "the figures"]
+    assert (tmp_path / "curves.png").read_bytes() == before  # the last good picture stays whole
+    assert [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_train_py_leaves_curves_png_beside_metrics(trained):
+    assert_png(os.path.join(trained[1], "curves.png"), 1500, 450)
+
+
+@pytest.mark.slow
+def test_summary_dir_holds_what_tensorboard_reads(synthetic_dir, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    summary = tmp_path / "tb"
+    train_in_subprocess(*SMALL, "-data", synthetic_dir, "-dir", str(tmp_path / "run"), "-e", "2", "-bsize", "16",
+                        "--num_samples", "32", "--val_samples", "100", "--summary_dir", str(summary))
+    events = EventAccumulator(str(summary)).Reload()  # TensorBoard's own reader, as its dashboard loads the folder
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [e.step for e in events.Scalars("train/step_loss")] == [1, 2, 3, 4]
+    for key in ("loss", "lr", "images_per_s", "val_accuracy"):
+        scalars = events.Scalars(f"epoch/{key}")
+        assert [e.step for e in scalars] == [2, 4]
+        assert [e.value for e in scalars] == pytest.approx([m[key] for m in metrics], rel=1e-6), key
+
+
+def test_a_summary_dir_that_is_a_file_is_refused_before_training(synthetic_dir, tmp_path, capsys):
+    import train
+    (tmp_path / "tb").write_text("x")
+    expect_error(train.main, ["-data", synthetic_dir, "-dir", str(tmp_path / "run"), "-e", "1", "--num_samples", "32",
+                              "--summary_dir", str(tmp_path / "tb")], capsys, "--summary_dir", "is a file")
+    assert not (tmp_path / "run" / "args.json").exists()
+
+

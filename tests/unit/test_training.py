@@ -1,0 +1,53 @@
+"""qatcifar.training and qatcifar.schedules: learning-rate schedules, label smoothing, mixed precision."""
+import mindspore as ms
+import mindspore.nn as nn
+import numpy as np
+import pytest
+
+import train
+from conftest import SMALL
+from qatcifar import schedules, training
+
+
+def schedule(*flags, steps_per_epoch=10):
+    run = train.get_args_parser().parse_args(["-lr", "0.1", "-e", "5", *flags])
+    return schedules.learning_rates(run, steps_per_epoch)
+
+
+def test_learning_rate_schedules():
+    assert schedule() == 0.1  # constant: a plain float, as the seed
+    warm = schedule("--warmup_epochs", "1")
+    assert len(warm) == 50 and warm[:10] == pytest.approx([0.01 * (i + 1) for i in range(10)])
+    assert set(warm[10:]) == {0.1}
+    cosine = schedule("--lr_schedule", "cosine", "--warmup_epochs", "1")
+    assert cosine[9] == pytest.approx(0.1) and cosine[10] == pytest.approx(0.1)
+    assert all(a > b for a, b in zip(cosine[10:-1], cosine[11:], strict=True)) and cosine[-1] < 0.001
+    onecycle = schedule("--lr_schedule", "onecycle")
+    assert onecycle[0] == pytest.approx(0.004 + 0.096 / 15) and max(onecycle) == pytest.approx(0.1)
+    assert onecycle.index(max(onecycle)) == 14 and onecycle[-1] < 0.001
+    endless = schedule("--warmup_epochs", "1e308")  # longer than the run: a warmup over the whole run
+    assert len(endless) == 50 and endless[-1] == pytest.approx(0.1) and endless[0] == pytest.approx(0.002)
+
+
+def test_label_smoothing_loss():
+    assert isinstance(training.make_loss(train.get_args_parser().parse_args([])), nn.SoftmaxCrossEntropyWithLogits)
+    loss = training.make_loss(train.get_args_parser().parse_args(["--label_smoothing", "0.2"]))
+    logits = np.array([[2.0, 0.5, -1.0]], np.float32)
+    log_p = logits - np.log(np.exp(logits).sum())
+    expected = -(0.8 * log_p[0, 0] + 0.2 * log_p[0].mean())
+    value = float(loss(ms.Tensor(logits), ms.Tensor(np.array([0], np.int32))).asnumpy())
+    assert value == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_mixed_precision_trains_the_qat_network_in_float16():
+    """--amp O2 (refused on CPU, where it is slower) builds a float16 QAT step; run one step here to check it."""
+    args = train.get_args_parser().parse_args([*SMALL, "--amp", "O2"])
+    net = training.build_network(args, steps_per_epoch=1)
+    step = training.build_train_network(net, training.make_optimizer(net, args, 1), args)
+    step.set_train()
+    rng = np.random.default_rng(0)
+    loss = step(ms.Tensor(rng.normal(size=(4, 3, 32, 32)).astype(np.float32)), ms.Tensor(np.arange(4, dtype=np.int32)))
+    assert np.isfinite(float(loss.asnumpy()))
+    assert net.conv1.output_quant.max_val.dtype == ms.float32 and net.fc.weight.dtype == ms.float32
+    assert int(net.conv1.output_quant.steps.asnumpy()) == 1
