@@ -119,14 +119,17 @@ def evaluate(args):
             print(f"adversarial images: {args.save_adversarial} (evaluate any model file on them with "
                   f"eval.py -data {args.save_adversarial} --num_samples {total})")
     if args.save_predictions:
-        save_predictions(args.save_predictions, predictions, args.overwrite)
+        with files.output(args.save_predictions, "--save_predictions"):
+            save_predictions(args.save_predictions, predictions, args.overwrite)
     if args.plot:
-        plots.save_confusion(confusion, names, args.plot, f"{model.description} {os.path.basename(path)}: "
-                             f"{100 * accuracy:.2f}% of {total} images of {args.data_dir}")
+        with files.output(args.plot, "--plot"):
+            plots.save_confusion(confusion, names, args.plot, f"{model.description} {os.path.basename(path)}: "
+                                 f"{100 * accuracy:.2f}% of {total} images of {args.data_dir}")
         print(f"wrote {args.plot}")
     if args.csv:
-        files.write_atomically(args.csv, lambda tmp: write_csv(tmp, names, confusion), mode=0o644,
-                                    overwrite=args.overwrite)
+        with files.output(args.csv, "--csv"):
+            files.write_atomically(args.csv, lambda tmp: write_csv(tmp, names, confusion), mode=0o644,
+                                   overwrite=args.overwrite)
         print(f"wrote {args.csv}")
     if args.json:
         print(json.dumps(result))
@@ -211,11 +214,7 @@ def save_predictions(path, predictions, overwrite):
     def write(tmp):
         with open(tmp, "wb") as f:
             np.save(f, predictions.astype(np.int32))
-    try:
-        files.write_atomically(path, write, mode=0o644, overwrite=overwrite)
-    except OSError as e:
-        raise cli.InputError(f"cannot write predictions to {path} ({e.strerror}); "
-                             "give a writable --save_predictions path") from None
+    files.write_atomically(path, write, mode=0o644, overwrite=overwrite)
 
 
 if __name__ == "__main__":

@@ -112,11 +112,10 @@ def write(path, write_file, overwrite):
     """write_file(tmp), then into place at `path`, readable by the runtime's user; no partial file on failure,
     no file replaced unless `overwrite`."""
     try:
-        files.write_atomically(path, write_file, mode=0o644, overwrite=overwrite)
-    except FileExistsError:
-        raise cli.InputError(f"output {path} appeared while exporting; give another -o, or add --overwrite") from None
-    except (OSError, RuntimeError) as e:
-        raise cli.InputError(f"cannot write {path} ({getattr(e, 'strerror', None) or e}); give a writable -o") from None
+        with files.output(path, "-o"):
+            files.write_atomically(path, write_file, mode=0o644, overwrite=overwrite)
+    except RuntimeError as e:  # (MindSpore's export says a full disk so)
+        raise cli.InputError(f"cannot write {path} ({cli.first_line(e)}); free space or give another -o") from None
 
 
 def report_sizes(net, path):

@@ -51,7 +51,8 @@ def draw(args):
         label = os.path.basename(os.path.abspath(folder))
         runs[label if label not in runs else folder] = records
     files.check_new_file(output, "-o", overwrite=args.overwrite or args.output is None)
-    plots.save_curves(runs, output)
+    with files.output(output, "-o"):
+        plots.save_curves(runs, output)
     print(f"wrote {output}")
     return output
 

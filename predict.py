@@ -25,7 +25,7 @@ import warnings
 import numpy as np
 from PIL import Image
 
-from qatcifar import cifar, inference
+from qatcifar import cifar, files, inference
 
 FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")  # what Pillow may decode here
 MAX_PIXELS = 50_000_000  # larger images (a 7,000 x 7,000 photo) are refused before they are decoded
@@ -85,8 +85,7 @@ def load_image(path):
     except Image.UnidentifiedImageError:
         raise cli.InputError(f"{path} is not an image file Pillow reads ({', '.join(FORMATS)})") from None
     except (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        why = e.strerror if isinstance(e, OSError) and e.strerror else cli.first_line(e)
-        raise cli.InputError(f"cannot read image {path} ({why}); give a readable image file") from None
+        raise cli.InputError(f"cannot read image {path} ({files.why(e)}); give a readable image file") from None
     pixels = np.asarray(image, np.float32) / 255.0
     normalized = (pixels - np.float32(cifar.CIFAR10_MEAN)) / np.float32(cifar.CIFAR10_STD)
     return normalized.transpose(2, 0, 1).astype(np.float32)  # HWC -> CHW

@@ -67,6 +67,7 @@ def main(argv=None):
         raise SystemExit(stop.report()) from None
     finally:
         files.release_locks()
+        files.remove_created_folders()  # (those still empty: a run refused or stopped before it wrote anything)
 
 
 

@@ -14,7 +14,6 @@ its straight-through estimate (quant.py), what an attacker of the fake-quant mod
   counts as broken if any restart breaks it.
 """
 import argparse
-import fractions
 import os
 import shutil
 
@@ -33,9 +32,11 @@ STD = np.array(cifar.CIFAR10_STD, np.float32).reshape(1, 3, 1, 1)
 
 
 def pixel_fraction(text):
-    """An argparse type: a value in pixel units from 0 to 1, written `8/255` or `0.0314`."""
+    """An argparse type: a value in pixel units from 0 to 1, written `8/255` or `0.0314`. Huge, infinite and NaN
+    values are refused as out of range (read as floats, never as exact integers: `1e999999999` would take hours)."""
+    numerator, slash, denominator = text.strip().partition("/")
     try:
-        value = float(fractions.Fraction(text.strip()))
+        value = float(numerator) / float(denominator) if slash else float(numerator)
     except (ValueError, ZeroDivisionError):
         raise argparse.ArgumentTypeError(f"not a number or a fraction like 8/255: {text!r}") from None
     if not 0 <= value <= 1:
@@ -178,7 +179,7 @@ def save_folder(folder, data_dir, records, description):
     source[:len(records), 1:] = records.reshape(len(records), -1)
 
     def write(tmp):
-        source.tofile(os.path.join(tmp, cifar.TEST_FILE))
+        files.write_array(os.path.join(tmp, cifar.TEST_FILE), source)
         for name in (cifar.META_FILE, cifar.SYNTHETIC_MARKER):  # (regular files only: a FIFO would block)
             if os.path.isfile(os.path.join(data_dir, name)):
                 shutil.copyfile(os.path.join(data_dir, name), os.path.join(tmp, name))

@@ -76,8 +76,7 @@ class Guard(Callback):
         self._request_stop()
 
     def report_save_failure(self, path, error):
-        why = error.strerror if isinstance(error, OSError) and error.strerror else cli.first_line(error)
-        self.save_failure = (path, why)
+        self.save_failure = (path, files.why(error))
         self._request_stop()
 
     def _request_stop(self):

@@ -184,7 +184,7 @@ def write_records(path, labels, images):
     records = np.empty((len(labels), RECORD_BYTES), dtype=np.uint8)
     records[:, 0] = labels
     records[:, 1:] = images.reshape(len(labels), -1)
-    files.write_atomically(path, records.tofile)
+    files.write_atomically(path, lambda tmp: files.write_array(tmp, records))
 
 
 def write_synthetic(data_dir, seed=0):
@@ -232,7 +232,7 @@ def write_folder(data_dir, write):
             os.chmod(tmp, 0o755)  # (mkdtemp makes it 0700)
             os.rename(tmp, data_dir)  # (onto an empty folder too)
     except OSError as e:  # a full disk, or a folder that appeared meanwhile
-        raise DatasetError(f"cannot write {data_dir} ({e.strerror}); nothing was written, choose another folder") \
+        raise DatasetError(f"cannot write {data_dir} ({files.why(e)}); nothing was written, choose another folder") \
             from None
 
 

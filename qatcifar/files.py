@@ -3,7 +3,8 @@
 - `write_atomically(path, write)`: write(tmp) into a hidden `.partial-<pid>` folder beside `path`,
   flush it to disk, rename it into place; a crash leaves the old file or the whole new one.
   Folders of writes a dead process left (`remove_stale_partials`) are removed by the next write there.
-- `check_new_file`, `check_save_dir`: an output checked before any work.
+- `check_new_file`, `check_save_dir`: an output checked before any work; `output(path, flag)`: a failure to
+  write it (a full disk) as one InputError; `why(error)`: the few words that say why.
 - `lock_save_dir`: one train.py run per save folder (flock, released when the process ends).
 """
 import contextlib
@@ -56,6 +57,31 @@ def write_atomically(path, write, mode=None, overwrite=True):
                 os.close(descriptor)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def write_array(path, array):
+    """An array's bytes into a new file (numpy's tofile says "N requested and 0 written" where the disk is full;
+    this raises the OSError that says why)."""
+    with open(path, "wb") as f:
+        f.write(array.tobytes())
+
+
+def why(error):
+    """Why reading or writing failed, in a few words: the system's reason (No space left on device), else the
+    message's first line."""
+    return error.strerror if isinstance(error, OSError) and error.strerror else cli.first_line(error)
+
+
+@contextlib.contextmanager
+def output(path, flag):
+    """Within the block, a failure to write the output file `path` (a full disk, a folder gone) is an InputError
+    that names it and `flag`; nothing was written under its name (write_atomically)."""
+    try:
+        yield path
+    except FileExistsError:
+        raise cli.InputError(f"{path} appeared meanwhile; give another {flag}, or add --overwrite") from None
+    except OSError as e:
+        raise cli.InputError(f"cannot write {path} ({why(e)}); free space or give another {flag}") from None
 
 
 def write_text(path, text):
@@ -112,12 +138,33 @@ def check_save_dir(path, flag="-dir"):
             raise cli.InputError(f"{os.path.join(path, name)} is a folder, where train.py writes a file; move it away "
                                  "or give another -dir")
     try:
-        os.makedirs(path, exist_ok=True)
+        _make_folders(path)
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as e:
         raise cli.InputError(f"cannot write to {what} {path} ({e.strerror}); "
                              f"give a writable folder with {flag}") from None
+
+
+_created = []  # the folders check_save_dir made, parents first
+
+
+def _make_folders(path):
+    """os.makedirs(path), remembering the folders it makes for remove_created_folders."""
+    missing, folder = [], os.path.abspath(path)
+    while not os.path.exists(folder):
+        missing.insert(0, folder)
+        folder = os.path.dirname(folder)
+    os.makedirs(path, exist_ok=True)
+    _created.extend(missing)
+
+
+def remove_created_folders():
+    """Remove the folders check_save_dir made that are still empty (a run refused or stopped before it wrote
+    anything leaves nothing behind): train.main, at its end."""
+    while _created:
+        with contextlib.suppress(OSError):  # (not empty: kept)
+            os.rmdir(_created.pop())
 
 
 _locks = []  # the open save folders of this process: the OS releases their locks when it ends, however it ends

@@ -16,6 +16,7 @@ requantizes to its output's uint8 with a fixed-point multiplier (an int32 and a 
 derived from the stored scales. Only the network's input (quantize) and the logits
 (dequantize) touch floating point.
 """
+import io
 import json
 import math
 import zipfile
@@ -47,8 +48,10 @@ def save(path, header, arrays):
     """Write header and arrays as one .npz file (to exactly `path`; np.savez would append .npz)."""
     payload = dict(arrays)
     payload[HEADER_KEY] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
+    archive = io.BytesIO()  # (in memory first: a zip archive cut short by a full disk raises again when collected)
+    np.savez(archive, **payload)
     with open(path, "wb") as f:
-        np.savez(f, **payload)
+        f.write(archive.getbuffer())
 
 
 def load(path):

@@ -5,7 +5,9 @@ that ends the process.
 - `fail(message)`: one `error:` line on stderr, exit status 2 (or `code`), no traceback.
 - `run(work, args, interrupted)`: a command's main around its work: bad input (`cli.InputError`) reported with
   `fail`; Ctrl-C or SIGTERM with one line, `interrupted: <interrupted>`, and exit status 128 + the signal
-  (130, 143). With `deferred=True` (train.py) signals are not raised but handed to `defer`'s handler.
+  (130, 143). Standard output (or error) that its reader closed (`| head`) does not stop the work: what is printed
+  after is dropped, the files are written, the status is the work's. With `deferred=True`
+  (train.py) signals are not raised but handed to `defer`'s handler.
 - `defer(handler)`: from now on, hand each signal to handler(signum) (train.py's Guard, which stops after
   the current step and saves); `defer(None)`: hold them again.
 - `temporary(path)`: a temporary folder removed if a signal must end the process at once.
@@ -60,8 +62,11 @@ def run(work, args, interrupted="", deferred=False):
             # (its line goes to the stderr of now: mindspore_log_quiet may have closed off fd 2 when it must be said)
             threading.Thread(target=_watch, args=(watched, threading.get_ident(), os.dup(2)), daemon=True,
                              name="signals").start()
+        streams = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = _Discarding(sys.stdout), _Discarding(sys.stderr)
         try:
             result = work(args)
+            sys.stdout.flush()  # (a reader gone away shows here, not in a traceback at exit)
         except cli.InputError as e:
             if not _interrupt.is_set():
                 _raised.set()  # (the signal thread stands down: the error is reported, whole)
@@ -74,11 +79,43 @@ def run(work, args, interrupted="", deferred=False):
         else:
             _raised.set()  # finished before a signal could stop it: nothing more to interrupt
             return result
+        finally:
+            sys.stdout, sys.stderr = streams
     except KeyboardInterrupt:
         pass
     _raised.set()
-    print(_said(_message), file=sys.stderr, flush=True)
+    print(_said(_message), file=_Discarding(sys.stderr), flush=True)
     raise SystemExit(128 + _signum)
+
+
+class _Discarding:
+    """sys.stdout or sys.stderr, as `run` wraps them: once the reader has gone away (`| head`), what is written is
+    dropped (the file descriptor points to /dev/null), and the work goes on."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text):
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._discard()
+            return len(text)
+
+    def flush(self):
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._discard()
+
+    def _discard(self):
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, self._stream.fileno())
+        os.close(null)
+        self._stream.flush()  # (what was buffered goes to /dev/null)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
 
 
 def defer(handler):
@@ -140,7 +177,8 @@ def _watch(watched, main_thread, stderr):
             for path in list(_temporary):
                 shutil.rmtree(path, ignore_errors=True)
             sys.stderr.flush()
-            os.write(stderr, f"{_said(_message)}\n".encode())
+            with contextlib.suppress(OSError):  # (a reader gone away)
+                os.write(stderr, f"{_said(_message)}\n".encode())
             os._exit(128 + signum)
         signal.pthread_kill(main_thread, WAKE_SIGNAL)
         time.sleep(0.1)

@@ -12,9 +12,23 @@ import sys
 import time
 
 import mindspore as ms
+import numpy as np
 import pytest
+from PIL import Image
 
-from conftest import ROOT, SMALL, UNBUFFERED, assert_interrupted, interrupt, run_script, start_script, wait_for_line
+from conftest import (
+    ROOT,
+    SMALL,
+    UNBUFFERED,
+    assert_interrupted,
+    expect_error,
+    interrupt,
+    metric_records,
+    run_script,
+    start_script,
+    wait_for_line,
+    write_metrics,
+)
 
 pytestmark = pytest.mark.slow
 RUN = [*SMALL, "-bsize", "16", "--num_samples", "64", "--eval_every", "0", "--quant_delay", "1"]  # 4 steps an epoch
@@ -111,7 +125,7 @@ def test_a_full_disk_at_the_start_stops_train_with_1_before_training(small_disk,
     assert result.returncode == 1, result.stderr
     assert result.stderr.splitlines() == [f"error: could not write {folder}/args.json (No space left on device); "
                                           "nothing was trained; free space or fix the save folder, then run again"]
-    assert os.listdir(folder) == []
+    assert os.listdir(small_disk) == ["filler"]  # (the save folder the run made, empty, is removed)
 
 
 def test_a_disk_that_fills_during_training_stops_it_with_1_and_keeps_what_was_saved(small_disk, synthetic_dir):
@@ -157,6 +171,67 @@ def test_a_full_summary_disk_is_one_warning_and_training_goes_on(small_disk, syn
                         "device); training goes on, metrics.jsonl has the figures"]
     assert [r["epoch"] for r in assert_whole(folder)] == [1, 2]
     assert "resnet8_qat-2_4.ckpt" in os.listdir(folder)
+
+
+OUTPUTS = {"--plot": "m.png", "--csv": "m.csv", "--save_predictions": "m.npy", "--save_adversarial": "adversarial"}
+
+
+@pytest.mark.parametrize("flag", OUTPUTS)
+def test_a_full_disk_is_one_line_for_every_output_of_eval(flag, small_disk, untrained, synthetic_dir, capsys):
+    """(--plot and --csv ended in OSError tracebacks; --save_adversarial said "(None)": numpy's tofile gives no
+    reason.)"""
+    import eval as evaluate
+    fill(small_disk)
+    path = small_disk / OUTPUTS[flag]
+    attack = ["--attack", "fgsm"] if flag == "--save_adversarial" else []
+    line = expect_error(evaluate.main, ["-loc", untrained["QAT"], "-data", synthetic_dir, "--num_samples", "50",
+                                        *attack, flag, str(path)], capsys, f"cannot write {path}")
+    assert "(No space left on device)" in line
+    assert os.listdir(small_disk) == ["filler"]
+
+
+def test_a_full_disk_is_one_line_for_plot_py(small_disk, tmp_path, capsys):
+    import plot
+    write_metrics(tmp_path, [json.dumps(record) for record in metric_records(2)])
+    fill(small_disk)
+    expect_error(plot.main, [str(tmp_path), "-o", str(small_disk / "c.png")], capsys,
+                 f"cannot write {small_disk / 'c.png'} (No space left on device)")
+    assert os.listdir(small_disk) == ["filler"]
+
+
+@pytest.mark.parametrize("form", ["int8", "onnx"])
+def test_a_full_disk_is_one_line_for_export(form, small_disk, trained):
+    """(An int8 export said it, then printed an "Exception ignored ... ZipFile.__del__" traceback.)"""
+    fill(small_disk)
+    output = small_disk / ("m.int8.npz" if form == "int8" else "m.onnx")
+    result = run_script("export.py", "-loc", trained[0], "--format", form, "-o", str(output))
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [f"error: cannot write {output} (No space left on device); free space or "
+                                          "give another -o"]
+    assert os.listdir(small_disk) == ["filler"]
+
+
+# --- a reader that goes away --------------------------------------------------------------------------
+
+def test_a_reader_that_goes_away_stops_no_command(float_onnx, synthetic_dir, tmp_path):
+    """`command | head`: no BrokenPipeError traceback, and the command does its work (export.py writes its file) and
+    ends with its usual status, 0; what it prints after the reader left is dropped. (Each ended in a traceback, with
+    status 1; export.py could fail to write its file, as its first line comes before.)"""
+    image = tmp_path / "cat.png"
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(image)
+    output = tmp_path / "m.onnx"
+    commands = [["predict.py", "-loc", float_onnx[1], str(image), "--json"],
+                ["eval.py", "-loc", float_onnx[1], "-data", synthetic_dir, "--num_samples", "50", "--json"],
+                ["doctor.py", "-data", synthetic_dir, "-dir", str(tmp_path)],
+                ["export.py", "-loc", float_onnx[0], "--format", "onnx", "-o", str(output)]]
+    for command in commands:
+        read, write = os.pipe()
+        os.close(read)
+        result = subprocess.run([sys.executable, *command], cwd=ROOT, stdout=write, stderr=subprocess.PIPE,
+                                text=True, timeout=300)
+        os.close(write)
+        assert (result.returncode, result.stderr) == (0, ""), (command, result.stderr[-2000:])
+    assert output.stat().st_size > 0 and sorted(os.listdir(tmp_path)) == ["cat.png", "m.onnx"]
 
 
 # --- one run per save folder ------------------------------------------------------------------------

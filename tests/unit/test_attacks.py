@@ -1,4 +1,5 @@
 """qatcifar.attacks, the attacks of eval.py: FGSM and PGD in pixel space, and adversarial test folders."""
+import argparse
 import json
 import os
 
@@ -26,6 +27,12 @@ def records(folder):
                                          (" 8/255 ", 8 / 255)])
 def test_pixel_fraction_reads_fractions_and_decimals(text, value):
     assert attacks.pixel_fraction(text) == pytest.approx(value)
+
+
+@pytest.mark.parametrize("text", ["1e400", "1e999999999", "-1e400/1", "inf", "nan", "1/0", "2/255/3", "8/", "x"])
+def test_pixel_fraction_refuses_huge_infinite_and_malformed_values_at_once(text):
+    with pytest.raises(argparse.ArgumentTypeError):
+        attacks.pixel_fraction(text)
 
 
 @pytest.mark.parametrize("method", ["fgsm", "pgd"])

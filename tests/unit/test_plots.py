@@ -88,8 +88,10 @@ def test_summary_dir_holds_what_tensorboard_reads(synthetic_dir, tmp_path):
 def test_a_summary_dir_that_is_a_file_is_refused_before_training(synthetic_dir, tmp_path, capsys):
     import train
     (tmp_path / "tb").write_text("x")
-    expect_error(train.main, ["-data", synthetic_dir, "-dir", str(tmp_path / "run"), "-e", "1", "--num_samples", "32",
-                              "--summary_dir", str(tmp_path / "tb")], capsys, "--summary_dir", "is a file")
-    assert not (tmp_path / "run" / "args.json").exists()
+    (tmp_path / "kept").mkdir()  # a folder that was there stays, empty or not; the folders the run made go
+    for savedir in (tmp_path / "runs" / "run", tmp_path / "kept"):
+        expect_error(train.main, ["-data", synthetic_dir, "-dir", str(savedir), "-e", "1", "--num_samples", "32",
+                                  "--summary_dir", str(tmp_path / "tb")], capsys, "--summary_dir", "is a file")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["kept", "tb"] and not any((tmp_path / "kept").iterdir())
 
 
