@@ -10,10 +10,12 @@ import hashlib
 import http.client
 import os
 import re
+import stat
 import sys
 import tarfile
 import tempfile
 import urllib.error
+import urllib.parse
 import urllib.request
 
 import numpy as np
@@ -281,7 +283,15 @@ def download(data_dir=DEFAULT_DATA_DIR, url=CIFAR10_URL, md5=CIFAR10_MD5):
 
 
 def fetch(url, path, md5, chunk=1 << 20):
-    """Stream `url` to `path`, printing progress to stderr and checking the MD5 digest."""
+    """Stream `url` to `path`, printing progress to stderr and checking the MD5 digest. A file:// URL must name a
+    regular file (a FIFO would block for ever, a device stream without end)."""
+    split = urllib.parse.urlsplit(url)
+    if split.scheme == "file":
+        local = urllib.request.url2pathname(split.path)
+        what = file_kind(local)
+        if what != "a file":
+            raise DatasetError(f"{url}: {local} is {what}, not the archive's file; give file:///path/to/"
+                               "cifar-10-binary.tar.gz")
     digest = hashlib.md5()
     try:
         with urllib.request.urlopen(url, timeout=60) as response, open(path, "wb") as out:
@@ -307,6 +317,17 @@ def fetch(url, path, md5, chunk=1 << 20):
     if digest.hexdigest() != md5:
         raise DatasetError(f"checksum mismatch for {url}: MD5 {digest.hexdigest()}, expected {md5}; "
                            "the file is corrupt or not the CIFAR-10 binary archive: run again or use another --url")
+
+
+def file_kind(path):
+    """What is at path: "a file", "a folder", "a FIFO", "a device", "a socket" or "missing" (links followed)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return "missing"
+    kinds = ((stat.S_ISREG, "a file"), (stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"),
+             (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device"))
+    return next((name for test, name in kinds if test(mode)), "a socket")
 
 
 def extract(archive, target):

@@ -1,9 +1,11 @@
 """preprocess.py end to end: --synthetic, and --download against a local HTTP server (a wrong checksum, a dropped
 connection, hostile archives, endless streams, Ctrl-C)."""
+import contextlib
 import hashlib
 import http.server
 import io
 import os
+import re
 import signal
 import tarfile
 import threading
@@ -66,7 +68,8 @@ def archive():
 
 @pytest.fixture
 def serve():
-    """serve(payload) -> URL of that payload on a loopback HTTP server, shut down after the test."""
+    """serve(payload) -> URL of that payload on a loopback HTTP server, shut down after the test; serve(None): an
+    endless stream of zeros, of no stated length."""
     servers = []
 
     def start(payload, claimed_length=None):
@@ -76,6 +79,12 @@ def serve():
                     self.send_error(404)
                     return
                 self.send_response(200)
+                if payload is None:
+                    self.end_headers()
+                    with contextlib.suppress(OSError):  # (until the client hangs up)
+                        while True:
+                            self.wfile.write(bytes(1 << 20))
+                    return
                 self.send_header("Content-Length", str(claimed_length or len(payload)))
                 self.end_headers()
                 self.wfile.write(payload)
@@ -199,11 +208,28 @@ def test_download_refuses_an_archive_of_many_members(tmp_path, serve):
     assert os.listdir(tmp_path) == []
 
 
-def test_download_stops_an_endless_stream(tmp_path, monkeypatch):
+def test_download_stops_an_endless_stream(tmp_path, serve, monkeypatch):
     monkeypatch.setattr(cifar, "MAX_DOWNLOAD_BYTES", 8 << 20)  # (615 MB in use: as stopped, only later)
-    with pytest.raises(DatasetError, match="file:///dev/zero sends more than 8388608 bytes"):
-        cifar.download(str(tmp_path / "cifar"), "file:///dev/zero")
+    url = serve(None)
+    with pytest.raises(DatasetError, match=f"{url} sends more than 8388608 bytes"):
+        cifar.download(str(tmp_path / "cifar"), url)
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "folder", "missing"])
+def test_a_file_url_must_name_a_regular_file(kind, tmp_path):
+    """A FIFO would block the download forever; /dev/zero would stream without end; a folder or a missing file has
+    nothing to read."""
+    path = {"device": "/dev/zero"}.get(kind, str(tmp_path / "archive"))
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "folder":
+        os.mkdir(path)
+    what = {"fifo": "a FIFO", "device": "a device", "folder": "a folder", "missing": "missing"}[kind]
+    url = "file://" + path
+    with pytest.raises(DatasetError, match=f"^{re.escape(url)}: {re.escape(path)} is {what}, not the archive's file"):
+        cifar.download(str(tmp_path / "cifar"), url)
+    assert not (tmp_path / "cifar").exists()
 
 
 def test_download_refuses_a_broken_symbolic_link_as_the_target(tmp_path, capsys):
