@@ -19,6 +19,7 @@ import os
 import re
 
 import mindspore as ms
+import numpy as np
 
 from qatcifar import cli, files, networks, quant
 
@@ -119,6 +120,10 @@ def load_network(path, num_classes):
     if mismatch:
         raise cli.InputError(f"{path} does not match {name} ({kind(config)}), the network it records: {mismatch}; "
                              "give a checkpoint written by train.py")
+    damaged = next((name for name in own if not np.isfinite(params[name].asnumpy()).all()), None)
+    if damaged:
+        raise cli.InputError(f"{path}: parameter {damaged} holds values that are not finite (NaN or infinity); the "
+                             "file is damaged, or its run diverged: give a checkpoint saved before")
     ms.load_param_into_net(net, params, strict_load=True)
     net.set_train(False)
     return net, config

@@ -141,29 +141,54 @@ def load_onnx(path, threads=None):
         except (ValueError, RecursionError):
             metadata[key] = value
     check_input(path, shapes[0][1:], shapes[1][-1], metadata.get("normalization"))
-    warn_if_inexact(path)
+    check_onnx_weights(path)
     name, description = inputs[0].name, f"ONNX {metadata.get('model', '')} (ONNX Runtime)".replace("  ", " ")
 
     def logits(images):
         return session.run(None, {name: images})[0]
-    return Model(logits, description, class_names=names_or_none(metadata.get("class_names")),
-                 size=size_or_none(metadata.get("network")))
+    model = Model(logits, description, class_names=names_or_none(metadata.get("class_names")),
+                  size=size_or_none(metadata.get("network")))
+    check_finite_output(path, model)
+    return model
 
 
-def warn_if_inexact(path):
-    """One warning line if ONNX Runtime on this CPU sums the model's integer products wrongly (ort_kernels.py): int8
-    weights beyond 7 bits, from an export.py older than 7-bit QAT, on a CPU without VNNI."""
+def check_onnx_weights(path):
+    """InputError for weights that are not finite; one warning line if ONNX Runtime on this CPU sums the model's
+    integer products wrongly (ort_kernels.py): int8 weights beyond 7 bits, from an export.py older than 7-bit QAT, on
+    a CPU without VNNI."""
     import onnx
+    from onnx import numpy_helper
 
     try:
-        inexact = ort_kernels.inexact_weights(onnx.load(path, load_external_data=False))
+        proto = onnx.load(path, load_external_data=False)
+        weights = [(tensor.name, numpy_helper.to_array(tensor)) for tensor in proto.graph.initializer]
     except Exception:  # (a model ONNX Runtime loads but onnx does not read whole: it has no weights to judge here)
         return
+    refuse_non_finite(path, weights)
+    inexact = ort_kernels.inexact_weights(proto)
     if inexact and not ort_kernels.probe():
         print(f"warning: {path} has int8 weights beyond 7 bits ({len(inexact)} layers), and ONNX Runtime's integer "
               "kernels on this CPU add pairs of their products in 16 bits, where these overflow: its answers can "
               "differ from the int8 model's; export the checkpoint again with export.py, which stores such weights "
               "so that every CPU computes them exactly", file=sys.stderr)
+
+
+def refuse_non_finite(path, weights):
+    """InputError naming the first of the (name, array) `weights` whose floating-point values are not all finite."""
+    for name, array in weights:
+        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+            raise cli.InputError(f"{path}: weight {name} holds values that are not finite (NaN or infinity); the "
+                                 "file is damaged: export it again from its checkpoint")
+
+
+def check_finite_output(path, model):
+    """InputError if the model's class scores for a blank and a noise image are not finite (a weight not stored as
+    an initializer, a constant, can still be damaged)."""
+    shape = (3, cifar.IMAGE_SIZE, cifar.IMAGE_SIZE)
+    images = np.stack([np.zeros(shape), np.random.default_rng(0).normal(size=shape)]).astype(np.float32)
+    if not np.isfinite(model.logits(images)).all():
+        raise cli.InputError(f"{path} gives class scores that are not finite (NaN or infinity) for a test image: the "
+                             "file is damaged; export it again from its checkpoint")
 
 
 def load_mindir(path):
@@ -172,7 +197,7 @@ def load_mindir(path):
     import mindspore.nn as nn
     from mindspore.train import mind_ir_pb2
 
-    proto = mind_ir_pb2.ModelProto()
+    proto, proto_dtype = mind_ir_pb2.ModelProto(), mind_ir_pb2.TensorProto.DataType
     try:
         with open(path, "rb") as f:
             proto.ParseFromString(f.read())
@@ -186,6 +211,13 @@ def load_mindir(path):
         raise cli.InputError(f"{path} is a MindIR of another network: inputs {inputs}, outputs {outputs}; eval.py "
                              f"runs a batch of {image} images to {cifar.NUM_CLASSES} class scores, "
                              "[batch, 3, 32, 32] -> [batch, 10] (-1: any batch size)")
+    dtypes = {proto_dtype.FLOAT: np.float32, proto_dtype.FLOAT16: np.float16, proto_dtype.DOUBLE: np.float64}
+    try:
+        weights = [(tensor.name, np.frombuffer(tensor.raw_data, dtypes[tensor.data_type]))
+                   for tensor in proto.graph.parameter if tensor.data_type in dtypes]
+    except ValueError:  # (raw data of a size no whole number of values fills)
+        raise cli.InputError(f"{path} is not a MindIR file written by export.py (a weight's data is cut)") from None
+    refuse_non_finite(path, weights)
     try:
         with cli.mindspore_log_quiet():
             graph = nn.GraphCell(ms.load(path))
