@@ -70,6 +70,25 @@ def predict(args):
     return results
 
 
+def to_rgb(image):
+    """The 8-bit RGB image of an image of any mode. Pillow's own conversion clips images of more than 8 bits (16-bit
+    PNGs and TIFFs come as I;16 or I, float TIFFs as F) into 0..255: here they are scaled from their range, 0..65535
+    (0..2**31 - 1 for larger 32-bit values), and 0..1 for floats (0..255 where a value is above 1). ValueError for
+    float values outside those ranges or not finite."""
+    if not (image.mode.startswith("I;16") or image.mode in ("I", "F")):
+        return image.convert("RGB")
+    values = np.asarray(image, np.float64)
+    if image.mode == "F":
+        if not np.isfinite(values).all() or values.min() < 0 or values.max() > 255:
+            raise ValueError(f"float pixels from {values.min():g} to {values.max():g}; give values from 0 to 1")
+        top = 1.0 if values.max() <= 1 else 255.0
+    else:
+        values = np.maximum(values, 0)  # (signed 32-bit pixels below 0: black)
+        top = 65535.0 if values.max() <= 65535 else 2.0 ** 31 - 1
+    gray = np.round(values * (255 / top)).astype(np.uint8)
+    return Image.fromarray(gray, "L").convert("RGB")
+
+
 def load_image(path):
     """A normalized float32 (3, 32, 32) image from an image file; InputError naming the file if it cannot be."""
     if not os.path.isfile(path):
@@ -81,7 +100,7 @@ def load_image(path):
             with Image.open(path, formats=FORMATS) as image:
                 if image.width * image.height > MAX_PIXELS:
                     raise ValueError(f"{image.width}x{image.height} pixels, more than {MAX_PIXELS:,}")
-                image = image.convert("RGB").resize((cifar.IMAGE_SIZE,) * 2, Image.Resampling.BILINEAR)
+                image = to_rgb(image).resize((cifar.IMAGE_SIZE,) * 2, Image.Resampling.BILINEAR)
     except Image.UnidentifiedImageError:
         raise cli.InputError(f"{path} is not an image file Pillow reads ({', '.join(FORMATS)})") from None
     except (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:

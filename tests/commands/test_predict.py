@@ -55,6 +55,33 @@ def test_predict_classifies_images_of_any_size_and_mode(float_onnx, synthetic_di
         assert abs(top["probability"] - np.exp(logits.max()) / np.exp(logits).sum()) <= 1e-4
 
 
+def test_images_of_more_than_8_bits_are_scaled_not_clipped(float_onnx, synthetic_dir, tmp_path, capsys):
+    """A 16-bit PNG, a 32-bit integer TIFF and a float TIFF (0..1) of a gray picture are that picture: the same
+    classes as its 8-bit PNG. (Pillow's convert clipped them: nearly white, confidently wrong.)"""
+    gray = cifar_images(synthetic_dir, 1)[0].mean(axis=2).round().astype(np.uint8)
+    pictures = {"8bit.png": gray, "16bit.png": gray.astype(np.uint16) * 257,
+                "32bit.tif": gray.astype(np.int32) * 257, "float.tif": gray.astype(np.float32) / 255}
+    paths = []
+    for name, pixels in pictures.items():
+        paths.append(str(tmp_path / name))
+        Image.fromarray(pixels).save(paths[-1])
+    assert [Image.open(path).mode for path in paths] == ["L", "I;16", "I", "F"]
+    results = predict.main(["-loc", float_onnx[1], *paths, "--top_k", "3"])
+    assert all(result["top"] == results[0]["top"] for result in results), results
+    Image.fromarray(np.full((32, 32), 300.0, np.float32)).save(tmp_path / "bright.tif")
+    capsys.readouterr()
+    expect_error(predict.main, ["-loc", float_onnx[1], str(tmp_path / "bright.tif")], capsys,
+                 "float pixels from 300 to 300; give values from 0 to 1")
+
+
+def test_threads_beyond_the_cpus_are_capped_with_a_warning(float_onnx, synthetic_dir, tmp_path, capsys):
+    png = save_pngs(synthetic_dir, tmp_path, 1)[0]
+    predict.main(["-loc", float_onnx[1], png, "--threads", "1024"])
+    cpus = len(os.sched_getaffinity(0))
+    assert capsys.readouterr().err.splitlines() == [
+        f"warning: --threads 1024 is more than the {cpus} CPUs this process may use; running {cpus}"]
+
+
 @pytest.mark.slow
 def test_predict_runs_every_model_format(trained_exports, synthetic_dir, tmp_path, capsys):
     pngs = save_pngs(synthetic_dir, tmp_path, 20)
