@@ -28,6 +28,7 @@ import mindspore.dataset as ds
 from mindspore.train import Model
 
 from qatcifar import adversarial, callbacks, checkpoint, cifar, files, int8, networks, parallel, schedules, training
+from qatcifar.plots import trim_metrics
 from qatcifar.quant import QuantConfig
 from qatcifar.training import SEED_DEFAULTS  # noqa: E402
 
@@ -96,7 +97,7 @@ def train(args):
         train_net = parallel.DataParallelStep(train_net, net, run.workers)
     resumed, start_step = resume(run, found, train_net, dataset, steps_per_epoch)
 
-    prefix = start_save_dir(args, run, resumed, net) if writer else None
+    prefix = start_save_dir(args, run, resumed, net, start_step // steps_per_epoch) if writer else None
     guard = callbacks.Guard(start_step, steps_per_epoch)
     saver = callbacks.Checkpointer(train_net, run.savedir, prefix, steps_per_epoch, run.save_steps, run.keep,
                                    start_step, guard, latest=resumed, writer=writer)
@@ -180,9 +181,9 @@ def resume(run, found, train_net, dataset, steps_per_epoch):
     return (found[0] if found else None), step
 
 
-def start_save_dir(args, run, resumed, net):
-    """Print the settings and the network's size, write args.json, clear crashed saves; return the prefix of this
-    run's checkpoints."""
+def start_save_dir(args, run, resumed, net, epochs_done):
+    """Print the settings and the network's size, write args.json, clear crashed saves, trim metrics.jsonl of a
+    resumed run to the epochs done (`resumed`: the checkpoint's path); return the prefix of this run's checkpoints."""
     print("arguments: " + json.dumps(vars(run), sort_keys=True))
     print(size_card(net))
     if cifar.is_synthetic(run.data_dir):
@@ -204,7 +205,23 @@ def start_save_dir(args, run, resumed, net):
         raise callbacks.Stop(callbacks.EXIT_SAVE_FAILED, f"could not write {path} ({e.strerror}); nothing was trained; "
                              "free space or fix the save folder, then run again", error=True) from None
     files.remove_stale_partials(run.savedir)
+    if resumed:
+        repair_metrics(os.path.join(run.savedir, files.METRICS_FILE), epochs_done, os.path.getmtime(resumed))
     return checkpoint.series_prefix(run.savedir, checkpoint.series_base(model_kind(run), run.arch), resumed)
+
+
+def repair_metrics(path, epochs_done, saved):
+    """plots.trim_metrics, each removal said in one line; a failure to write is a failed save (exit status 1)."""
+    try:
+        damaged, later = trim_metrics(path, epochs_done, saved)
+    except OSError as e:
+        raise callbacks.Stop(callbacks.EXIT_SAVE_FAILED, f"could not repair {path} ({files.why(e)}); nothing was "
+                             "trained; free space or fix the save folder, then run again", error=True) from None
+    if damaged:
+        print(f"warning: {path}: removed {damaged} line(s) cut short (not whole JSON records)")
+    if later:
+        print(f"note: {path}: removed {later} record(s) of epochs after {epochs_done}, the checkpoint's: this run "
+              "trains them again")
 
 
 def size_card(net):

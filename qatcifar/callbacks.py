@@ -306,7 +306,7 @@ class Progress(Callback):
                            "loss_min": min(self.losses), "loss_max": max(self.losses),
                            "lr": learning_rate(self.optimizer, step), "images_per_s": self.speed(),
                            "epoch_s": now - self.epoch_start, "elapsed_s": now - self.start,
-                           "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                           "time": time.strftime(plots.TIME_FORMAT)}
             print(f"epoch {epoch}/{self.epochs} done in {self.record['epoch_s']:.1f} s, "
                   f"mean loss {self.record['loss']:.4f}", flush=True)
 

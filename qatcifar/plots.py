@@ -12,6 +12,7 @@ object-oriented API is used (Figure and its Agg canvas), so nothing global chang
 """
 import json
 import os
+import time
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -21,6 +22,7 @@ from matplotlib.ticker import MaxNLocator
 from qatcifar import files
 
 CURVES_FILE = "curves.png"
+TIME_FORMAT = "%Y-%m-%dT%H:%M:%S"  # of a metrics record's "time"
 
 
 def read_metrics(path):
@@ -40,6 +42,42 @@ def read_metrics(path):
     while start > 0 and records[start - 1]["epoch"] < records[start]["epoch"]:
         start -= 1
     return records[max(start, 0):]
+
+
+def trim_metrics(path, epochs_done, saved):
+    """Before a resumed run appends to metrics.jsonl: remove the lines that are not whole JSON records (a line cut
+    short stayed for ever, between the records) and the records of epochs after `epochs_done` written since `saved`,
+    the time its checkpoint was written (the run's epochs after the checkpoint, which it trains again: each would have
+    two records; an earlier run's records are older). Rewritten atomically, only if there is something to remove.
+    Returns (lines cut short, records of epochs to train again) removed."""
+    if not os.path.isfile(path):
+        return 0, 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = [line for line in f.read().splitlines() if line.strip()]
+    kept, damaged, later = [], 0, 0
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            damaged += 1
+            continue
+        if (isinstance(record, dict) and type(record.get("epoch")) is int and record["epoch"] > epochs_done
+                and written(record) >= int(saved)):
+            later += 1
+        else:
+            kept.append(line)
+    if damaged or later:
+        files.write_text(path, "".join(line + "\n" for line in kept))
+    return damaged, later
+
+
+def written(record):
+    """When a metrics record was written (its "time", local, to the second), in seconds since the epoch; 0 if it
+    does not say."""
+    try:
+        return time.mktime(time.strptime(record.get("time"), TIME_FORMAT))
+    except (TypeError, ValueError, OverflowError):
+        return 0
 
 
 def drawable(record):

@@ -97,8 +97,9 @@ def interrupted(killed_during_step, synthetic_dir):
 
 @pytest.fixture(scope="module")
 def resumed_to_the_end(interrupted, killed_during_step, synthetic_dir):
-    """Two newer files that --resume auto must skip, one cut short and one with a flipped bit (its CRC),
-    then a resumption to the end: (folder, the newest good checkpoint before, final checkpoint, stdout)."""
+    """Two newer files that --resume auto must skip, one cut short and one with a flipped bit (its CRC), a line of
+    metrics.jsonl cut short and a record of epoch 3 (as when epoch 3's checkpoint was deleted), then a resumption to
+    the end: (folder, the newest good checkpoint before, final checkpoint, stdout)."""
     folder = killed_during_step[0]
     newest = checkpoints_by_step(folder)[max(checkpoints_by_step(folder))]
     data = open(newest, "rb").read()
@@ -108,6 +109,10 @@ def resumed_to_the_end(interrupted, killed_during_step, synthetic_dir):
     flipped[len(data) // 2] ^= 0x10
     with open(os.path.join(folder, "resnet8_qat_8-3_4.ckpt"), "wb") as f:
         f.write(flipped)
+    with open(os.path.join(folder, "metrics.jsonl"), "a") as f:
+        stale = {"epoch": 3, "step": 12, "loss": 0.5, "lr": 0.001, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                 "stale": True}
+        f.write(json.dumps(stale) + '\n{"epoch": 3, "st\n')
     path, out = train_in_subprocess("-data", synthetic_dir, "-dir", folder, *SHORT_RUN, "--resume", "auto",
                                     output=True)
     return folder, newest, path, out
@@ -139,6 +144,8 @@ def test_resume_auto_skips_corrupt_checkpoints(resumed_to_the_end):
     assert "resnet8_qat_7-3_4.ckpt: it does not load" in out
     assert "resnet8_qat_8-3_4.ckpt: it does not load (its CRC32 does not match its contents" in out
     assert f"resuming from {newest}" in out
+    assert "metrics.jsonl: removed 1 line(s) cut short (not whole JSON records)" in out
+    assert "metrics.jsonl: removed 1 record(s) of epochs after" in out
 
 
 def test_the_resumed_run_ends_as_the_uninterrupted_one(resumed_to_the_end, uninterrupted):
@@ -151,6 +158,10 @@ def test_the_resumed_run_ends_as_the_uninterrupted_one(resumed_to_the_end, unint
     with open(os.path.join(folder, "metrics.jsonl")) as f, open(os.path.join(uninterrupted, "metrics.jsonl")) as g:
         last, expected = json.loads(f.readlines()[-1]), json.loads(g.readlines()[-1])
     assert (last["step"], last["lr"]) == (expected["step"], expected["lr"])
+    with open(os.path.join(folder, "metrics.jsonl")) as f:  # each epoch once, the run's own; the cut line gone
+        records = [json.loads(line) for line in f]
+    epochs = [r["epoch"] for r in records]  # (an epoch whose last step was interrupted has no record)
+    assert epochs == sorted(set(epochs)) and epochs[-1] == 3 and not any("stale" in r for r in records)
     assert not glob.glob(os.path.join(folder, ".partial-*"))  # the killed saves' leftovers are gone
 
 

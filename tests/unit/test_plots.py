@@ -3,6 +3,7 @@ plotting failure never stops training). The pictures themselves were checked by 
 --plot: commands/.)"""
 import json
 import os
+import time
 
 import mindspore.nn as nn
 import pytest
@@ -95,3 +96,22 @@ def test_a_summary_dir_that_is_a_file_is_refused_before_training(synthetic_dir, 
     assert sorted(path.name for path in tmp_path.iterdir()) == ["kept", "tb"] and not any((tmp_path / "kept").iterdir())
 
 
+
+
+@pytest.mark.parametrize("epochs_done, kept_latest", [(4, [1, 2, 3, 4]), (2, [1, 2]), (0, [])])
+def test_trim_metrics_removes_cut_lines_and_the_records_of_epochs_to_train_again(epochs_done, kept_latest, tmp_path):
+    """An earlier run's records (epochs 1-5, written before the checkpoint) stay whatever their epochs; of the latest
+    run's (epochs 1-4) those after the checkpoint's epoch go; a line cut short goes wherever it is."""
+    saved = time.time()  # the checkpoint's time
+    earlier = [dict(r, time=time.strftime(plots.TIME_FORMAT, time.localtime(saved - 3600))) for r in metric_records(5)]
+    latest = [dict(r, time=time.strftime(plots.TIME_FORMAT, time.localtime(saved))) for r in metric_records(4)]
+    lines = [json.dumps(r) for r in earlier + latest]
+    write_metrics(tmp_path, [*lines[:5], lines[5][:30], *lines[5:]])
+    path = str(tmp_path / "metrics.jsonl")
+    assert plots.trim_metrics(path, epochs_done, saved) == (1, 4 - len(kept_latest))
+    with open(path) as f:
+        assert [json.loads(line)["epoch"] for line in f] == [1, 2, 3, 4, 5, *kept_latest]
+    before = os.stat(path)
+    assert plots.trim_metrics(path, epochs_done, saved) == (0, 0)  # nothing to remove: the file is not written again
+    assert os.stat(path).st_mtime_ns == before.st_mtime_ns and os.stat(path).st_ino == before.st_ino
+    assert plots.trim_metrics(str(tmp_path / "none.jsonl"), epochs_done, saved) == (0, 0)
