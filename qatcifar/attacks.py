@@ -97,6 +97,9 @@ class SignedSteps(nn.Cell):
 
     eval.py's attacks and train.py's adversarial training (adversarial.py) both run it; a Python
     loop of gradient calls would cost a round trip per step and could not be part of a training step.
+    The steps are a loop in the graph, on a tensor counter: unrolled (a Python `for`), the graph grew
+    with the step count, its compilation took minutes at 100 steps, and at 500 it exceeded MindSpore's
+    call depth.
     """
 
     def __init__(self, net, eps, steps, step_size):
@@ -107,15 +110,19 @@ class SignedSteps(nn.Cell):
 
     def construct(self, clean, start, labels):
         low, high = ops.relu(clean - self.eps), ops.minimum(clean + self.eps, 1.0)
-        pixels = start
-        for _ in range(self.steps):  # unrolled: `steps` is fixed when the graph is compiled
+        pixels, step = start, ms.Tensor(0, ms.int32)
+        while step < self.steps:  # (a loop in the graph: the counter is a tensor)
             pixels = pixels + self.step_size * ops.sign(self.gradient(self.loss)(pixels, labels))
             pixels = ops.minimum(ops.maximum(pixels, low), high)
+            step = step + 1
         return ops.stop_gradient(pixels)
 
 
 class Attack:
-    """An attack with its settings, applied batch by batch to a network in eval mode."""
+    """An attack with its settings, applied batch by batch to a network in eval mode. Its steps run CHUNK at a time
+    (and the remainder), so that a progress bar can follow a long attack: `on_steps(n)` after each run of n steps."""
+
+    CHUNK = 50
 
     def __init__(self, net, method, eps, steps=10, step_size=None, restarts=1, seed=0):
         self.net, self.method, self.eps = net, method, eps
@@ -123,7 +130,11 @@ class Attack:
         self.step_size = eps if method == "fgsm" else (step_size if step_size is not None else 2.5 * eps / steps)
         self.restarts = 1 if method == "fgsm" else restarts
         self.seed, self.rng = seed, np.random.default_rng(seed)
-        self.signed_steps = SignedSteps(net, eps, self.steps, self.step_size)
+        full, rest = divmod(self.steps, self.CHUNK)
+        chunks = [self.CHUNK] * full + [rest] * bool(rest)
+        cells = {n: SignedSteps(net, eps, n, self.step_size) for n in set(chunks)}  # (at most two graphs to compile)
+        self.chunks = [cells[n] for n in chunks]
+        self.on_steps = lambda steps: None
 
     def describe(self):
         """Like `PGD-10, eps 8/255`."""
@@ -143,7 +154,10 @@ class Attack:
             start = clean
             if self.method == "pgd":
                 start = np.clip(clean + self.rng.uniform(-self.eps, self.eps, clean.shape).astype(np.float32), 0, 1)
-            pixels = self.signed_steps(ms.Tensor(clean), ms.Tensor(start.astype(np.float32)), labels).asnumpy()
+            pixels = start.astype(np.float32)
+            for chunk in self.chunks:
+                pixels = chunk(ms.Tensor(clean), ms.Tensor(pixels), labels).asnumpy()
+                self.on_steps(chunk.steps)
             if restart == 0:
                 best = pixels
             else:  # keep, per image, a restart that broke it
@@ -161,13 +175,19 @@ def evaluate(attack, dataset, keep=False):
     clean, robust, labels, records = [], [], [], []
     attack.rng = np.random.default_rng(attack.seed)  # the same random starts for the same images, every time
     batches = dataset.create_tuple_iterator(num_epochs=1, output_numpy=True)
-    for images, batch_labels in cli.progress(batches, dataset.get_dataset_size(), f"attacking ({attack.describe()})"):
-        clean.append(attack.net(ms.Tensor(images)).asnumpy().argmax(axis=1))
-        adversarial = attack(images, batch_labels)
-        robust.append(attack.net(ms.Tensor(adversarial)).asnumpy().argmax(axis=1))
-        labels.append(batch_labels)
-        if keep:
-            records.append(to_uint8(adversarial, images, attack.eps))
+    bar = cli.bar(dataset.get_dataset_size() * attack.restarts * attack.steps, f"attacking ({attack.describe()})",
+                  unit="step")  # (in attack steps of a batch: a long attack moves within a batch)
+    attack.on_steps = bar.update
+    try:
+        for images, batch_labels in batches:
+            clean.append(attack.net(ms.Tensor(images)).asnumpy().argmax(axis=1))
+            adversarial = attack(images, batch_labels)
+            robust.append(attack.net(ms.Tensor(adversarial)).asnumpy().argmax(axis=1))
+            labels.append(batch_labels)
+            if keep:
+                records.append(to_uint8(adversarial, images, attack.eps))
+    finally:
+        bar.close()
     return (np.concatenate(clean), np.concatenate(robust), np.concatenate(labels),
             np.concatenate(records) if keep else None)
 

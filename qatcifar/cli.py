@@ -6,7 +6,7 @@
 - `ArgumentParser`: argparse with that same one-line error, and defaults in -h;
   `add_device_argument(parser)` gives every command the same `--device`.
 - `setup_device(name)`: picks CPU or GPU and sets MindSpore's context.
-- `progress`: a live bar on a terminal, nothing in a file or a pipe.
+- `progress`, `bar`: a live bar on a terminal, nothing in a file or a pipe.
 
 Import this module before MindSpore: it quiets MindSpore's log (GLOG_v), which is read once,
 when MindSpore is first imported. It does not import MindSpore itself until a function needs
@@ -70,6 +70,23 @@ def progress(iterable, total, what, unit="batch"):
         return iterable
     from tqdm import tqdm
     return tqdm(iterable, total=total, desc=what, unit=unit, file=sys.stdout, leave=False, dynamic_ncols=True)
+
+
+def bar(total, what, unit):
+    """A live progress bar (tqdm) advanced by hand, `.update(n)`, then `.close()`, on an interactive terminal; one that
+    shows nothing for a file or a pipe."""
+    if not interactive():
+        return _NoBar()
+    from tqdm import tqdm
+    return tqdm(total=total, desc=what, unit=unit, file=sys.stdout, leave=False, dynamic_ncols=True)
+
+
+class _NoBar:
+    def update(self, n=1):
+        pass
+
+    def close(self):
+        pass
 
 
 def size_text(size):

@@ -54,3 +54,14 @@ def test_eval_py_shows_a_bar_on_a_terminal_and_none_in_a_pipe(untrained, synthet
     piped = subprocess.run([sys.executable, *argv[:-4], "--num_samples", "20", "-bsize", "10"], cwd=ROOT,
                            capture_output=True, text=True)
     assert piped.returncode == 0 and "predicting" not in piped.stdout + piped.stderr and "\r" not in piped.stdout
+
+
+@pytest.mark.slow
+def test_a_long_attack_shows_its_steps_on_a_terminal(untrained, synthetic_dir):
+    """One batch under PGD-120: the bar moves within the batch, in steps (120 = 50 + 50 + 20), where a bar of batches
+    would stand at 0/1 until the end (PGD-500 once ran for minutes with no word)."""
+    status, output = run_on_terminal("eval.py", "-loc", untrained["float32"], "-data", synthetic_dir, "--num_samples",
+                                     "4", "--attack", "pgd", "--steps", "120")
+    assert status == 0, output[-3000:]
+    assert re.search(r"attacking \(PGD-120, eps 8/255\): .*50/120 ", output), output[-3000:]
+    assert "robust accuracy: " in output and "120 steps of" in output

@@ -6,13 +6,14 @@ import os
 import shutil
 
 import mindspore as ms
+import mindspore.nn as nn
 import numpy as np
 import pytest
 
 import eval as evaluate
 import train
 from conftest import ARCH, SMALL, expect_error, snapshot, train_in_subprocess
-from qatcifar import adversarial, attacks, quant, training
+from qatcifar import adversarial, attacks, networks, quant, training
 
 
 def test_random_starts_are_uniform_and_a_function_of_key_and_step():
@@ -39,6 +40,36 @@ def test_signed_steps_stay_in_the_ball_and_the_pixel_range():
     pixels = steps(ms.Tensor(clean), ms.Tensor(start), ms.Tensor(rng.integers(0, 10, 8).astype(np.int32))).asnumpy()
     assert np.abs(pixels - clean).max() <= eps + 1e-6 and pixels.min() >= 0 and pixels.max() <= 1
     assert (np.abs(pixels - start) > 0.01).mean() > 0.5  # the steps moved most pixels
+
+
+def test_an_attack_in_chunks_is_the_attack_in_one_run(monkeypatch):
+    """Attack runs its steps CHUNK at a time, for the progress bar: 5 steps as 2 + 2 + 1 are the 5 steps of one
+    SignedSteps, exactly, and the bar hears of each chunk."""
+    monkeypatch.setattr(attacks.Attack, "CHUNK", 2)
+    net = networks.resnet(ARCH).set_train(False)
+    rng = np.random.default_rng(0)
+    images, labels = rng.normal(size=(4, 3, 32, 32)).astype(np.float32), rng.integers(0, 10, 4)
+    attack, heard = attacks.Attack(net, "pgd", 8 / 255, steps=5, seed=1), []
+    attack.on_steps = heard.append
+    chunked = attack(images, labels)
+    assert heard == [2, 2, 1] and [chunk.steps for chunk in attack.chunks] == [2, 2, 1]
+    start = np.random.default_rng(1).uniform(-8 / 255, 8 / 255, images.shape).astype(np.float32)  # the first start
+    clean = attacks.to_pixels(images)
+    whole = attacks.SignedSteps(net, 8 / 255, 5, attack.step_size)(
+        ms.Tensor(clean), ms.Tensor(np.clip(clean + start, 0, 1).astype(np.float32)),
+        ms.Tensor(labels.astype(np.int32))).asnumpy()
+    np.testing.assert_array_equal(chunked, attacks.to_normalized(whole))
+
+
+def test_a_thousand_steps_compile_as_a_loop():
+    """In GRAPH_MODE the steps are a loop in the graph: 1,000 steps compile as fast as 10 (unrolled, 500 exceeded
+    MindSpore's call depth). A linear model keeps the steps cheap."""
+    ms.set_context(mode=ms.GRAPH_MODE)
+    net = nn.SequentialCell([nn.Flatten(), nn.Dense(3 * 32 * 32, 10)]).set_train(False)
+    clean = np.full((2, 3, 32, 32), 0.5, np.float32)
+    pixels = attacks.SignedSteps(net, 8 / 255, 1000, 1 / 255)(ms.Tensor(clean), ms.Tensor(clean),
+                                                               ms.Tensor(np.array([1, 2], np.int32))).asnumpy()
+    assert np.abs(pixels - clean).max() == pytest.approx(8 / 255) and np.abs(pixels - clean).max() <= 8 / 255 + 1e-6
 
 
 def make_step(flags):
