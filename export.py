@@ -3,13 +3,16 @@
     python export.py -loc checkpoints/resnet18_qat-40_1562.ckpt --format int8     # -> ...-40_1562.int8.npz
     python export.py -loc checkpoints/resnet18_qat-40_1562.ckpt --format onnx     # -> ...-40_1562.onnx
     python export.py -loc CKPT --format mindir -o model.mindir
+    python export.py -loc FLOAT.ckpt --format int8 --calibrate 512 -data data/cifar-10-batches-bin   # PTQ
 
 - `mindir`: `mindspore.export` of the inference network (QAT fake-quant or float32), its input
   (any batch, 3, 32, 32), or with --batch N a fixed (N, 3, 32, 32); it runs in any MindSpore
   runtime (`mindspore.load` + `nn.GraphCell`, or MindSpore Lite after conversion).
 - `int8`: BatchNorm folded into the convolutions, int8 weights with per-channel scales, int32
   biases and the observers' activation scales and zero points, in one .npz file that
-  `qatcifar/int8.py` runs with integer arithmetic only (see there). Needs a QAT checkpoint.
+  `qatcifar/int8.py` runs with integer arithmetic only (see there). From a QAT checkpoint; from a
+  float32 one with `--calibrate N` (post-training quantization, qatcifar/ptq.py: activation
+  ranges measured on the first N training images of -data).
 - `onnx`: for ONNX Runtime and other ONNX runtimes, any batch size. From a QAT checkpoint the
   int8 model above in QDQ form, which ONNX Runtime runs with integer kernels; from a float32
   checkpoint a float32 graph (see qatcifar/onnx_graph.py). The class names (from -data) and the
@@ -29,9 +32,10 @@ import mindspore as ms
 import numpy as np
 import onnx
 
-from qatcifar import checkpoint, cifar, files, int8, int8_export, onnx_graph, quant
+from qatcifar import checkpoint, cifar, files, int8, int8_export, onnx_graph, ptq, quant
 
 FORMATS = {"mindir": ".mindir", "int8": ".int8.npz", "onnx": ".onnx"}
+CALIBRATION_BATCH = 64
 MAX_BATCH = 65536  # a fixed batch is traced with a zero batch of that size: 786 MB at most
 
 
@@ -46,6 +50,12 @@ def get_args_parser():
     parser.add_argument("-data", "--data_dir", default=cifar.DEFAULT_DATA_DIR,
                         help="int8 and onnx: the data folder whose batches.meta.txt names the classes in the model "
                              "file (CIFAR-10's names if it has none)")
+    parser.add_argument("--calibrate", type=cli.int_range(1, 50000), default=None, metavar="N",
+                        help="int8 and onnx of a float32 checkpoint: post-training quantization, its activation "
+                             "ranges measured on the first N training images of -data (a few hundred do)")
+    parser.add_argument("--calibration", choices=ptq.METHODS, default=None,
+                        help="with --calibrate: an activation's range is its lowest and highest value (minmax, the "
+                             "default) or its 0.01th and 99.99th percentiles (percentile)")
     parser.add_argument("--batch", type=cli.int_range(1, MAX_BATCH), default=None,
                         help="fix the MindIR graph's batch size, for runtimes that need a static shape "
                              "(default: any batch size)")
@@ -65,10 +75,19 @@ def export(args):
     files.check_file(args.check_point)
     output = args.output or args.check_point[: -len(".ckpt")] + FORMATS[args.format]
     check_output(output, args)
+    check_calibration(args)
     source = os.path.basename(args.check_point)
     names = None if args.format == "mindir" else cifar.class_names(args.data_dir, cifar.CIFAR10_CLASSES)
     cli.setup_device(args.device)
     net, config = checkpoint.load_network(args.check_point, cifar.NUM_CLASSES)
+    if args.calibrate and config is not None:
+        raise cli.InputError(f"{args.check_point} is a QAT checkpoint, quantized in training; --calibrate quantizes "
+                             "a float32 one: export it without --calibrate")
+    if args.calibrate:
+        net, config = ptq.calibrate(net, cifar.calibration_dataset(args.data_dir, args.calibrate, CALIBRATION_BATCH),
+                                    args.calibration or "minmax")
+        print(f"post-training quantization: activation ranges ({args.calibration or 'minmax'}) of the first "
+              f"{args.calibrate} training images of {args.data_dir}")
     if args.format == "mindir":
         shape = (args.batch, 3, cifar.IMAGE_SIZE, cifar.IMAGE_SIZE)
         image = (ms.Tensor(np.zeros(shape, np.float32)) if args.batch
@@ -76,15 +95,19 @@ def export(args):
         write(output, lambda tmp: ms.export(net, image, file_name=tmp, file_format="MINDIR"), args.overwrite)
     elif args.format == "int8" or config is not None:  # onnx of a QAT checkpoint: the int8 model in QDQ form
         if config is None:
-            raise cli.InputError(f"{args.check_point} is a float32 checkpoint; int8 export needs a QAT one "
-                                 "(train without --no-qat)")
+            raise cli.InputError(f"{args.check_point} is a float32 checkpoint; quantize it after training with "
+                                 "--calibrate N -data DIR (post-training quantization on N training images), or "
+                                 "train a QAT one (without --no-qat)")
         header, arrays = int8_export.int8_model(net, config)
         header.update(source=source, class_names=names)
+        if args.calibrate:
+            header["calibration"] = {"method": args.calibration or "minmax", "images": args.calibrate}
         if args.format == "int8":
             write(output, lambda tmp: int8.save(tmp, header, arrays), args.overwrite)
         else:
             network = int8_export.network_record(net)
-            model = onnx_graph.from_int8(header, arrays, int8_export.metadata("int8 QDQ", source, names, network))
+            kind = "int8 QDQ, post-training" if args.calibrate else "int8 QDQ"
+            model = onnx_graph.from_int8(header, arrays, int8_export.metadata(kind, source, names, network))
             write(output, lambda tmp: onnx.save(model, tmp), args.overwrite)
     else:
         network = int8_export.network_record(net)
@@ -92,11 +115,22 @@ def export(args):
         write(output, lambda tmp: onnx.save(model, tmp), args.overwrite)
     report_sizes(net, output)
     if args.format == "onnx" and onnx_graph.uint8_weights(model):
-        print(f"note: {args.check_point} has {config.weight_bits}-bit weights: {output} stores them as uint8 with "
+        has = "is quantized after training with" if args.calibrate else "has"
+        print(f"note: {args.check_point} {has} {config.weight_bits}-bit weights: {output} stores them as uint8 with "
               "zero point 128, which ONNX Runtime runs exactly on every CPU but more slowly than the int8 weights of "
               f"a model trained with {quant.QuantConfig.weight_bits}-bit weights, train.py's default "
               "(docs/deployment.md#exact-on-every-cpu)")
     return output
+
+
+def check_calibration(args):
+    """Before any work: --calibrate makes an int8 model of a float32 checkpoint, from the training images of -data."""
+    if args.calibration and not args.calibrate:
+        raise cli.InputError("--calibration chooses how --calibrate measures activation ranges; add --calibrate N")
+    if args.calibrate and args.format == "mindir":
+        raise cli.InputError("--calibrate makes an int8 model; give --format int8 or --format onnx")
+    if args.calibrate:
+        cifar.check_data_dir(args.data_dir, True)
 
 
 def check_output(path, args):

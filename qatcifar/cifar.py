@@ -129,11 +129,27 @@ def create_dataset(data_dir, training, batch_size, repeat_num=1, num_parallel_wo
     image_ops = []
     if training:
         image_ops += [vision.RandomCrop(IMAGE_SIZE, padding=4), vision.RandomHorizontalFlip()]
-    image_ops += [vision.Rescale(1.0 / 255.0, 0.0), vision.Normalize(CIFAR10_MEAN, CIFAR10_STD), vision.HWC2CHW()]
+    image_ops += normalization(vision)
     data = data.map(image_ops, input_columns="image", num_parallel_workers=num_parallel_workers)
     data = data.map(transforms.TypeCast(ms.int32), input_columns="label", num_parallel_workers=num_parallel_workers)
     data = data.batch(batch_size, drop_remainder=training)
     return data.repeat(repeat_num)
+
+
+def calibration_dataset(data_dir, count, batch_size):
+    """The first `count` training images in file order, as evaluation sees images (no augmentation), in batches:
+    what post-training quantization measures activation ranges on (ptq.py)."""
+    import mindspore.dataset as ds
+    import mindspore.dataset.vision as vision
+
+    check_data_dir(data_dir, True)
+    data = ds.Cifar10Dataset(data_dir, usage="train", num_samples=count, shuffle=False)
+    return data.map(normalization(vision), input_columns="image").batch(batch_size)
+
+
+def normalization(vision):
+    """The pipeline's last operations on an image (mindspore.dataset.vision's): pixels to [0, 1], normalized, CHW."""
+    return [vision.Rescale(1.0 / 255.0, 0.0), vision.Normalize(CIFAR10_MEAN, CIFAR10_STD), vision.HWC2CHW()]
 
 
 def class_names(data_dir, default=None):

@@ -146,6 +146,14 @@ def trained(synthetic_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def trained_float(synthetic_dir, tmp_path_factory):
+    """A float32 ARCH (--no-qat) trained 2 short epochs on the learnable synthetic set: its checkpoint."""
+    savedir = str(tmp_path_factory.mktemp("float"))
+    return train_in_subprocess(*SMALL, "--no-qat", "-data", synthetic_dir, "-dir", savedir, "-e", "2", "-bsize", "32",
+                               "--num_samples", "256", "--eval_every", "0")
+
+
+@pytest.fixture(scope="session")
 def trained_evaluation(trained, synthetic_dir, tmp_path_factory):
     """eval.py --json --save_predictions on the trained checkpoint and the first 500 test images:
     (the accuracy main returned, the JSON line, the predictions)."""

@@ -132,11 +132,41 @@ def test_mindir_takes_any_batch_size_and_is_replaced_only_with_overwrite(untrain
     assert inference.load_model(output).fixed_batch == 2 and os.listdir(tmp_path) == ["m.mindir"]
 
 
-def test_int8_export_needs_a_qat_checkpoint(untrained, tmp_path, capsys):
+def test_int8_export_of_a_float_checkpoint_needs_calibrate(untrained, synthetic_dir, tmp_path, capsys):
     output = str(tmp_path / "m.int8.npz")
-    expect_error(export.main, ["-loc", untrained["float32"], "--format", "int8", "-o", output], capsys,
-                 "float32 checkpoint; int8 export needs a QAT one")
+    float32, qat = untrained["float32"], untrained["QAT"]
+    for argv, fragments in (
+            ([float32], ["float32 checkpoint; quantize it after training with --calibrate N -data DIR"]),
+            ([qat, "--calibrate", "8", "-data", synthetic_dir], ["is a QAT checkpoint", "without --calibrate"]),
+            ([float32, "--calibrate", "8", "--format", "mindir", "-o", str(tmp_path / "m.mindir")],
+             ["--calibrate makes an int8 model; give --format int8 or --format onnx"]),
+            ([float32, "--calibration", "percentile"], ["--calibration chooses how --calibrate", "add --calibrate N"]),
+            ([float32, "--calibrate", "8", "-data", str(tmp_path / "none")], ["does not exist"]),
+            ([float32, "--calibrate", "0"], ["--calibrate", "from 1 to 50000"])):
+        expect_error(export.main, ["-loc", *argv[:1], "-o", output, *argv[1:]], capsys, *fragments)
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["minmax", "percentile"])
+def test_post_training_quantization_of_a_float_checkpoint(method, trained_float, synthetic_dir, tmp_path, capsys):
+    """A float32 checkpoint, calibrated on 256 training images, as an int8 file and an int8 ONNX model: both
+    predict as the float model does on nearly every image, and exactly as each other (8-bit weights, stored as
+    uint8 in ONNX: exact on every CPU)."""
+    files = {}
+    for form, suffix in (("int8", ".int8.npz"), ("onnx", ".onnx")):
+        files[form] = export.main(["-loc", trained_float, "--format", form, "-o", str(tmp_path / f"m{suffix}"),
+                                   "--calibrate", "256", "--calibration", method, "-data", synthetic_dir])
+    printed = capsys.readouterr().out
+    assert f"post-training quantization: activation ranges ({method}) of the first 256 training images" in printed
+    assert "stores them as uint8 with zero point 128" in printed
+    assert int8.load(files["int8"])["header"]["weight_bits"] == 8
+    float_predictions, float_result = predictions(trained_float, synthetic_dir, tmp_path, capsys, "200")
+    int8_predictions, int8_result = predictions(files["int8"], synthetic_dir, tmp_path, capsys, "200")
+    onnx_predictions, _ = predictions(files["onnx"], synthetic_dir, tmp_path, capsys, "200")
+    np.testing.assert_array_equal(int8_predictions, onnx_predictions)
+    assert (int8_predictions == float_predictions).mean() >= 0.95
+    assert abs(int8_result["accuracy"] - float_result["accuracy"]) <= 0.05
 
 
 def test_int8_export_needs_quantized_activations(untrained, tmp_path, capsys):
