@@ -62,6 +62,8 @@ def main(argv=None):
         parser.error("--bn_fold and --freeze_bn need QAT; drop --no-qat")
     if args.freeze_bn is not None and not args.bn_fold:
         parser.error("--freeze_bn needs --bn_fold")
+    if (args.weight_bits or args.first_last_bits) and not args.qat:
+        parser.error("--weight_bits and --first_last_bits are QAT's; drop --no-qat")
     try:  # (Ctrl-C and SIGTERM go to the Guard, which stops training after the current step)
         return interrupts.run(train, args, deferred=True)
     except callbacks.Stop as stop:  # the documented exit statuses of an interrupted, diverged or failed run
@@ -90,7 +92,7 @@ def train(args):
 
     found = checkpoint.find_resume(run.resume, run.savedir) if run.resume else None
     run.arch = resumed_arch(run, found)
-    net = training.build_network(run, steps_per_epoch, resumed_weight_bits(found))
+    net = training.build_network(run, steps_per_epoch, resumed_bits(run, found))
     optimizer = training.make_optimizer(net, run, steps_per_epoch)
     train_net = training.build_train_network(net, optimizer, run, rank)
     if run.workers > 1:
@@ -149,11 +151,20 @@ def resumed_arch(run, found):
     return arch
 
 
-def resumed_weight_bits(found):
-    """The QAT weight bits of the run: those of the checkpoint it resumes (`found`: checkpoint.find_resume's), as it
-    was trained, else QuantConfig's."""
+def resumed_bits(run, found):
+    """The QAT weight bits of the run, (weight_bits, layer_bits): those of the checkpoint it resumes (`found`:
+    checkpoint.find_resume's), as it was trained, which --weight_bits and --first_last_bits may only repeat; else
+    None (the flags')."""
     config = checkpoint.quant_config(*found) if found else None
-    return (config or QuantConfig()).weight_bits
+    if config is None:
+        return None
+    bits = config.weight_bits, config.layer_bits
+    if (run.weight_bits or run.first_last_bits) and training.weight_bits_of(run) != bits:
+        layers = ", ".join(f"{layer} {b}" for layer, b in config.layer_bits)
+        raise cli.InputError(f"--resume {found[0]} trained {config.weight_bits}-bit weights"
+                             f"{f' ({layers})' if layers else ''}, not what --weight_bits and --first_last_bits ask; "
+                             "resume without them, or train the new widths into another -dir")
+    return bits
 
 
 def resume(run, found, train_net, dataset, steps_per_epoch):
@@ -167,8 +178,8 @@ def resume(run, found, train_net, dataset, steps_per_epoch):
         epoch, step_in_epoch = checkpoint.position(step, steps_per_epoch)
         print(f"resuming from {path}: after step {step} of {run.epoch * steps_per_epoch} (epoch {epoch}, step "
               f"{step_in_epoch} of {steps_per_epoch})", flush=True)
-        bits = resumed_weight_bits(found)
-        if run.qat and bits != QuantConfig.weight_bits:
+        bits = (checkpoint.quant_config(*found) or QuantConfig()).weight_bits
+        if run.qat and bits == 8:
             print(f"note: {path} was trained with {bits}-bit weights, and the run goes on with them; its int8 ONNX "
                   f"model will be exact on every CPU but slower than one of {QuantConfig.weight_bits}-bit weights "
                   "(docs/deployment.md#exact-on-every-cpu)", flush=True)

@@ -6,8 +6,11 @@
 
 The file (written by `python export.py --format int8`) is a numpy .npz archive: the key
 `header.json` holds a JSON document describing the graph, every other key is an array:
-int8 weights (of `weight_bits` bits: 7 from QAT, 8 from older checkpoints), float32
-per-channel weight scales and int32 biases per layer. Every tensor
+int8 weights (of `weight_bits` bits: 7 from QAT, 8 from older checkpoints and post-training
+quantization; a layer's own `weight_bits` where the layers differ), float32 per-channel weight
+scales and int32 biases per layer. Weights of at most 4 bits are packed, two to a byte (PACKED_BITS):
+a flat uint8 array, the first value of each pair in the low half of its byte, the layer's
+`weight_shape` in its node. Every tensor
 between layers is uint8 with its own scale and zero point (real = scale * (q - zero_point)).
 
 The inference follows Jacob et al. 2018, section 2: a layer multiplies int8 by int8 and
@@ -30,6 +33,7 @@ HEADER_KEY = "header.json"
 ADD_PRECISION_BITS = 16  # extra fraction bits of residual additions, rounded away once at the end
 MAX_MEMBERS, MAX_BYTES = 1000, 64 << 20  # an int8 ResNet-18 file: 84 arrays, 11.2 MB
 MAX_NODES = 1000  # operations; ResNet-18 has 31
+PACKED_BITS = 4  # weights of at most this many bits are stored two to a byte
 MAX_COLUMNS = 1 << 20  # values per image of a convolution's im2col or output (ResNet-18: at most 589,824)
 
 
@@ -39,19 +43,58 @@ BYTES_PER_LAYER = 1200
 
 
 def expected_size(profile):
-    """The size of the int8 file of a network, from networks.profile: a byte per weight, an int32 bias and a float32
-    scale per output channel, and each layer's records."""
-    return profile["weights"] + 8 * profile["channels"] + BYTES_PER_LAYER * profile["layers"]
+    """The size of the int8 file of a network, from networks.profile: its weights' bytes (one a weight, packed
+    weights half of one), an int32 bias and a float32 scale per output channel, and each layer's records."""
+    return profile["weight_bytes"] + 8 * profile["channels"] + BYTES_PER_LAYER * profile["layers"]
 
 
 def save(path, header, arrays):
-    """Write header and arrays as one .npz file (to exactly `path`; np.savez would append .npz)."""
+    """Write header and arrays as one .npz file (to exactly `path`; np.savez would append .npz), the weights of layers
+    of at most PACKED_BITS bits packed (`pack`)."""
     payload = dict(arrays)
+    if isinstance(header, dict) and isinstance(header.get("graph"), list):  # (the tests write broken ones too)
+        header = dict(header, graph=[dict(node) for node in header["graph"]])
+        for node in header["graph"]:
+            if "weight" in node and node.get("weight_bits", header.get("weight_bits", 8)) <= PACKED_BITS:
+                node["weight_shape"] = list(payload[node["weight"]].shape)
+                payload[node["weight"]] = pack(payload[node["weight"]])
     payload[HEADER_KEY] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
     archive = io.BytesIO()  # (in memory first: a zip archive cut short by a full disk raises again when collected)
     np.savez(archive, **payload)
     with open(path, "wb") as f:
         f.write(archive.getbuffer())
+
+
+def pack(weight):
+    """Signed values of at most 4 bits, two to a byte: the first of each pair in the low half (a flat uint8 array)."""
+    nibbles = (weight.reshape(-1).astype(np.int16) & 0xF).astype(np.uint8)
+    if len(nibbles) % 2:
+        nibbles = np.append(nibbles, np.uint8(0))
+    return nibbles[0::2] | (nibbles[1::2] << 4)
+
+
+def unpack(packed, shape):
+    """`pack`'s values back, as int8 of `shape`; ValueError if the bytes do not hold that many."""
+    count = math.prod(shape)
+    if packed.dtype != np.uint8 or packed.ndim != 1 or len(packed) != (count + 1) // 2:
+        raise ValueError(f"{packed.dtype} {packed.shape} does not hold {count} packed values of shape {shape}")
+    nibbles = np.stack([packed & 0xF, packed >> 4], axis=1).reshape(-1)[:count].astype(np.int8)
+    return np.where(nibbles > 7, nibbles - 16, nibbles).astype(np.int8).reshape(shape)
+
+
+def _unpack_weights(header, arrays):
+    """Unpack, in place, the weights the file's nodes say are packed (`weight_shape`)."""
+    for i, node in enumerate(header.get("graph") or []):
+        if not isinstance(node, dict) or "weight_shape" not in node:
+            continue
+        shape, name = node["weight_shape"], node.get("weight")
+        if not (isinstance(shape, list) and len(shape) in (2, 4) and all(_int(n, 1, 1 << 16) for n in shape)
+                and isinstance(name, str) and name in arrays):
+            raise ValueError(f"operation {i}: weight_shape {shape!r} of weight {name!r} is not an array's shape")
+        try:
+            arrays[name] = unpack(arrays[name], shape)
+        except ValueError as e:
+            raise ValueError(f"operation {i}: weight {name!r}: {e}") from None
 
 
 def load(path):
@@ -73,6 +116,7 @@ def load(path):
     if not isinstance(header, dict) or header.get("format") != FORMAT or header.get("version") != VERSION:
         found = (header.get("format"), header.get("version")) if isinstance(header, dict) else type(header).__name__
         raise ValueError(f"format {found}, expected {FORMAT!r} version {VERSION}")
+    _unpack_weights(header, arrays)
     model = {"header": header, "arrays": arrays}
     check(model)
     return model
@@ -113,9 +157,12 @@ def check(model):
     if not (isinstance(input_shape, list) and len(input_shape) == 3 and all(_int(n, 1, 4096) for n in input_shape)):
         raise ValueError(f"input_shape {input_shape!r} is not [channels, height, width]")
     shapes = {}  # tensor name -> shape of one image's tensor
+    bits = header.get("weight_bits", 8)  # (a layer's own, where it says)
+    if not _int(bits, 2, 8):
+        raise ValueError(f"weight_bits {bits!r} is not 2 to 8")
     for i, node in enumerate(graph):
         try:
-            _check_node(node, tensors, arrays, shapes, input_shape, last=i == len(graph) - 1)
+            _check_node(node, tensors, arrays, shapes, input_shape, last=i == len(graph) - 1, bits=bits)
         except (KeyError, TypeError, ValueError) as e:
             what = (e.args[0] if isinstance(e, ValueError) else f"{e.args[0]!r} is missing" if isinstance(e, KeyError)
                     else f"{type(e).__name__}: {e}")
@@ -125,7 +172,7 @@ def check(model):
         raise ValueError(f"num_classes {header.get('num_classes')!r} is not the logits' {shapes.get('logits')}")
 
 
-def _check_node(node, tensors, arrays, shapes, input_shape, last):
+def _check_node(node, tensors, arrays, shapes, input_shape, last, bits):
     op, out = node["op"], node["output"]
     if op not in ("quantize", "conv", "add", "mean", "dense"):
         raise ValueError(f"unknown operation {op!r}")
@@ -159,7 +206,7 @@ def _check_node(node, tensors, arrays, shapes, input_shape, last):
         if height * width * max(channels * k * k, out_channels) > MAX_COLUMNS:
             raise ValueError(f"a {height}x{width} output of {out_channels} channels from {channels}x{k}x{k} windows is "
                              f"more than the {MAX_COLUMNS} values per image this reference computes in memory")
-        scale = _weight_parameters(node, arrays, weight)
+        scale = _weight_parameters(node, arrays, weight, bits)
         _multiplier(tensors[sources[0]]["scale"] * scale.astype(np.float64) / tensors[out]["scale"])
         shapes[out] = (out_channels, height, width)
     elif op == "add":
@@ -176,7 +223,7 @@ def _check_node(node, tensors, arrays, shapes, input_shape, last):
         weight = _array(arrays, node["weight"], np.int8, 2)
         if shape != weight.shape[1:]:
             raise ValueError(f"weight {weight.shape} does not fit an input of shape {shape}")
-        _weight_parameters(node, arrays, weight)
+        _weight_parameters(node, arrays, weight, bits)
         shapes[out] = weight.shape[:1]
     if op in ("conv", "add") and not isinstance(node["relu"], bool):
         raise ValueError(f"relu {node['relu']!r} is not true or false")
@@ -189,9 +236,16 @@ def _quantization(tensors, name):
         raise ValueError(f"tensor {name!r} has no scale > 0 and zero_point in 0..255: {tensor!r}")
 
 
-def _weight_parameters(node, arrays, weight):
-    """Per-output-channel scales and int32 biases, and accumulators that stay within int32."""
+def _weight_parameters(node, arrays, weight, bits):
+    """Per-output-channel scales and int32 biases, accumulators that stay within int32, and weights within the
+    layer's bits (its own `weight_bits`, else the file's `bits`)."""
     channels = weight.shape[0]
+    bits = node.get("weight_bits", bits)
+    if not _int(bits, 2, 8):
+        raise ValueError(f"weight_bits {bits!r} is not 2 to 8")
+    limit = 2 ** (bits - 1)
+    if weight.size and (weight.min() < -limit or weight.max() > limit - 1):
+        raise ValueError(f"weights from {weight.min()} to {weight.max()} are not {bits}-bit values")
     scale = _array(arrays, node["weight_scale"], np.float32, 1)
     bias = _array(arrays, node["bias"], np.int32, 1)
     if scale.shape != (channels,) or bias.shape != (channels,):

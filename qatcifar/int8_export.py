@@ -43,7 +43,7 @@ class Int8Graph:
 
     def __init__(self, net, config):
         self.names = {id(cell): name for name, cell in net.cells_and_names()}
-        self.levels, self.weight_bits = 2 ** config.act_bits - 1, config.weight_bits
+        self.levels, self.weight_bits = 2 ** config.act_bits - 1, config.weight_bits  # (the file's; layers' own)
         self.nodes, self.tensors, self.arrays = [], {}, {}
 
     def _tensor(self, observer):
@@ -57,14 +57,15 @@ class Int8Graph:
         self.tensors[name] = {"scale": float(scale.asnumpy()), "zero_point": int(zero_point.asnumpy())}
         return name
 
-    def _weights(self, name, weight, bias, input_scale):
-        scale = quant.weight_scale(weight, self.weight_bits)
+    def _weights(self, name, weight, bias, input_scale, bits):
+        scale = quant.weight_scale(weight, bits)
         self.arrays[f"{name}.weight"] = quant.weight_levels(weight, scale).asnumpy().astype(np.int8)
         scale = scale.asnumpy().reshape(-1).astype(np.float32)
         self.arrays[f"{name}.weight_scale"] = scale
         bias_scale = np.float64(input_scale) * scale.astype(np.float64)
         self.arrays[f"{name}.bias"] = np.round(bias.asnumpy().astype(np.float64) / bias_scale).astype(np.int32)
-        return {"weight": f"{name}.weight", "weight_scale": f"{name}.weight_scale", "bias": f"{name}.bias"}
+        node = {"weight": f"{name}.weight", "weight_scale": f"{name}.weight_scale", "bias": f"{name}.bias"}
+        return node if bits == self.weight_bits else dict(node, weight_bits=bits)
 
     def input(self, net):
         out = self._tensor(net.conv1.input_quant)
@@ -76,7 +77,7 @@ class Int8Graph:
         weight, bias = unit.folded_weight_and_bias()
         node = {"op": "conv", "name": name, "input": source, "stride": unit.conv.stride[0],
                 "padding": unit.conv.padding if unit.conv.pad_mode == "pad" else 0, "relu": bool(unit.relu)}
-        node.update(self._weights(name, weight, bias, self.tensors[source]["scale"]))
+        node.update(self._weights(name, weight, bias, self.tensors[source]["scale"], unit.weight_quant.num_bits))
         node["output"] = self._tensor(unit.output_quant)
         self.nodes.append(node)
         return node["output"]
@@ -94,5 +95,6 @@ class Int8Graph:
     def dense(self, cell, source):
         name = self.names[id(cell)]
         node = {"op": "dense", "name": name, "input": source, "output": "logits"}
-        node.update(self._weights(name, cell.weight.value(), cell.bias.value(), self.tensors[source]["scale"]))
+        node.update(self._weights(name, cell.weight.value(), cell.bias.value(), self.tensors[source]["scale"],
+                                  cell.weight_quant.num_bits))
         self.nodes.append(node)

@@ -29,6 +29,8 @@ import mindspore.ops as ops
 
 from qatcifar.archs import ARCHS, DEFAULT_ARCH
 
+EDGE_LAYERS = ("conv1", "fc")  # a ResNet's first and last layer, by name
+
 
 class ConvBN(nn.Cell):
     """Convolution, BatchNorm and an optional ReLU: the unit an int8 runtime executes as one fused layer."""
@@ -137,12 +139,14 @@ def walk(net, graph):
 
 def profile(net, image_size=32):
     """What a network (float or quantized) costs, counted from its layers: {"arch", "params" (trainable),
-    "macs" (multiply-accumulates per image), "weights" (conv and dense weights), "channels" (their output
+    "macs" (multiply-accumulates per image), "weights" (conv and dense weights), "weight_bytes" (their bytes in an
+    int8 file: one a weight, half of one for a quantized layer of at most 4 bits), "channels" (their output
     channels: a bias and a scale each in an int8 file), "layers" (conv and dense layers)}."""
     counter = _Counter(image_size)
     walk(net, counter)
     return {"arch": getattr(net, "arch", None), "params": sum(p.size for p in net.trainable_params()),
-            "macs": counter.macs, "weights": counter.weights, "channels": counter.channels, "layers": counter.layers}
+            "macs": counter.macs, "weights": counter.weights, "weight_bytes": counter.weight_bytes,
+            "channels": counter.channels, "layers": counter.layers}
 
 
 class _Counter:
@@ -150,14 +154,16 @@ class _Counter:
 
     def __init__(self, image_size):
         self.shapes = {"image": (3, image_size, image_size)}
-        self.macs = self.weights = self.channels = self.layers = 0
+        self.macs = self.weights = self.weight_bytes = self.channels = self.layers = 0
 
-    def _layer(self, shape, weights, out_channels):
+    def _layer(self, shape, weights, out_channels, cell):
         name = f"t{len(self.shapes)}"
         self.shapes[name] = shape
         height, width = shape[1:] if len(shape) == 3 else (1, 1)
         self.macs += weights * height * width  # each weight is used once per output position
         self.weights += weights
+        bits = getattr(getattr(cell, "weight_quant", None), "num_bits", 8)  # (a quantized layer's)
+        self.weight_bytes += (weights + 1) // 2 if bits <= 4 else weights
         self.channels += out_channels
         self.layers += 1
         return name
@@ -171,7 +177,7 @@ class _Counter:
         pad = conv.padding if conv.pad_mode == "pad" else 0
         _, height, width = self.shapes[source]
         shape = (conv.out_channels, (height + 2 * pad - k) // s + 1, (width + 2 * pad - k) // s + 1)
-        return self._layer(shape, conv.out_channels * conv.in_channels * k * k, conv.out_channels)
+        return self._layer(shape, conv.out_channels * conv.in_channels * k * k, conv.out_channels, unit)
 
     def add(self, cell, sources):
         return sources[0]
@@ -180,4 +186,4 @@ class _Counter:
         return source
 
     def dense(self, fc, source):
-        return self._layer((fc.out_channels,), fc.in_channels * fc.out_channels, fc.out_channels)
+        return self._layer((fc.out_channels,), fc.in_channels * fc.out_channels, fc.out_channels, fc)

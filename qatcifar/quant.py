@@ -37,6 +37,7 @@ MindSpore 2.0, Golden Stick's SimQAT is GPU-only, and the FakeQuant* primitives 
 kernels. This module uses only standard ops (round, clip, min/max, stop_gradient, assign),
 so the same model trains in GRAPH_MODE on CPU and GPU.
 """
+import collections
 from dataclasses import dataclass
 
 import mindspore as ms
@@ -68,6 +69,11 @@ class QuantConfig:
     quant_delay: int = 0        # training steps before activations are quantized (observers warm up meanwhile)
     bn_fold: bool = False       # fold BatchNorm into the weights before quantizing them, in training too
     freeze_bn: int = -1         # with bn_fold: the step from which BatchNorm uses its moving statistics (-1: never)
+    layer_bits: tuple = ()      # ((layer name, weight bits), ...): layers whose weights differ from weight_bits
+
+    def bits_of(self, layer):
+        """The weight bits of the layer named `layer` (`conv1`, `layer2.0.conv1`, `fc`)."""
+        return dict(self.layer_bits).get(layer, self.weight_bits)
 
 
 # Adding and then subtracting 1.5 * 2^23 rounds a float32 of magnitude below 2^22 to the nearest
@@ -269,14 +275,14 @@ def fold_batchnorm(weight, bn):
 class QuantConvBN(nn.Cell):
     """ConvBN with int8 per-channel weights and an 8-bit output; keeps the float cell's parameter names."""
 
-    def __init__(self, unit, config, quantize_input=False):
+    def __init__(self, unit, config, quantize_input=False, weight_bits=None):
         super().__init__()
         self.conv = unit.conv
         self.bn = unit.bn
         self.relu = unit.relu
         self.input_quant = ActQuant(config) if quantize_input else None
         self.output_quant = ActQuant(config, relu=unit.relu)
-        self.weight_quant = WeightQuant(config.weight_bits)
+        self.weight_quant = WeightQuant(weight_bits or config.weight_bits)
         self.bn_fold = config.bn_fold
         if self.bn_fold:
             self.freeze_bn_step = Parameter(Tensor(config.freeze_bn, ms.int32), name="freeze_bn_step",
@@ -337,13 +343,13 @@ class QuantAdd(nn.Cell):
 class QuantDense(nn.Dense):
     """nn.Dense (2-D input, no activation) with fake-quantized input and per-row weights."""
 
-    def __init__(self, dense, config):
+    def __init__(self, dense, config, weight_bits=None):
         if dense.activation_flag:
             raise ValueError("quantize: nn.Dense with a fused activation is not supported")
         super().__init__(dense.in_channels, dense.out_channels, weight_init=dense.weight.value(),
                          bias_init=dense.bias.value() if dense.has_bias else None, has_bias=dense.has_bias)
         self.input_quant = ActQuant(config)
-        self.weight_quant = WeightQuant(config.weight_bits)
+        self.weight_quant = WeightQuant(weight_bits or config.weight_bits)
 
     def construct(self, x):
         x = self.input_quant(x).astype(x.dtype)  # float16 under --amp O2, where quantizers run in float32
@@ -361,15 +367,16 @@ def quantize(net, config=QuantConfig()):
     checkpoint can be loaded into the result and fine-tuned.
     """
     first = True
-    for _, parent in list(net.cells_and_names()):
+    for parent_name, parent in list(net.cells_and_names()):
         for child_name, child in list(parent.name_cells().items()):
+            bits = config.bits_of(f"{parent_name}.{child_name}" if parent_name else child_name)
             if type(child) is ConvBN:  # exact types: never wrap an already quantized cell
-                _replace_child(parent, child_name, QuantConvBN(child, config, quantize_input=first))
+                _replace_child(parent, child_name, QuantConvBN(child, config, quantize_input=first, weight_bits=bits))
                 first = False
             elif type(child) is ResidualAdd:
                 _replace_child(parent, child_name, QuantAdd(config))
             elif type(child) is nn.Dense:
-                _replace_child(parent, child_name, QuantDense(child, config))
+                _replace_child(parent, child_name, QuantDense(child, config, weight_bits=bits))
     # Replacing a child renames its parameters relative to the parent only; give them full names.
     for name, param in net.parameters_and_names():
         param.name = name
@@ -403,14 +410,17 @@ def config_from_checkpoint(params):
     module does not train: other than 2 to 8, or not the same in every layer."""
     if not any(name.endswith(OBSERVER_SUFFIX) for name in params):
         return None
-    records = [value.asnumpy() for name, value in params.items() if name.endswith(BITS_SUFFIX)]
-    if any(record.shape != () or record.dtype != np.int32 for record in records):
+    records = {name[:-len(BITS_SUFFIX)]: value.asnumpy() for name, value in params.items()
+               if name.endswith(BITS_SUFFIX)}
+    if any(record.shape != () or record.dtype != np.int32 for record in records.values()):
         raise ValueError("a weight-bits record is not one int32 number")
-    bits = {int(record) for record in records}
-    if len(bits) > 1 or not bits <= set(range(2, 9)):
-        raise ValueError(f"its layers record weight bits {sorted(bits)}: this version trains one width, 2 to 8 bits")
-    return QuantConfig(bn_fold=any(name.endswith(FOLD_SUFFIX) for name in params),
-                       weight_bits=bits.pop() if bits else UNRECORDED_WEIGHT_BITS)
+    bits = {layer: int(record) for layer, record in records.items()}
+    if not set(bits.values()) <= set(range(2, 9)):
+        raise ValueError(f"its layers record weight bits {sorted(set(bits.values()))}: this version trains 2 to 8 bits")
+    counts = collections.Counter(bits.values())
+    common = max(counts, key=lambda b: (counts[b], b)) if bits else UNRECORDED_WEIGHT_BITS  # (the most layers have)
+    return QuantConfig(bn_fold=any(name.endswith(FOLD_SUFFIX) for name in params), weight_bits=common,
+                       layer_bits=tuple(sorted((layer, b) for layer, b in bits.items() if b != common)))
 
 
 def add_unrecorded_bits(params, net):

@@ -48,6 +48,14 @@ def add_arguments(parser):
     cli.add_device_argument(parser)
     parser.add_argument("--qat", action=argparse.BooleanOptionalAction, default=True,
                         help="quantization-aware training (int8 weights and activations); --no-qat trains float32")
+    parser.add_argument("--weight_bits", type=cli.int_range(2, 8), default=None, metavar="B",
+                        help=f"QAT: the weights' bits, 2 to 8, but the first convolution's and the classifier's "
+                             f"(--first_last_bits); default {QuantConfig.weight_bits}, which ONNX Runtime computes "
+                             "exactly and fast on every CPU (8 bits: exactly, more slowly; 4 and fewer: two to a byte "
+                             "in the int8 file)")
+    parser.add_argument("--first_last_bits", type=cli.int_range(2, 8), default=None, metavar="B",
+                        help=f"QAT: the bits of the first convolution's and the classifier's weights (default "
+                             f"{QuantConfig.weight_bits}: they keep them, as the low-bit literature does)")
     parser.add_argument("--quant_delay", type=cli.non_negative_int, default=QuantConfig.quant_delay,
                         help="training steps before activations are quantized")
     parser.add_argument("--bn_fold", action=argparse.BooleanOptionalAction, default=False,
@@ -144,13 +152,24 @@ def load_validation_data(run):
         raise cli.InputError(f"{e} (for --eval_every; --eval_every 0 trains without validation)") from None
 
 
-def build_network(run, steps_per_epoch, weight_bits=QuantConfig.weight_bits):
+def build_network(run, steps_per_epoch, bits=None):
+    """The run's network; QAT with `bits`, (weight_bits, layer_bits) as QuantConfig takes them (a resumed
+    checkpoint's), else as the flags say (`weight_bits`)."""
     net = networks.resnet(run.arch or networks.DEFAULT_ARCH, cifar.NUM_CLASSES)
     if run.qat:
         freeze_step = -1 if run.freeze_bn is None else run.freeze_bn * steps_per_epoch
-        net = quantize(net, QuantConfig(weight_bits=weight_bits, quant_delay=run.quant_delay, bn_fold=run.bn_fold,
-                                        freeze_bn=freeze_step))
+        weight_bits, layer_bits = bits or weight_bits_of(run)
+        net = quantize(net, QuantConfig(weight_bits=weight_bits, layer_bits=layer_bits, quant_delay=run.quant_delay,
+                                        bn_fold=run.bn_fold, freeze_bn=freeze_step))
     return net
+
+
+def weight_bits_of(run):
+    """(weight_bits, layer_bits) of the flags: --weight_bits for every layer but the first and the last, which have
+    --first_last_bits (QuantConfig's default bits where a flag is not given)."""
+    bits = getattr(run, "weight_bits", None) or QuantConfig.weight_bits
+    edges = getattr(run, "first_last_bits", None) or QuantConfig.weight_bits
+    return bits, tuple((layer, edges) for layer in networks.EDGE_LAYERS) if edges != bits else ()
 
 
 def make_optimizer(net, run, steps_per_epoch):

@@ -106,15 +106,17 @@ def untrained(tmp_path_factory):
     return paths
 
 
-def observed_qat_net(arch=ARCH):
+def observed_qat_net(arch=ARCH, config=None):
     """An untrained QAT network in eval mode whose observers are set as after one step (activations in [-4, 4],
-    after a ReLU in [0, 4]): the whole structure in a second, its predictions meaningless."""
+    after a ReLU in [0, 4]): the whole structure in a second, its predictions meaningless. `config`: its
+    QuantConfig (default QAT's); its weights are the same for every config (seed 0)."""
     import mindspore as ms
 
     from qatcifar import networks
-    from qatcifar.quant import ActQuant, quantize
+    from qatcifar.quant import ActQuant, QuantConfig, quantize
 
-    net = quantize(networks.resnet(arch))
+    ms.set_seed(0)
+    net = quantize(networks.resnet(arch), config or QuantConfig())
     for _, cell in net.cells_and_names():
         if isinstance(cell, ActQuant):
             cell.steps.set_data(ms.Tensor(1, ms.int32))

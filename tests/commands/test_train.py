@@ -2,6 +2,7 @@
 input it must refuse."""
 import json
 import os
+import re
 
 import mindspore as ms
 import numpy as np
@@ -9,8 +10,10 @@ import pytest
 from PIL import Image
 
 import eval as evaluate
+import export
 import train
-from conftest import SMALL, expect_error, run_script, snapshot, train_in_subprocess
+from conftest import ARCH, SMALL, expect_error, run_script, snapshot, train_in_subprocess
+from qatcifar import checkpoint, int8, networks, quant
 
 
 @pytest.mark.slow
@@ -90,6 +93,42 @@ def test_the_seeds_resnet18_trains_exports_and_predicts(synthetic_dir, tmp_path)
 
 
 @pytest.mark.slow
+def test_4_bit_weights_train_export_packed_agree_and_resume(synthetic_dir, tmp_path, capsys):
+    """--weight_bits 4: the first convolution and the classifier keep 7 bits (recorded per layer in the checkpoint);
+    the int8 file packs the 4-bit weights (at most 70 % of the 7-bit file, and the size train.py announced); the int8
+    file and the ONNX model agree with the checkpoint; a resumed run keeps the widths, and refuses others."""
+    folder = str(tmp_path / "w4")
+    run = [*SMALL, "-data", synthetic_dir, "-dir", folder, "-bsize", "32", "--num_samples", "256", "--eval_every", "0"]
+    path, out = train_in_subprocess(*run, "-e", "1", "--weight_bits", "4", output=True)
+    net, config = checkpoint.load_network(path, 10)
+    assert (config.weight_bits, config.layer_bits) == (4, (("conv1", 7), ("fc", 7)))
+    assert [net.conv1.weight_quant.num_bits, net.layer1[0].conv1.weight_quant.num_bits, net.fc.weight_quant.num_bits] \
+        == [7, 4, 7]
+    files = {form: export.main(["-loc", path, "--format", form, "-o", str(tmp_path / f"m.{suffix}")])
+             for form, suffix in (("int8", "int8.npz"), ("onnx", "onnx"))}
+    size = os.path.getsize(files["int8"])  # against the 7-bit file's (test_export.py checks that estimate)
+    assert size <= 0.7 * int8.expected_size(networks.profile(quant.quantize(networks.resnet(ARCH))))
+    announced = re.search(r"int8 file \(export.py --format int8\) will be about (\d+) KB", out)
+    assert announced and abs(int(announced.group(1)) - size / 1e3) <= 1
+    model = int8.load(files["int8"])
+    assert {k: int(np.abs(v).max()) <= 7 for k, v in model["arrays"].items() if k.endswith(".weight")} == {
+        k: k not in ("conv1.weight", "fc.weight") for k in model["arrays"] if k.endswith(".weight")}
+    capsys.readouterr()
+    results = {}
+    for name, model_path in (("checkpoint", path), *files.items()):
+        evaluate.main(["-loc", model_path, "-data", synthetic_dir, "--num_samples", "200", "--json",
+                       "--save_predictions", str(tmp_path / f"{name}.npy")])
+        results[name] = np.load(tmp_path / f"{name}.npy")
+    np.testing.assert_array_equal(results["int8"], results["onnx"])
+    assert (results["int8"] == results["checkpoint"]).mean() >= 0.99
+    result = run_script("train.py", *run, "-e", "2", "--resume", "auto", "--weight_bits", "2")
+    assert result.returncode == 2 and "trained 4-bit weights (conv1 7, fc 7), not what --weight_bits" in result.stderr
+    path = train_in_subprocess(*run, "-e", "2", "--resume", "auto")
+    assert (checkpoint.load_network(path, 10)[1].layer_bits, checkpoint.load_network(path, 10)[1].weight_bits) == \
+        ((("conv1", 7), ("fc", 7)), 4)
+
+
+@pytest.mark.slow
 def test_rerun_into_same_folder_keeps_earlier_checkpoints_and_log(trained, synthetic_dir):
     _, savedir = trained
     before = snapshot(savedir)
@@ -161,6 +200,9 @@ def test_train_refuses_bad_data(kind, fragments, tmp_path, savedir, capsys):
     (["--amp", "O2"], "--amp O2 needs a GPU"),
     (["--amp", "O3"], "--amp: invalid choice: 'O3'"),
     (["--distributed"], "--distributed: this process was not started by msrun (MS_ROLE"),
+    (["--weight_bits", "1"], "--weight_bits: must be an integer from 2 to 8, got 1"),
+    (["--first_last_bits", "9"], "--first_last_bits: must be an integer from 2 to 8, got 9"),
+    (["--weight_bits", "4", "--no-qat"], "--weight_bits and --first_last_bits are QAT's; drop --no-qat"),
 ])
 def test_train_refuses_bad_flags(flags, fragment, synthetic_dir, savedir, capsys):
     before = snapshot(savedir)

@@ -1,4 +1,5 @@
 """qatcifar.int8: the integer arithmetic of the reference, and the checks of an int8 file before it is used."""
+import json
 import os
 
 import numpy as np
@@ -123,3 +124,43 @@ def test_an_int8_header_nested_too_deep_is_refused(tmp_path):
     np.savez(path, **{"header.json": np.frombuffer(b"[" * 100000 + b"]" * 100000, np.uint8)})
     with pytest.raises(ValueError, match="header.json is not JSON"):
         int8.load(str(path))
+
+
+@pytest.mark.parametrize("count", [1, 2, 7, 64])
+def test_packing_keeps_every_4_bit_value(count):
+    values = np.resize(np.arange(-8, 8, dtype=np.int8), count)
+    packed = int8.pack(values.reshape(count, 1))
+    assert packed.dtype == np.uint8 and len(packed) == (count + 1) // 2
+    np.testing.assert_array_equal(int8.unpack(packed, [count, 1]), values.reshape(count, 1))
+
+
+def test_a_layer_of_4_bit_weights_is_stored_packed_and_loads_as_it_was(int8_file, tmp_path):
+    model = int8.load(int8_file)
+    header, arrays = model["header"], model["arrays"]
+    layer = node(header, "layer1.0.conv1")
+    layer["weight_bits"] = 4
+    arrays["layer1.0.conv1.weight"] = np.clip(arrays["layer1.0.conv1.weight"], -8, 7)
+    path = str(tmp_path / "packed.int8.npz")
+    int8.save(path, header, arrays)
+    with np.load(path) as archive:
+        stored = archive["layer1.0.conv1.weight"]
+    assert stored.dtype == np.uint8 and stored.size == arrays["layer1.0.conv1.weight"].size // 2
+    loaded = int8.load(path)
+    np.testing.assert_array_equal(loaded["arrays"]["layer1.0.conv1.weight"], arrays["layer1.0.conv1.weight"])
+    assert "weight_bits" not in node(header, "layer1.0.conv2")  # (save changed no node of the caller's)
+    assert "weight_shape" not in layer
+    # A packed array that does not hold the shape its node claims; weights beyond their layer's bits.
+    layer["weight_shape"] = [16, 16, 3, 4]
+    with np.load(path) as archive:
+        payload = dict(archive)
+    payload[int8.HEADER_KEY] = np.frombuffer(json.dumps(dict(json.loads(payload[int8.HEADER_KEY].tobytes()),
+                                                             graph=header["graph"])).encode(), np.uint8)
+    np.savez(str(tmp_path / "cut.npz"), **payload)
+    with pytest.raises(ValueError, match="does not hold 3072 packed values of shape"):
+        int8.load(str(tmp_path / "cut.npz"))
+    del layer["weight_shape"]
+    layer["weight_bits"] = 3
+    int8.save(str(tmp_path / "wide.int8.npz"), header, dict(arrays, **{"layer1.0.conv1.weight": np.full(
+        arrays["layer1.0.conv1.weight"].shape, 7, np.int8)}))
+    with pytest.raises(ValueError, match="weights from 7 to 7 are not 3-bit values|not 3-bit"):
+        int8.load(str(tmp_path / "wide.int8.npz"))
