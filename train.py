@@ -27,7 +27,19 @@ import mindspore as ms
 import mindspore.dataset as ds
 from mindspore.train import Model
 
-from qatcifar import adversarial, callbacks, checkpoint, cifar, files, int8, networks, parallel, schedules, training
+from qatcifar import (
+    adversarial,
+    callbacks,
+    checkpoint,
+    cifar,
+    distill,
+    files,
+    int8,
+    networks,
+    parallel,
+    schedules,
+    training,
+)
 from qatcifar.plots import trim_metrics
 from qatcifar.quant import QuantConfig
 from qatcifar.training import SEED_DEFAULTS  # noqa: E402
@@ -135,7 +147,7 @@ def resolve(args):
     run.device, run.workers, run.global_batch = device, workers, args.batchsize * workers
     run.eval_every = (1 if has_test else 0) if args.eval_every is None else args.eval_every
     run.learningRate = args.learningRate * workers if args.scale_lr else args.learningRate
-    adversarial.resolve(run)
+    training.resolve_losses(run)
     return run, rank
 
 
@@ -206,6 +218,8 @@ def start_save_dir(args, run, resumed, net, epochs_done):
               f"(--scale_lr multiplies it by {run.workers})")
     if run.adv_train != "none":
         print(adversarial.describe(run))
+    if run.teacher:
+        print(distill.describe(run))
     if run.workers > 1:
         print(f"data parallel: {run.workers} workers, batch {run.batchsize} per worker, global batch "
               f"{run.global_batch}; each worker trains on its own 1/{run.workers} of every epoch", flush=True)

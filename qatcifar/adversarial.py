@@ -19,7 +19,6 @@ The random starts come from a counter-based hash of (--seed, the worker's rank, 
 step count), not from a random op with hidden state: the step count is in every checkpoint, so a
 resumed run draws exactly the starts of an uninterrupted one, and each msrun worker its own.
 """
-import argparse
 import copy
 
 import mindspore as ms
@@ -49,19 +48,12 @@ def add_arguments(parser):
                        help=f"pgd: attack steps per training step (default {DEFAULT_PGD_STEPS})")
     group.add_argument("--adv_step_size", type=attacks.pixel_fraction, default=None,
                        help=f"size of an attack step (default: fgsm {FGSM_STEP} x eps, pgd 2.5 x eps / steps)")
-    group.add_argument("--adv_ratio", type=ratio, default=None,
+    group.add_argument("--adv_ratio", type=cli.share, default=None,
                        help="share of each batch replaced by its adversarial version, in (0, 1] (default 1)")
     group.add_argument("--val_attack", choices=attacks.METHODS, default=None,
                        help="also report robust accuracy at each validation, against eval.py's attack of that "
                             "name at --adv_eps (pgd: 10 steps); best.ckpt is then the most robust model")
 
-
-def ratio(text):
-    """An argparse type: a share in (0, 1]."""
-    value = cli.positive_float(text)
-    if value > 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
 
 
 def resolve(run):

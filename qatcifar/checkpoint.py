@@ -25,6 +25,7 @@ from qatcifar import cli, files, networks, quant
 
 NAME = re.compile(r"^(?P<prefix>.+)-(?P<epoch>\d+)_(?P<step>\d+)(?P<interrupt>-interrupt)?\.ckpt$")
 RUN_RECORDS = ("epoch_num", "step_num", "steps_per_epoch", "learning_rate")  # besides the network and optimizer
+TEACHER_PREFIX = "teacher."  # a distillation teacher's parameters (distill.py): in no checkpoint
 ARCH_RECORD = "arch"  # the name of the network (networks.ARCHS), a string in every checkpoint train.py writes
 
 # The kinds of model a checkpoint can hold: the one place for these labels.
@@ -142,7 +143,8 @@ def arch(path, params):
 
 def network_arch(cell):
     """The `arch` of the networks.ResNet inside a cell (a training step, say), or None."""
-    return next((c.arch for _, c in cell.cells_and_names() if isinstance(c, networks.ResNet)), None)
+    return next((c.arch for name, c in cell.cells_and_names()
+                 if isinstance(c, networks.ResNet) and "teacher" not in name.split(".")), None)
 
 
 def quant_config(path, params):
@@ -224,7 +226,7 @@ def load_training_state(train_net, path, params, model_kind, quant_delay, steps_
     if delays and delays != {quant_delay}:
         raise cli.InputError(f"--resume {path} was trained with --quant_delay {min(delays)}, this run has "
                              f"{quant_delay}; {settings}")
-    own = {p.name: p for p in train_net.get_parameters() if p.name != "learning_rate"}
+    own = {p.name: p for p in train_net.get_parameters() if p.name != "learning_rate" and trained(p.name)}
     quant.add_unrecorded_bits(params, train_net)
     mismatch = describe_mismatch(own, params, ignored=lambda name: name in RUN_RECORDS + (ARCH_RECORD,))
     if mismatch:
@@ -250,7 +252,13 @@ def save(net, path, records):
     0400, as MindSpore writes it."""
     name = network_arch(net)
     records = {**records, ARCH_RECORD: name} if name else records
-    files.write_atomically(path, lambda tmp: ms.save_checkpoint(net, tmp, append_dict=records, crc_check=True))
+    files.write_atomically(path, lambda tmp: ms.save_checkpoint(net, tmp, append_dict=records, crc_check=True,
+                                                                choice_func=trained))
+
+
+def trained(name):
+    """Whether a parameter of a training step is the run's own: not a distillation teacher's (distill.py)."""
+    return not name.startswith(TEACHER_PREFIX)
 
 
 def save_parameters(params, path):

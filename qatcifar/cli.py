@@ -128,6 +128,14 @@ def non_negative_float(text):
     return value
 
 
+def share(text):
+    """An argparse type: a share in (0, 1]."""
+    value = positive_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
 def unit_interval(text):
     value = _parse(float, text)
     if not 0 <= value < 1:

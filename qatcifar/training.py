@@ -11,7 +11,7 @@ import argparse
 import mindspore as ms
 import mindspore.nn as nn
 
-from qatcifar import adversarial, cifar, cli, networks, quant, schedules
+from qatcifar import adversarial, cifar, cli, distill, networks, quant, schedules
 from qatcifar.quant import QuantConfig, quantize
 
 VALIDATION_BATCH = 100
@@ -102,6 +102,7 @@ def add_arguments(parser):
     parser.add_argument("--num_samples", type=cli.positive_int, default=None,
                         help="use N training images per epoch, drawn at random each epoch (default: all)")
     adversarial.add_arguments(parser)
+    distill.add_arguments(parser)
 
 
 def check_amp(args, device):
@@ -187,12 +188,24 @@ def make_loss(run):
     return nn.SoftmaxCrossEntropyWithLogits(sparse=True, reduction="mean")  # the seed's loss
 
 
+def resolve_losses(run):
+    """Check the flags of adversarial training and distillation and fill in their defaults (InputError)."""
+    adversarial.resolve(run)
+    distill.resolve(run)
+
+
 def build_train_network(net, optimizer, run, rank=0):
-    """One training step (loss, gradients, optimizer update) as a Cell: with --adv_train, on adversarial images
-    (adversarial.py, with worker `rank`'s random starts); with --amp, in mixed precision (amp_step)."""
+    """One training step (loss, gradients, optimizer update) as a Cell: with --teacher, on a distillation loss
+    (distill.py); with --adv_train, on adversarial images (adversarial.py, with worker `rank`'s random starts); with
+    --amp, in mixed precision (amp_step)."""
     if run.amp != "O0":
         return amp_step(net, optimizer, run)
-    step = nn.TrainOneStepCell(nn.WithLossCell(net, make_loss(run)), optimizer)
+    if getattr(run, "teacher", None):  # (knowledge distillation: distill.py)
+        loss = distill.DistillLoss(net, distill.load_teacher(run.teacher), make_loss(run), run.kd_weight,
+                                   run.kd_temperature)
+    else:
+        loss = nn.WithLossCell(net, make_loss(run))
+    step = nn.TrainOneStepCell(loss, optimizer)
     if run.adv_train != "none":
         step = adversarial.AdversarialStep(step, net, run, rank)
     return step
