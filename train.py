@@ -74,8 +74,8 @@ def main(argv=None):
         parser.error("--bn_fold and --freeze_bn need QAT; drop --no-qat")
     if args.freeze_bn is not None and not args.bn_fold:
         parser.error("--freeze_bn needs --bn_fold")
-    if (args.weight_bits or args.first_last_bits) and not args.qat:
-        parser.error("--weight_bits and --first_last_bits are QAT's; drop --no-qat")
+    if (args.weight_bits or args.first_last_bits or args.layer_bits) and not args.qat:
+        parser.error("--weight_bits, --first_last_bits and --layer_bits are QAT's; drop --no-qat")
     try:  # (Ctrl-C and SIGTERM go to the Guard, which stops training after the current step)
         return interrupts.run(train, args, deferred=True)
     except callbacks.Stop as stop:  # the documented exit statuses of an interrupted, diverged or failed run
@@ -171,11 +171,11 @@ def resumed_bits(run, found):
     if config is None:
         return None
     bits = config.weight_bits, config.layer_bits
-    if (run.weight_bits or run.first_last_bits) and training.weight_bits_of(run) != bits:
+    if (run.weight_bits or run.first_last_bits or run.layer_bits) and training.weight_bits_of(run) != bits:
         layers = ", ".join(f"{layer} {b}" for layer, b in config.layer_bits)
         raise cli.InputError(f"--resume {found[0]} trained {config.weight_bits}-bit weights"
-                             f"{f' ({layers})' if layers else ''}, not what --weight_bits and --first_last_bits ask; "
-                             "resume without them, or train the new widths into another -dir")
+                             f"{f' ({layers})' if layers else ''}, not what --weight_bits, --first_last_bits and "
+                             "--layer_bits ask; resume without them, or train the new widths into another -dir")
     return bits
 
 

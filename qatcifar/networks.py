@@ -137,6 +137,31 @@ def walk(net, graph):
     return graph.dense(net.fc, graph.mean(t, net.fc))
 
 
+def weighted_layers(net):
+    """{name: cell} of the network's convolution units and dense layers (float or quantized), in dataflow order:
+    the layers that have weights to quantize (`conv1`, `layer1.0.conv1`, ..., `fc`)."""
+    names = {id(cell): name for name, cell in net.cells_and_names()}
+    layers = {}
+
+    class Collect:
+        def input(self, net):
+            return None
+
+        def conv(self, unit, source):
+            layers[names[id(unit)]] = unit
+
+        def add(self, cell, sources):
+            return None
+
+        def mean(self, source, fc):
+            return None
+
+        def dense(self, fc, source):
+            layers[names[id(fc)]] = fc
+    walk(net, Collect())
+    return layers
+
+
 def profile(net, image_size=32):
     """What a network (float or quantized) costs, counted from its layers: {"arch", "params" (trainable),
     "macs" (multiply-accumulates per image), "weights" (conv and dense weights), "weight_bytes" (their bytes in an

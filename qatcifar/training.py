@@ -7,11 +7,12 @@ the optimizer, the loss and the training step (train.py runs them; bench.py time
     >>> step = training.build_train_network(net, training.make_optimizer(net, run, 1), run)
 """
 import argparse
+import json
 
 import mindspore as ms
 import mindspore.nn as nn
 
-from qatcifar import adversarial, cifar, cli, distill, networks, quant, schedules
+from qatcifar import adversarial, cifar, cli, distill, files, networks, quant, schedules
 from qatcifar.quant import QuantConfig, quantize
 
 VALIDATION_BATCH = 100
@@ -56,6 +57,9 @@ def add_arguments(parser):
     parser.add_argument("--first_last_bits", type=cli.int_range(2, 8), default=None, metavar="B",
                         help=f"QAT: the bits of the first convolution's and the classifier's weights (default "
                              f"{QuantConfig.weight_bits}: they keep them, as the low-bit literature does)")
+    parser.add_argument("--layer_bits", metavar="FILE", default=None,
+                        help="QAT: a JSON object of layer names and weight bits, e.g. {\"layer3.0.conv2\": 4}, over "
+                             "--weight_bits and --first_last_bits (eval.py --sensitivity suggests one)")
     parser.add_argument("--quant_delay", type=cli.non_negative_int, default=QuantConfig.quant_delay,
                         help="training steps before activations are quantized")
     parser.add_argument("--bn_fold", action=argparse.BooleanOptionalAction, default=False,
@@ -159,18 +163,41 @@ def build_network(run, steps_per_epoch, bits=None):
     net = networks.resnet(run.arch or networks.DEFAULT_ARCH, cifar.NUM_CLASSES)
     if run.qat:
         freeze_step = -1 if run.freeze_bn is None else run.freeze_bn * steps_per_epoch
-        weight_bits, layer_bits = bits or weight_bits_of(run)
+        weight_bits, layer_bits = bits or weight_bits_of(run, networks.weighted_layers(net))
         net = quantize(net, QuantConfig(weight_bits=weight_bits, layer_bits=layer_bits, quant_delay=run.quant_delay,
                                         bn_fold=run.bn_fold, freeze_bn=freeze_step))
     return net
 
 
-def weight_bits_of(run):
+def weight_bits_of(run, layers=None):
     """(weight_bits, layer_bits) of the flags: --weight_bits for every layer but the first and the last, which have
-    --first_last_bits (QuantConfig's default bits where a flag is not given)."""
+    --first_last_bits (QuantConfig's default bits where a flag is not given), then --layer_bits' layers; `layers`:
+    the network's (networks.weighted_layers), against which --layer_bits' names are checked."""
     bits = getattr(run, "weight_bits", None) or QuantConfig.weight_bits
     edges = getattr(run, "first_last_bits", None) or QuantConfig.weight_bits
-    return bits, tuple((layer, edges) for layer in networks.EDGE_LAYERS) if edges != bits else ()
+    chosen = {layer: edges for layer in networks.EDGE_LAYERS}
+    if getattr(run, "layer_bits", None):
+        chosen.update(read_layer_bits(run.layer_bits, layers))
+    return bits, tuple(sorted((layer, b) for layer, b in chosen.items() if b != bits))
+
+
+def read_layer_bits(path, layers=None):
+    """--layer_bits FILE: {layer name: weight bits 2 to 8}; InputError naming what is wrong (a name not among
+    `layers`, when given)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            chosen = json.load(f)
+    except (OSError, ValueError) as e:
+        raise cli.InputError(f"--layer_bits {path}: {files.why(e)}; give a JSON file like "
+                             '{"layer3.0.conv2": 4}') from None
+    if not isinstance(chosen, dict) or not all(type(b) is int and 2 <= b <= 8 for b in chosen.values()):
+        raise cli.InputError(f"--layer_bits {path} is not a JSON object of layer names and bits from 2 to 8, like "
+                             '{"layer3.0.conv2": 4}')
+    unknown = sorted(set(chosen) - set(layers)) if layers is not None else []
+    if unknown:
+        raise cli.InputError(f"--layer_bits {path} names {unknown[0]}, which is not a layer of this network; its "
+                             f"layers: {', '.join(layers)}")
+    return chosen
 
 
 def make_optimizer(net, run, steps_per_epoch):
@@ -189,9 +216,12 @@ def make_loss(run):
 
 
 def resolve_losses(run):
-    """Check the flags of adversarial training and distillation and fill in their defaults (InputError)."""
+    """Check the flags of adversarial training and distillation and fill in their defaults, and read --layer_bits
+    (InputError)."""
     adversarial.resolve(run)
     distill.resolve(run)
+    if getattr(run, "layer_bits", None):
+        read_layer_bits(run.layer_bits)
 
 
 def build_train_network(net, optimizer, run, rank=0):

@@ -202,7 +202,7 @@ def test_train_refuses_bad_data(kind, fragments, tmp_path, savedir, capsys):
     (["--distributed"], "--distributed: this process was not started by msrun (MS_ROLE"),
     (["--weight_bits", "1"], "--weight_bits: must be an integer from 2 to 8, got 1"),
     (["--first_last_bits", "9"], "--first_last_bits: must be an integer from 2 to 8, got 9"),
-    (["--weight_bits", "4", "--no-qat"], "--weight_bits and --first_last_bits are QAT's; drop --no-qat"),
+    (["--weight_bits", "4", "--no-qat"], "--weight_bits, --first_last_bits and --layer_bits are QAT's; drop --no-qat"),
 ])
 def test_train_refuses_bad_flags(flags, fragment, synthetic_dir, savedir, capsys):
     before = snapshot(savedir)

@@ -1,4 +1,7 @@
 """qatcifar.training and qatcifar.schedules: learning-rate schedules, label smoothing, mixed precision."""
+import json
+import re
+
 import mindspore as ms
 import mindspore.nn as nn
 import numpy as np
@@ -6,7 +9,7 @@ import pytest
 
 import train
 from conftest import SMALL
-from qatcifar import schedules, training
+from qatcifar import checkpoint, cli, networks, schedules, training
 
 
 def schedule(*flags, steps_per_epoch=10):
@@ -51,3 +54,31 @@ def test_mixed_precision_trains_the_qat_network_in_float16():
     assert np.isfinite(float(loss.asnumpy()))
     assert net.conv1.output_quant.max_val.dtype == ms.float32 and net.fc.weight.dtype == ms.float32
     assert int(net.conv1.output_quant.steps.asnumpy()) == 1
+
+
+def test_weight_bits_per_layer_from_the_flags_and_a_file_reach_the_checkpoint(tmp_path):
+    """--weight_bits for the body, --first_last_bits for conv1 and fc, --layer_bits' file over both; the checkpoint
+    records each layer's and reads back as the same QuantConfig."""
+    (tmp_path / "bits.json").write_text(json.dumps({"layer3.0.conv2": 3, "fc": 8}))
+    args = train.get_args_parser().parse_args([*SMALL, "--weight_bits", "4", "--first_last_bits", "6",
+                                               "--layer_bits", str(tmp_path / "bits.json")])
+    net = training.build_network(args, steps_per_epoch=1)
+    layers = networks.weighted_layers(net)
+    assert list(layers)[:2] == ["conv1", "layer1.0.conv1"] and list(layers)[-1] == "fc"
+    expected = {name: 4 for name in layers} | {"conv1": 6, "fc": 8, "layer3.0.conv2": 3}
+    assert {name: cell.weight_quant.num_bits for name, cell in layers.items()} == expected
+    checkpoint.save(net, str(tmp_path / "m.ckpt"), {})
+    config = checkpoint.quant_config("m.ckpt", checkpoint.read(str(tmp_path / "m.ckpt")))
+    assert config.weight_bits == 4 and dict(config.layer_bits) == {"conv1": 6, "fc": 8, "layer3.0.conv2": 3}
+
+
+@pytest.mark.parametrize("content, fragment", [
+    ("{", "--layer_bits {path}: "), ("[4]", "is not a JSON object of layer names and bits from 2 to 8"),
+    ('{"fc": 9}', "bits from 2 to 8"), ('{"fc": "4"}', "bits from 2 to 8"),
+    ('{"layer9.conv": 4}', "names layer9.conv, which is not a layer of this network; its layers: conv1, layer1.0")])
+def test_a_bad_layer_bits_file_is_one_line(content, fragment, tmp_path):
+    path = tmp_path / "bits.json"
+    path.write_text(content)
+    args = train.get_args_parser().parse_args([*SMALL, "--layer_bits", str(path)])
+    with pytest.raises(cli.InputError, match=re.escape(fragment.format(path=path))):
+        training.build_network(args, steps_per_epoch=1)
