@@ -29,7 +29,7 @@ import os
 
 import numpy as np
 
-from qatcifar import attacks, checkpoint, cifar, files, inference, plots
+from qatcifar import attacks, checkpoint, cifar, files, inference, int8, networks, plots, quant, sensitivity
 
 DEFAULT_CHECKPOINT_DIR = "checkpoints"  # train.py's default save directory
 
@@ -56,6 +56,17 @@ def get_args_parser():
                         help="write the accuracy per class and the confusion matrix to PATH (.csv, for a spreadsheet)")
     parser.add_argument("--overwrite", action="store_true", help="replace the --save_predictions, --plot or --csv "
                                                                   "file if it exists")
+    layers = parser.add_argument_group("per-layer sensitivity (QAT checkpoints)")
+    layers.add_argument("--sensitivity", action="store_true",
+                        help="also evaluate, layer by layer, the network with that layer's weights at "
+                             "--sensitivity_bits, and list the layers by the accuracy they lose")
+    layers.add_argument("--sensitivity_bits", type=cli.int_range(2, 8), default=4, metavar="B",
+                        help="with --sensitivity: the weight bits each layer is tried at")
+    layers.add_argument("--suggest_layer_bits", metavar="FILE", default=None,
+                        help="with --sensitivity and --size_budget: write a train.py --layer_bits file that gives the "
+                             "least sensitive layers --sensitivity_bits until the int8 file fits the budget")
+    layers.add_argument("--size_budget", type=cli.positive_float, default=None, metavar="KB",
+                        help="with --suggest_layer_bits: the int8 file's size to reach, in kilobytes (1,000 bytes)")
     attack = parser.add_argument_group("adversarial robustness (checkpoints only; pixel units: 8/255 or 0.0314)")
     attack.add_argument("--attack", choices=attacks.METHODS, default=None,
                         help="also attack every image (L-infinity) and report the robust accuracy")
@@ -88,6 +99,7 @@ def evaluate(args):
         if output:
             files.check_new_file(output, flag, args.overwrite, path, "the model file")
     attacks.resolve(args, path)
+    check_sensitivity(args, path)
     cli.setup_device(args.device)
     model = inference.load_model(path, args.threads)
     batch_size = model.fixed_batch or args.batchsize
@@ -118,6 +130,8 @@ def evaluate(args):
             attacks.save_folder(args.save_adversarial, args.data_dir, records, adversarial_note(attack, path, args))
             print(f"adversarial images: {args.save_adversarial} (evaluate any model file on them with "
                   f"eval.py -data {args.save_adversarial} --num_samples {total})")
+    if args.sensitivity:
+        result["sensitivity"] = report_sensitivity(args, model, dataset, accuracy, path)
     if args.save_predictions:
         with files.output(args.save_predictions, "--save_predictions"):
             save_predictions(args.save_predictions, predictions, args.overwrite)
@@ -134,6 +148,60 @@ def evaluate(args):
     if args.json:
         print(json.dumps(result))
     return accuracy
+
+
+def check_sensitivity(args, path):
+    """Before any work: the sensitivity flags against each other and the model file (a checkpoint)."""
+    given = [flag for flag, value in (("--suggest_layer_bits", args.suggest_layer_bits),
+                                      ("--size_budget", args.size_budget)) if value]
+    if given and not args.sensitivity:
+        raise cli.InputError(f"{given[0]} comes from the layers' sensitivity; add --sensitivity")
+    if bool(args.suggest_layer_bits) != bool(args.size_budget):
+        raise cli.InputError("--suggest_layer_bits FILE and --size_budget KB go together")
+    if args.sensitivity and not path.endswith(".ckpt"):
+        raise cli.InputError(f"--sensitivity changes a layer's weight bits, which only a QAT checkpoint can; {path} "
+                             "is not one: give the .ckpt it was exported from")
+    if args.suggest_layer_bits:
+        files.check_new_file(args.suggest_layer_bits, "--suggest_layer_bits", args.overwrite, path, "the model file")
+    if args.sensitivity and args.plot:
+        files.check_new_file(sensitivity_chart(args.plot), "--plot", args.overwrite, path, "the model file")
+
+
+def sensitivity_chart(plot):
+    """Where --plot's sensitivity bar chart goes: beside the confusion matrix, `<name>-sensitivity.png`."""
+    return plot[:-len(".png")] + "-sensitivity.png"
+
+
+def report_sensitivity(args, model, dataset, accuracy, path):
+    """Print the layers by the accuracy they lose at --sensitivity_bits, write the suggested --layer_bits file and
+    the bar chart; return the JSON records."""
+    if model.network is None or not networks.weighted_layers(model.network) or not isinstance(
+            next(iter(networks.weighted_layers(model.network).values())), quant.QuantConvBN):
+        raise cli.InputError(f"--sensitivity changes a layer's weight bits; {path} is a float32 checkpoint, which has "
+                             "none: give a QAT one")
+    records = sensitivity.measure(model.network, dataset, args.sensitivity_bits, accuracy)
+    print(f"sensitivity: the accuracy with one layer's weights at {args.sensitivity_bits} bits (the rest as trained; "
+          f"{100 * accuracy:.2f}% as trained), the most sensitive layer first:")
+    width = max(len(r["layer"]) for r in records)
+    for r in records:
+        print(f"  {r['layer']:<{width}}  {r['trained_bits']} -> {r['bits']} bits  {r['weights']:>9,} weights  "
+              f"{100 * r['accuracy']:6.2f}%  ({100 * (r['accuracy'] - accuracy):+.2f})")
+    if args.suggest_layer_bits:
+        size = int8.expected_size(networks.profile(model.network))
+        chosen, reached = sensitivity.suggest(records, size, 1000 * args.size_budget)
+        with files.output(args.suggest_layer_bits, "--suggest_layer_bits"):
+            files.write_text(args.suggest_layer_bits, json.dumps(chosen, indent=2, sort_keys=True) + "\n")
+        fits = "fits" if reached <= 1000 * args.size_budget else "is the smallest this suggestion reaches and misses"
+        print(f"wrote {args.suggest_layer_bits}: {len(chosen)} layers at {args.sensitivity_bits} bits; the int8 file "
+              f"would be about {cli.size_text(reached)}, which {fits} the {args.size_budget:g} KB budget (train with "
+              f"python train.py --layer_bits {args.suggest_layer_bits} ...)")
+    if args.plot:
+        chart = sensitivity_chart(args.plot)
+        with files.output(chart, "--plot"):
+            plots.save_sensitivity(records, accuracy, chart, f"{os.path.basename(path)}: one layer at "
+                                   f"{args.sensitivity_bits}-bit weights")
+        print(f"wrote {chart}")
+    return records
 
 
 def per_class(names, confusion):
