@@ -84,10 +84,10 @@ def export(args):
         raise cli.InputError(f"{args.check_point} is a QAT checkpoint, quantized in training; --calibrate quantizes "
                              "a float32 one: export it without --calibrate")
     if args.calibrate:
-        net, config = ptq.calibrate(net, cifar.calibration_dataset(args.data_dir, args.calibrate, CALIBRATION_BATCH),
-                                    args.calibration or "minmax")
-        print(f"post-training quantization: activation ranges ({args.calibration or 'minmax'}) of the first "
-              f"{args.calibrate} training images of {args.data_dir}")
+        calibration = cifar.calibration_dataset(args.data_dir, args.calibrate, CALIBRATION_BATCH)
+        net, config, images = ptq.calibrate(net, calibration, args.calibration or "minmax")
+        print(f"post-training quantization: activation ranges ({args.calibration or 'minmax'}) of the first {images} "
+              f"training images of {args.data_dir}{' (all it has)' if images < args.calibrate else ''}")
     if args.format == "mindir":
         shape = (args.batch, 3, cifar.IMAGE_SIZE, cifar.IMAGE_SIZE)
         image = (ms.Tensor(np.zeros(shape, np.float32)) if args.batch
@@ -101,7 +101,7 @@ def export(args):
         header, arrays = int8_export.int8_model(net, config)
         header.update(source=source, class_names=names)
         if args.calibrate:
-            header["calibration"] = {"method": args.calibration or "minmax", "images": args.calibrate}
+            header["calibration"] = {"method": args.calibration or "minmax", "images": images}
         if args.format == "int8":
             write(output, lambda tmp: int8.save(tmp, header, arrays), args.overwrite)
         else:

@@ -1,7 +1,7 @@
 """Post-training quantization (PTQ): a trained float32 network made into the QAT network export.py writes as an
 int8 file or an int8 ONNX model, with its activation ranges measured on calibration images instead of trained.
 
-    >>> qnet, config = ptq.calibrate(float_net, cifar.calibration_dataset(data_dir, 512, 64), "minmax")
+    >>> qnet, config, images = ptq.calibrate(float_net, cifar.calibration_dataset(data_dir, 512, 64), "minmax")
 
 - Weights: symmetric, per output channel, as QAT's, but 8 bits (WEIGHT_BITS), from the float
   weights; BatchNorm is folded into them when the int8 model is written (int8_export.py). A
@@ -31,7 +31,7 @@ SAMPLE = 20_000     # values kept of each quantizer's output per batch, for `per
 
 def calibrate(net, dataset, method="minmax"):
     """Quantize the float32 network `net` (in place) and set its activation ranges from `dataset`'s images (a
-    pipeline of normalized batches); return (the network in eval mode, its QuantConfig)."""
+    pipeline of normalized batches); return (the network in eval mode, its QuantConfig, the images seen)."""
     config = QuantConfig(weight_bits=WEIGHT_BITS)
     qnet = quantize(net, config).set_train(False)
     quantizers = [cell for _, cell in qnet.cells_and_names() if isinstance(cell, ActQuant)]
@@ -47,9 +47,11 @@ def calibrate(net, dataset, method="minmax"):
     mode = ms.get_context("mode")
     ms.set_context(mode=ms.PYNATIVE_MODE)  # (hooks run in PYNATIVE_MODE only)
     handles = [cell.register_forward_hook(observe) for cell in quantizers]
+    seen_images = 0
     try:
         for (images, _) in dataset.create_tuple_iterator(num_epochs=1, output_numpy=True):
             qnet(ms.Tensor(images))
+            seen_images += len(images)
     finally:
         for handle in handles:
             handle.remove()
@@ -63,4 +65,4 @@ def calibrate(net, dataset, method="minmax"):
         cell.min_val.set_data(ms.Tensor(float(low), ms.float32))
         cell.max_val.set_data(ms.Tensor(float(high), ms.float32))
         cell.steps.set_data(ms.Tensor(1, ms.int32))  # (one step past quant_delay 0: eval quantizes)
-    return qnet, config
+    return qnet, config, seen_images

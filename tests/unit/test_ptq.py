@@ -11,7 +11,8 @@ from qatcifar.quant import ActQuant
 def test_calibration_takes_the_ranges_of_the_float_activations(method, synthetic_dir):
     dataset = cifar.calibration_dataset(synthetic_dir, 96, 32)
     images = np.concatenate([x for x, _ in dataset.create_tuple_iterator(num_epochs=1, output_numpy=True)])
-    qnet, config = ptq.calibrate(networks.resnet(ARCH).set_train(False), dataset, method)
+    qnet, config, seen = ptq.calibrate(networks.resnet(ARCH).set_train(False), dataset, method)
+    assert seen == 96
     assert config.weight_bits == ptq.WEIGHT_BITS == 8 and not qnet.training
     quantizers = [(name, cell) for name, cell in qnet.cells_and_names() if isinstance(cell, ActQuant)]
     assert len(quantizers) > 5 and all(int(cell.steps.asnumpy()) == 1 for _, cell in quantizers)  # eval quantizes
