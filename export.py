@@ -99,6 +99,10 @@ def export(args):
                                  "--calibrate N -data DIR (post-training quantization on N training images), or "
                                  "train a QAT one (without --no-qat)")
         header, arrays = int8_export.int8_model(net, config)
+        if args.format == "onnx" and config.act_bits < quant.ACT_BITS:
+            raise cli.InputError(f"{args.check_point} has {config.act_bits}-bit activations, which an ONNX model "
+                                 "cannot hold: its uint8 QuantizeLinear saturates at 255, not at "
+                                 f"{2 ** config.act_bits - 1}; export --format int8 (the integer reference runs it)")
         header.update(source=source, class_names=names)
         if args.calibrate:
             header["calibration"] = {"method": args.calibration or "minmax", "images": images}

@@ -74,8 +74,8 @@ def main(argv=None):
         parser.error("--bn_fold and --freeze_bn need QAT; drop --no-qat")
     if args.freeze_bn is not None and not args.bn_fold:
         parser.error("--freeze_bn needs --bn_fold")
-    if (args.weight_bits or args.first_last_bits or args.layer_bits) and not args.qat:
-        parser.error("--weight_bits, --first_last_bits and --layer_bits are QAT's; drop --no-qat")
+    if (args.weight_bits or args.first_last_bits or args.layer_bits or args.act_bits) and not args.qat:
+        parser.error("--weight_bits, --first_last_bits, --layer_bits and --act_bits are QAT's; drop --no-qat")
     try:  # (Ctrl-C and SIGTERM go to the Guard, which stops training after the current step)
         return interrupts.run(train, args, deferred=True)
     except callbacks.Stop as stop:  # the documented exit statuses of an interrupted, diverged or failed run
@@ -164,19 +164,22 @@ def resumed_arch(run, found):
 
 
 def resumed_bits(run, found):
-    """The QAT weight bits of the run, (weight_bits, layer_bits): those of the checkpoint it resumes (`found`:
-    checkpoint.find_resume's), as it was trained, which --weight_bits and --first_last_bits may only repeat; else
-    None (the flags')."""
+    """The QAT bits of the run, (weight_bits, layer_bits, act_bits): those of the checkpoint it resumes (`found`:
+    checkpoint.find_resume's), as it was trained, which --weight_bits, --first_last_bits, --layer_bits and
+    --act_bits may only repeat; else None (the flags')."""
     config = checkpoint.quant_config(*found) if found else None
     if config is None:
         return None
+    if run.act_bits and run.act_bits != config.act_bits:
+        raise cli.InputError(f"--resume {found[0]} trained {config.act_bits}-bit activations, not --act_bits "
+                             f"{run.act_bits}; resume without --act_bits, or train them into another -dir")
     bits = config.weight_bits, config.layer_bits
     if (run.weight_bits or run.first_last_bits or run.layer_bits) and training.weight_bits_of(run) != bits:
         layers = ", ".join(f"{layer} {b}" for layer, b in config.layer_bits)
         raise cli.InputError(f"--resume {found[0]} trained {config.weight_bits}-bit weights"
                              f"{f' ({layers})' if layers else ''}, not what --weight_bits, --first_last_bits and "
                              "--layer_bits ask; resume without them, or train the new widths into another -dir")
-    return bits
+    return (*bits, config.act_bits)
 
 
 def resume(run, found, train_net, dataset, steps_per_epoch):

@@ -11,7 +11,8 @@ quantization; a layer's own `weight_bits` where the layers differ), float32 per-
 scales and int32 biases per layer. Weights of at most 4 bits are packed, two to a byte (PACKED_BITS):
 a flat uint8 array, the first value of each pair in the low half of its byte, the layer's
 `weight_shape` in its node. Every tensor
-between layers is uint8 with its own scale and zero point (real = scale * (q - zero_point)).
+between layers is uint8 with its own scale and zero point (real = scale * (q - zero_point)),
+saturated at 255, or at 2^bits - 1 where the tensor has `bits` (activations of fewer bits).
 
 The inference follows Jacob et al. 2018, section 2: a layer multiplies int8 by int8 and
 accumulates in int32, adds an int32 bias (scale: input scale x weight scale), and
@@ -231,9 +232,10 @@ def _check_node(node, tensors, arrays, shapes, input_shape, last, bits):
 
 def _quantization(tensors, name):
     tensor = tensors[name]
-    if not (isinstance(tensor, dict) and _real(tensor.get("scale"), 1e-30, 1e30)
-            and _int(tensor.get("zero_point"), 0, 255)):
-        raise ValueError(f"tensor {name!r} has no scale > 0 and zero_point in 0..255: {tensor!r}")
+    bits = tensor.get("bits", 8) if isinstance(tensor, dict) else 8
+    if not (isinstance(tensor, dict) and _real(tensor.get("scale"), 1e-30, 1e30) and _int(bits, 2, 8)
+            and _int(tensor.get("zero_point"), 0, 2 ** bits - 1)):
+        raise ValueError(f"tensor {name!r} has no scale > 0, bits 2 to 8 and zero_point in 0..2^bits - 1: {tensor!r}")
 
 
 def _weight_parameters(node, arrays, weight, bits):
@@ -300,8 +302,9 @@ def requantize(values, multiplier):
     return (product + (np.int64(1) << (right - 1))) >> right
 
 
-def quantize_input(x, scale, zero_point):
-    return np.clip(np.round(x / np.float32(scale)) + zero_point, 0, 255).astype(np.uint8)
+def quantize_input(x, tensor):
+    top = 2 ** tensor.get("bits", 8) - 1
+    return np.clip(np.round(x / np.float32(tensor["scale"])) + tensor["zero_point"], 0, top).astype(np.uint8)
 
 
 def conv(q, zero_point, weight, bias, stride, padding):
@@ -322,9 +325,10 @@ def conv(q, zero_point, weight, bias, stride, padding):
 
 
 def to_uint8(q, tensor, relu):
-    """Add the output's zero point and saturate; ReLU is the clamp at the zero point."""
+    """Add the output's zero point and saturate (at 2^bits - 1: 255, or fewer levels); ReLU is the clamp at the zero
+    point."""
     q = q + tensor["zero_point"]
-    return np.clip(q, tensor["zero_point"] if relu else 0, 255).astype(np.uint8)
+    return np.clip(q, tensor["zero_point"] if relu else 0, 2 ** tensor.get("bits", 8) - 1).astype(np.uint8)
 
 
 def run(model, images):
@@ -336,7 +340,7 @@ def run(model, images):
         op = node["op"]
         out = tensors.get(node["output"])
         if op == "quantize":
-            values[node["output"]] = quantize_input(images, out["scale"], out["zero_point"])
+            values[node["output"]] = quantize_input(images, out)
         elif op == "conv":
             source = tensors[node["input"]]
             weight_scale = arrays[node["weight_scale"]].astype(np.float64)

@@ -25,9 +25,6 @@ def network_record(net):
 
 def int8_model(net, config):
     """The header and arrays of the int8 file, from a QAT ResNet in eval mode and its QuantConfig."""
-    if config.weight_bits > 8 or config.act_bits != 8:
-        raise cli.InputError(f"the int8 file holds weights of at most 8 bits and 8-bit activations; this checkpoint "
-                             f"has {config.weight_bits}-bit weights and {config.act_bits}-bit activations")
     graph = Int8Graph(net, config)
     networks.walk(net, graph)
     header = {"format": int8.FORMAT, "version": int8.VERSION, **network_record(net),
@@ -43,7 +40,7 @@ class Int8Graph:
 
     def __init__(self, net, config):
         self.names = {id(cell): name for name, cell in net.cells_and_names()}
-        self.levels, self.weight_bits = 2 ** config.act_bits - 1, config.weight_bits  # (the file's; layers' own)
+        self.weight_bits = config.weight_bits  # (the file's; layers have their own)
         self.nodes, self.tensors, self.arrays = [], {}, {}
 
     def _tensor(self, observer):
@@ -52,9 +49,12 @@ class Int8Graph:
             raise cli.InputError(f"{self.names[id(observer)]} has seen {steps} training steps, not more than its "
                                  f"quant_delay {delay}: activations are not quantized yet; train longer or with a "
                                  "smaller --quant_delay")
-        scale, zero_point = quant.activation_qparams(observer.min_val.value(), observer.max_val.value(), self.levels)
+        scale, zero_point = quant.activation_qparams(observer.min_val.value(), observer.max_val.value(),
+                                                     observer.levels)
         name = f"t{len(self.tensors)}"
         self.tensors[name] = {"scale": float(scale.asnumpy()), "zero_point": int(zero_point.asnumpy())}
+        if observer.num_bits != quant.ACT_BITS:  # (fewer levels: saturated at 2^bits - 1)
+            self.tensors[name]["bits"] = observer.num_bits
         return name
 
     def _weights(self, name, weight, bias, input_scale, bits):

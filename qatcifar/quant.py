@@ -52,6 +52,8 @@ from qatcifar.networks import ConvBN, ResidualAdd
 OBSERVER_SUFFIX = "_quant.steps"
 FOLD_SUFFIX = ".freeze_bn_step"
 BITS_SUFFIX = ".weight_quant.bits"
+ACT_BITS_SUFFIX = "_quant.act_bits"  # an activation quantizer of other than ACT_BITS bits
+ACT_BITS = 8  # activations, but where --act_bits says otherwise; the network's input and the classifier's always
 # Checkpoints written before each layer recorded its weight bits were all trained with 8-bit weights.
 UNRECORDED_WEIGHT_BITS = 8
 EPS = 1e-8
@@ -209,9 +211,12 @@ class ActQuant(nn.Cell):
     clip at 0 is the ReLU (and the float ReLU's own output need not be kept for its gradient).
     """
 
-    def __init__(self, config, relu=False):
+    def __init__(self, config, relu=False, bits=None):
         super().__init__()
-        self.levels = 2 ** config.act_bits - 1
+        self.num_bits = bits or config.act_bits
+        self.levels = 2 ** self.num_bits - 1
+        if self.num_bits != ACT_BITS:  # (recorded where it is not 8, so that 8-bit checkpoints stay as they were)
+            self.act_bits = Parameter(Tensor(self.num_bits, ms.int32), name="act_bits", requires_grad=False)
         self.relu = relu
         self.fake_quant = FakeQuant(relu)
         self.clip_quant = ClipQuant(self.levels, relu)
@@ -280,7 +285,7 @@ class QuantConvBN(nn.Cell):
         self.conv = unit.conv
         self.bn = unit.bn
         self.relu = unit.relu
-        self.input_quant = ActQuant(config) if quantize_input else None
+        self.input_quant = ActQuant(config, bits=ACT_BITS) if quantize_input else None  # (the image: 8 bits)
         self.output_quant = ActQuant(config, relu=unit.relu)
         self.weight_quant = WeightQuant(weight_bits or config.weight_bits)
         self.bn_fold = config.bn_fold
@@ -348,7 +353,7 @@ class QuantDense(nn.Dense):
             raise ValueError("quantize: nn.Dense with a fused activation is not supported")
         super().__init__(dense.in_channels, dense.out_channels, weight_init=dense.weight.value(),
                          bias_init=dense.bias.value() if dense.has_bias else None, has_bias=dense.has_bias)
-        self.input_quant = ActQuant(config)
+        self.input_quant = ActQuant(config, bits=ACT_BITS)  # (the classifier's input: 8 bits)
         self.weight_quant = WeightQuant(weight_bits or config.weight_bits)
 
     def construct(self, x):
@@ -419,8 +424,13 @@ def config_from_checkpoint(params):
         raise ValueError(f"its layers record weight bits {sorted(set(bits.values()))}: this version trains 2 to 8 bits")
     counts = collections.Counter(bits.values())
     common = max(counts, key=lambda b: (counts[b], b)) if bits else UNRECORDED_WEIGHT_BITS  # (the most layers have)
+    acts = {int(value.asnumpy()) for name, value in params.items()
+            if name.endswith(ACT_BITS_SUFFIX) and value.asnumpy().shape == () and value.asnumpy().dtype == np.int32}
+    if len(acts) > 1 or not acts <= set(range(2, 8)):
+        raise ValueError(f"its activations record bits {sorted(acts)}: this version trains one width, 2 to 8 bits")
     return QuantConfig(bn_fold=any(name.endswith(FOLD_SUFFIX) for name in params), weight_bits=common,
-                       layer_bits=tuple(sorted((layer, b) for layer, b in bits.items() if b != common)))
+                       layer_bits=tuple(sorted((layer, b) for layer, b in bits.items() if b != common)),
+                       act_bits=acts.pop() if acts else ACT_BITS)
 
 
 def add_unrecorded_bits(params, net):

@@ -57,6 +57,10 @@ def add_arguments(parser):
     parser.add_argument("--first_last_bits", type=cli.int_range(2, 8), default=None, metavar="B",
                         help=f"QAT: the bits of the first convolution's and the classifier's weights (default "
                              f"{QuantConfig.weight_bits}: they keep them, as the low-bit literature does)")
+    parser.add_argument("--act_bits", type=cli.int_range(2, 8), default=None, metavar="B",
+                        help=f"QAT: the activations' bits, 2 to 8, but the network input's and the classifier "
+                             f"input's, which keep {quant.ACT_BITS} (default {quant.ACT_BITS}; below 8 the int8 file "
+                             "holds them, ONNX cannot: its QuantizeLinear saturates at 255)")
     parser.add_argument("--layer_bits", metavar="FILE", default=None,
                         help="QAT: a JSON object of layer names and weight bits, e.g. {\"layer3.0.conv2\": 4}, over "
                              "--weight_bits and --first_last_bits (eval.py --sensitivity suggests one)")
@@ -158,14 +162,15 @@ def load_validation_data(run):
 
 
 def build_network(run, steps_per_epoch, bits=None):
-    """The run's network; QAT with `bits`, (weight_bits, layer_bits) as QuantConfig takes them (a resumed
-    checkpoint's), else as the flags say (`weight_bits`)."""
+    """The run's network; QAT with `bits`, (weight_bits, layer_bits, act_bits) as QuantConfig takes them (a resumed
+    checkpoint's), else as the flags say (`weight_bits_of`, --act_bits)."""
     net = networks.resnet(run.arch or networks.DEFAULT_ARCH, cifar.NUM_CLASSES)
     if run.qat:
         freeze_step = -1 if run.freeze_bn is None else run.freeze_bn * steps_per_epoch
-        weight_bits, layer_bits = bits or weight_bits_of(run, networks.weighted_layers(net))
-        net = quantize(net, QuantConfig(weight_bits=weight_bits, layer_bits=layer_bits, quant_delay=run.quant_delay,
-                                        bn_fold=run.bn_fold, freeze_bn=freeze_step))
+        weight_bits, layer_bits, act_bits = bits or (*weight_bits_of(run, networks.weighted_layers(net)),
+                                                     getattr(run, "act_bits", None) or quant.ACT_BITS)
+        net = quantize(net, QuantConfig(weight_bits=weight_bits, layer_bits=layer_bits, act_bits=act_bits,
+                                        quant_delay=run.quant_delay, bn_fold=run.bn_fold, freeze_bn=freeze_step))
     return net
 
 

@@ -216,3 +216,21 @@ def test_folded_and_frozen_inference_equal_unfolded(trained):
     # 12 and 64 steps: mean error 0.1-0.2 %, max 0.1-0.5 %, correlation 1.0000).
     assert np.abs(a - b).mean() < 0.08 * np.abs(a).mean()
     assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.995
+
+
+def test_activations_of_fewer_bits_are_recorded_only_where_they_are_not_8(tmp_path):
+    """The input image and the classifier's input keep 8 bits; the others --act_bits, each with a record; a default
+    network has no record (its checkpoints are as they were) and reads back as 8-bit."""
+    from qatcifar import checkpoint
+    for act_bits in (8, 4):
+        net = quantize(networks.resnet(ARCH), QuantConfig(act_bits=act_bits))
+        quantizers = {name: cell for name, cell in net.cells_and_names() if isinstance(cell, ActQuant)}
+        edges = {"conv1.input_quant", "fc.input_quant"}
+        assert {name: cell.num_bits for name, cell in quantizers.items()} == {
+            name: 8 if name in edges else act_bits for name in quantizers}
+        records = [p.name for p in net.get_parameters() if p.name.endswith(quant.ACT_BITS_SUFFIX)]
+        assert sorted(records) == ([] if act_bits == 8 else sorted(f"{name}.act_bits" for name in quantizers
+                                                                   if name not in edges))
+        path = str(tmp_path / f"a{act_bits}.ckpt")
+        checkpoint.save(net, path, {})
+        assert checkpoint.quant_config(path, checkpoint.read(path)).act_bits == act_bits
