@@ -36,11 +36,11 @@ def get_args_parser():
     action.add_argument("--download", action="store_true", help="download and extract CIFAR-10 into -data")
     action.add_argument("--synthetic", metavar="DIR", help="write a learnable synthetic CIFAR-format set into DIR")
     parser.add_argument("-data", "--data_dir", default=DEFAULT_DATA_DIR,
-                        help=f"where --download puts the data set (default {DEFAULT_DATA_DIR})")
+                        help="where --download puts the data set")
     parser.add_argument("--url", type=url, default=CIFAR10_URL,
-                        help="archive URL (http, https or file), e.g. a mirror (default: the official one)")
+                        help="archive URL (http, https or file), e.g. a mirror")
     parser.add_argument("--md5", type=md5_digest, default=CIFAR10_MD5,
-                        help="expected MD5 of the archive (default: the official one)")
+                        help="expected MD5 of the archive")
     parser.add_argument("--seed", type=cli.seed, default=0, help="random seed of --synthetic")
     return parser
 

@@ -42,10 +42,12 @@ def first_line(error):
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each flag's default, except where there is none (the help says what happens then)."""
+    """Shows each flag's default, except where there is none (the help says what happens then) and for a switch that
+    is off unless given (store_true)."""
 
     def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
+        shown = action.default is not None and action.default is not False
+        return super()._get_help_string(action) if shown else action.help
 
 
 class ArgumentParser(argparse.ArgumentParser):
