@@ -17,6 +17,7 @@ On synthetic CIFAR-format files it writes into a temporary folder, it measures
     python bench.py --arch resnet8,resnet20,resnet18   # instead: one table to choose a network by
     python bench.py --deploy --json      # instead: inference as deployed, five models
     python bench.py --adversarial        # instead: the cost of adversarial training and of attacks
+    python bench.py --lsq --arch resnet8 # instead: a QAT step with learned step sizes against min/max's
 
 --deploy trains a float32 and a QAT checkpoint two steps each (speed does not depend on the
 weights), exports the int8 file and both ONNX models, and measures each model, as its own
@@ -34,6 +35,9 @@ int8 and float32 models of those checkpoints as --deploy does (batch-1 latency, 
 --adversarial times train.py's QAT training step clean, with FGSM from a random start and with
 PGD-k (--adv_train; fresh processes, alternating, as above), and eval.py's attacks per image on
 the QAT checkpoint: FGSM and PGD-10, against the clean forward pass.
+
+--lsq times train.py's QAT training step with learned step sizes (--quantizer lsq) against min/max
+observers (the default), in fresh processes, alternating, as above; the same bits for both.
 """
 from qatcifar import cli, interrupts  # noqa: I001  (first: cli quiets MindSpore's log before it loads)
 
@@ -77,8 +81,8 @@ def get_args_parser():
                         help="with --deploy: least time of each latency and throughput measurement")
     parser.add_argument("--arch", type=arch_list, default=None, metavar="A[,B,...]",
                         help=f"alone: training and deployment figures of each network, one table "
-                             f"({','.join(networks.ARCHS)}); with --deploy, --adversarial or --validation: the one "
-                             f"network they measure (default {networks.DEFAULT_ARCH})")
+                             f"({','.join(networks.ARCHS)}); with --deploy, --adversarial, --lsq or --validation: the "
+                             f"one network they measure (default {networks.DEFAULT_ARCH})")
     parser.add_argument("--adversarial", action="store_true",
                         help="instead: adversarial training steps (FGSM-RS, PGD-k) against clean ones, and attacks "
                              "per image (see above)")
@@ -86,6 +90,8 @@ def get_args_parser():
                         help="with --adversarial: k of the PGD-k training step")
     parser.add_argument("--attack_images", type=IMAGES, default=100,
                         help="with --adversarial: images per attack measurement")
+    parser.add_argument("--lsq", action="store_true",
+                        help="instead: QAT training steps with learned step sizes (LSQ) against min/max observers")
     parser.add_argument("--validation", action="store_true",
                         help="also time train.py with and without validation after every epoch")
     parser.add_argument("--epochs", type=cli.positive_int, default=4,
@@ -109,12 +115,12 @@ def main(argv=None):
     parser = get_args_parser()
     args = parser.parse_args(argv)
     others = [flag for flag, given in (("--deploy", args.deploy), ("--adversarial", args.adversarial),
-                                       ("--validation", args.validation)) if given]
+                                       ("--validation", args.validation), ("--lsq", args.lsq)) if given]
     if args.arch and len(args.arch) > 1 and others:
         parser.error(f"{' and '.join(others)} measure one network; give one --arch, or drop {' and '.join(others)} "
                      "for the table of several")
     try:
-        work = (deployment if args.deploy else adversarial_cost if args.adversarial
+        work = (deployment if args.deploy else adversarial_cost if args.adversarial else quantizer_cost if args.lsq
                 else benchmark if args.validation or not args.arch else choice_table)
         return interrupts.run(work, args,
                        interrupted="no figures (the temporary data folder is removed)")
@@ -404,6 +410,35 @@ def adversarial_cost(args):
     print(f"eval.py per image (batch {min(EVAL_BATCH, args.attack_images)}, {args.attack_images} images): clean "
           f"{1000 * attack['clean_s_per_image']:.1f} ms, FGSM {1000 * attack['fgsm_s_per_image']:.1f} ms, PGD-10 "
           f"{1000 * attack['pgd_s_per_image']:.1f} ms")
+    if args.json:
+        print(json.dumps(results))
+    return results
+
+
+# --- --lsq: the cost of learned step sizes --------------------------------------------------------
+
+def quantizer_cost(args):
+    """QAT training steps with learned step sizes against min/max observers; prints them and returns the figures."""
+    with tempfile.TemporaryDirectory() as tmp:
+        args.data = os.path.join(tmp, "data")
+        cifar.write_synthetic(args.data, seed=0)
+        runs = {"qat": [], "lsq": []}
+        measure_alternating(runs, args, tmp)
+    step_s = {kind: statistics.median(s for run in runs[kind] for s in run["step_s"]) for kind in runs}
+    ratios = [statistics.median(lsq["step_s"]) / statistics.median(minmax["step_s"])
+              for minmax, lsq in zip(runs["qat"], runs["lsq"], strict=True)]
+    arch = (args.arch or [networks.DEFAULT_ARCH])[0]
+    results = {"device": runs["qat"][0]["device"], "cpu": cpu_model(), "arch": arch, "batch": args.batch,
+               "steps": args.steps, "repeats": args.repeats, "step_s": step_s,
+               "lsq_over_minmax": step_s["lsq"] / step_s["qat"], "lsq_over_minmax_per_repeat": ratios,
+               "first_step_s": {kind: statistics.median(run["first_step_s"] for run in runs[kind]) for kind in runs},
+               "peak_rss_mb": {kind: max(run["peak_rss_mb"] for run in runs[kind]) for kind in runs}}
+    print(f"QAT training step of {results['arch']} on {results['device']} ({results['cpu']}), batch {args.batch}, "
+          f"{args.repeats} x {args.steps} steps: min/max {1000 * step_s['qat']:.1f} ms, LSQ "
+          f"{1000 * step_s['lsq']:.1f} ms ({results['lsq_over_minmax']:.2f}x; per repeat "
+          f"{', '.join(f'{x:.2f}' for x in ratios)})")
+    print("first step (compilation): " + ", ".join(f"{kind} {s:.1f} s" for kind, s in results["first_step_s"].items())
+          + "; peak memory: " + ", ".join(f"{kind} {mb:.0f} MB" for kind, mb in results["peak_rss_mb"].items()))
     if args.json:
         print(json.dumps(results))
     return results

@@ -74,8 +74,13 @@ def main(argv=None):
         parser.error("--bn_fold and --freeze_bn need QAT; drop --no-qat")
     if args.freeze_bn is not None and not args.bn_fold:
         parser.error("--freeze_bn needs --bn_fold")
-    if (args.weight_bits or args.first_last_bits or args.layer_bits or args.act_bits) and not args.qat:
-        parser.error("--weight_bits, --first_last_bits, --layer_bits and --act_bits are QAT's; drop --no-qat")
+    if (args.weight_bits or args.first_last_bits or args.layer_bits or args.act_bits or args.quantizer) \
+            and not args.qat:
+        parser.error("--weight_bits, --first_last_bits, --layer_bits, --act_bits and --quantizer are QAT's; drop "
+                     "--no-qat")
+    if args.quantizer == "lsq" and args.bn_fold:
+        parser.error("--quantizer lsq learns the steps of unfolded weights; drop --bn_fold (or use --quantizer "
+                     "minmax)")
     try:  # (Ctrl-C and SIGTERM go to the Guard, which stops training after the current step)
         return interrupts.run(train, args, deferred=True)
     except callbacks.Stop as stop:  # the documented exit statuses of an interrupted, diverged or failed run
@@ -104,7 +109,7 @@ def train(args):
 
     found = checkpoint.find_resume(run.resume, run.savedir) if run.resume else None
     run.arch = resumed_arch(run, found)
-    net = training.build_network(run, steps_per_epoch, resumed_bits(run, found))
+    net = training.build_network(run, steps_per_epoch, resumed_quantization(run, found))
     optimizer = training.make_optimizer(net, run, steps_per_epoch)
     train_net = training.build_train_network(net, optimizer, run, rank)
     if run.workers > 1:
@@ -163,23 +168,28 @@ def resumed_arch(run, found):
     return arch
 
 
-def resumed_bits(run, found):
-    """The QAT bits of the run, (weight_bits, layer_bits, act_bits): those of the checkpoint it resumes (`found`:
-    checkpoint.find_resume's), as it was trained, which --weight_bits, --first_last_bits, --layer_bits and
-    --act_bits may only repeat; else None (the flags')."""
+def resumed_quantization(run, found):
+    """The QAT choices of the run, {weight_bits, layer_bits, act_bits, quantizer}: those of the checkpoint it resumes
+    (`found`: checkpoint.find_resume's), as it was trained, which --weight_bits, --first_last_bits, --layer_bits,
+    --act_bits and --quantizer may only repeat; else None (the flags')."""
     config = checkpoint.quant_config(*found) if found else None
     if config is None:
         return None
+    redo = "resume without them, or train the new choice into another -dir"
     if run.act_bits and run.act_bits != config.act_bits:
         raise cli.InputError(f"--resume {found[0]} trained {config.act_bits}-bit activations, not --act_bits "
-                             f"{run.act_bits}; resume without --act_bits, or train them into another -dir")
+                             f"{run.act_bits}; {redo}")
+    if run.quantizer and run.quantizer != config.quantizer:
+        raise cli.InputError(f"--resume {found[0]} trained with --quantizer {config.quantizer}, not "
+                             f"{run.quantizer}; {redo}")
     bits = config.weight_bits, config.layer_bits
     if (run.weight_bits or run.first_last_bits or run.layer_bits) and training.weight_bits_of(run) != bits:
         layers = ", ".join(f"{layer} {b}" for layer, b in config.layer_bits)
         raise cli.InputError(f"--resume {found[0]} trained {config.weight_bits}-bit weights"
                              f"{f' ({layers})' if layers else ''}, not what --weight_bits, --first_last_bits and "
-                             "--layer_bits ask; resume without them, or train the new widths into another -dir")
-    return (*bits, config.act_bits)
+                             f"--layer_bits ask; {redo}")
+    return {"weight_bits": config.weight_bits, "layer_bits": config.layer_bits, "act_bits": config.act_bits,
+            "quantizer": config.quantizer}
 
 
 def resume(run, found, train_net, dataset, steps_per_epoch):

@@ -27,12 +27,15 @@ def int8_model(net, config):
     """The header and arrays of the int8 file, from a QAT ResNet in eval mode and its QuantConfig."""
     graph = Int8Graph(net, config)
     networks.walk(net, graph)
-    header = {"format": int8.FORMAT, "version": int8.VERSION, **network_record(net),
+    header = {"format": int8.FORMAT, "version": int8.version(graph.nodes), **network_record(net),
               "weight_bits": config.weight_bits, "num_classes": net.fc.out_channels,
               "input_shape": [3, cifar.IMAGE_SIZE, cifar.IMAGE_SIZE],
               "normalization": {"mean": cifar.CIFAR10_MEAN, "std": cifar.CIFAR10_STD},
               "tensors": graph.tensors, "graph": graph.nodes}
     return header, graph.arrays
+
+
+BIAS_BITS = 8  # fraction bits of biases where activations have fewer than 8 bits: 1/256 of the accumulator's step
 
 
 class Int8Graph:
@@ -41,6 +44,8 @@ class Int8Graph:
     def __init__(self, net, config):
         self.names = {id(cell): name for name, cell in net.cells_and_names()}
         self.weight_bits = config.weight_bits  # (the file's; layers have their own)
+        # Activations of fewer than 8 bits: biases with fraction bits (int8.py), up to BIAS_BITS
+        self.bias_bits = BIAS_BITS if config.act_bits < quant.ACT_BITS else 0
         self.nodes, self.tensors, self.arrays = [], {}, {}
 
     def _tensor(self, observer):
@@ -49,22 +54,31 @@ class Int8Graph:
             raise cli.InputError(f"{self.names[id(observer)]} has seen {steps} training steps, not more than its "
                                  f"quant_delay {delay}: activations are not quantized yet; train longer or with a "
                                  "smaller --quant_delay")
-        scale, zero_point = quant.activation_qparams(observer.min_val.value(), observer.max_val.value(),
-                                                     observer.levels)
+        scale, zero_point = observer.qparams()
         name = f"t{len(self.tensors)}"
         self.tensors[name] = {"scale": float(scale.asnumpy()), "zero_point": int(zero_point.asnumpy())}
         if observer.num_bits != quant.ACT_BITS:  # (fewer levels: saturated at 2^bits - 1)
             self.tensors[name]["bits"] = observer.num_bits
         return name
 
-    def _weights(self, name, weight, bias, input_scale, bits):
-        scale = quant.weight_scale(weight, bits)
-        self.arrays[f"{name}.weight"] = quant.weight_levels(weight, scale).asnumpy().astype(np.int8)
-        scale = scale.asnumpy().reshape(-1).astype(np.float32)
+    def _weights(self, name, cell, source):
+        levels, scale, bias = quant.integer_weights(cell)
+        weight = levels.asnumpy().astype(np.int8)
+        self.arrays[f"{name}.weight"] = weight
+        scale = scale.asnumpy().astype(np.float32)
         self.arrays[f"{name}.weight_scale"] = scale
-        bias_scale = np.float64(input_scale) * scale.astype(np.float64)
-        self.arrays[f"{name}.bias"] = np.round(bias.asnumpy().astype(np.float64) / bias_scale).astype(np.int32)
+        bits = cell.weight_quant.num_bits
+        input_scale = np.float64(self.tensors[source]["scale"])
+        bias = bias.asnumpy().astype(np.float64) / (input_scale * scale.astype(np.float64))
+        # As many fraction bits as the int32 accumulator holds, up to self.bias_bits (int8.py checks the same bound).
+        largest = (2 ** self.tensors[source].get("bits", 8) - 1) * 2 ** (bits - 1) * int(np.prod(weight.shape[1:]))
+        fraction = self.bias_bits
+        while fraction and (largest << fraction) + np.abs(bias).max() * 2 ** fraction >= 2 ** 31 - 1:
+            fraction -= 1
+        self.arrays[f"{name}.bias"] = np.round(bias * 2 ** fraction).astype(np.int32)
         node = {"weight": f"{name}.weight", "weight_scale": f"{name}.weight_scale", "bias": f"{name}.bias"}
+        if fraction:
+            node["bias_bits"] = fraction
         return node if bits == self.weight_bits else dict(node, weight_bits=bits)
 
     def input(self, net):
@@ -74,10 +88,9 @@ class Int8Graph:
 
     def conv(self, unit, source):
         name = self.names[id(unit)]
-        weight, bias = unit.folded_weight_and_bias()
         node = {"op": "conv", "name": name, "input": source, "stride": unit.conv.stride[0],
                 "padding": unit.conv.padding if unit.conv.pad_mode == "pad" else 0, "relu": bool(unit.relu)}
-        node.update(self._weights(name, weight, bias, self.tensors[source]["scale"], unit.weight_quant.num_bits))
+        node.update(self._weights(name, unit, source))
         node["output"] = self._tensor(unit.output_quant)
         self.nodes.append(node)
         return node["output"]
@@ -95,6 +108,5 @@ class Int8Graph:
     def dense(self, cell, source):
         name = self.names[id(cell)]
         node = {"op": "dense", "name": name, "input": source, "output": "logits"}
-        node.update(self._weights(name, cell.weight.value(), cell.bias.value(), self.tensors[source]["scale"],
-                                  cell.weight_quant.num_bits))
+        node.update(self._weights(name, cell, source))
         self.nodes.append(node)

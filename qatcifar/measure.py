@@ -2,9 +2,10 @@
 
     python -m qatcifar.measure qat --data DIR --checkpoint OUT.ckpt --batch 32 --steps 8
 
-Kinds: `float`, `qat`, `fgsm`, `pgd` time train.py's training step (float32, QAT, and QAT with
-adversarial training) and save the network; `eval` times eval.py's forward pass and the int8
-reference on such a checkpoint; `attack` times eval.py's attacks on it. Prints one JSON line.
+Kinds: `float`, `qat`, `lsq`, `fgsm`, `pgd` time train.py's training step (float32, QAT with min/max
+observers, QAT with learned step sizes, QAT with adversarial training) and save the network; `eval`
+times eval.py's forward pass and the int8 reference on such a checkpoint; `attack` times eval.py's
+attacks on it. Prints one JSON line.
 """
 import json
 import statistics
@@ -24,6 +25,8 @@ def train_worker(args):
     device = cli.setup_device(args.device)
     flags = ["--device", device, "--no-qat" if args.kind == "float" else "--qat",
              "--arch", args.arch]
+    if args.kind == "lsq":
+        flags += ["--quantizer", "lsq"]
     if args.kind in ("fgsm", "pgd"):
         flags += ["--adv_train", args.kind] + (["--adv_steps", str(args.adv_steps)] if args.kind == "pgd" else [])
     train_args = training.settings(flags)
@@ -90,7 +93,7 @@ def timed(work):
     return time.perf_counter() - start
 
 
-KINDS = {"float": train_worker, "qat": train_worker, "fgsm": train_worker, "pgd": train_worker,
+KINDS = {"float": train_worker, "qat": train_worker, "lsq": train_worker, "fgsm": train_worker, "pgd": train_worker,
          "eval": eval_worker, "attack": attack_worker}
 
 

@@ -163,13 +163,15 @@ def weighted_layers(net):
 
 
 def profile(net, image_size=32):
-    """What a network (float or quantized) costs, counted from its layers: {"arch", "params" (trainable),
+    """What a network (float or quantized) costs, counted from its layers: {"arch", "params" (trained: the float
+    network's, not a quantizer's learned steps),
     "macs" (multiply-accumulates per image), "weights" (conv and dense weights), "weight_bytes" (their bytes in an
     int8 file: one a weight, half of one for a quantized layer of at most 4 bits), "channels" (their output
     channels: a bias and a scale each in an int8 file), "layers" (conv and dense layers)}."""
     counter = _Counter(image_size)
     walk(net, counter)
-    return {"arch": getattr(net, "arch", None), "params": sum(p.size for p in net.trainable_params()),
+    trained = [p for p in net.trainable_params() if not p.name.endswith("_quant.step")]  # (quant.LSQ_SUFFIX)
+    return {"arch": getattr(net, "arch", None), "params": sum(p.size for p in trained),
             "macs": counter.macs, "weights": counter.weights, "weight_bytes": counter.weight_bytes,
             "channels": counter.channels, "layers": counter.layers}
 

@@ -79,6 +79,8 @@ def from_int8(header, arrays, metadata):
         quantized[name] = b.node("QuantizeLinear", [value, f"{name}.scale", f"{name}.zero_point"], output=name)
 
     def weights(node, source):
+        if node.get("bias_bits"):  # (only models of activations below 8 bits have them: export refuses those)
+            raise ValueError("an ONNX QLinearConv's bias has the scale input scale x weight scale, no fraction bits")
         weight, scale = arrays[node["weight"]], arrays[node["weight_scale"]]
         bias_scale = (np.float32(header["tensors"][source]["scale"]) * scale).astype(np.float32)
         weight, zero_point = stored_weight(weight)

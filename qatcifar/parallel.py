@@ -9,8 +9,9 @@ DATA_PARALLEL mode: every worker computes the gradients of its own batch, and th
 step averages them over the workers before the update, so the trained weights stay identical.
 
 BatchNorm's moving statistics and the QAT observers are not trained: each worker would update
-them from its own batches. `DataParallelStep` averages them over the workers after every step,
-so that every worker holds the same network (and a checkpoint from any of them is the model).
+them from its own batches (and LSQ's steps start from each worker's first batch).
+`DataParallelStep` averages them over the workers after every step, so that every worker holds
+the same network (and a checkpoint from any of them is the model).
 """
 import hashlib
 import os
@@ -21,7 +22,7 @@ import mindspore.ops as ops
 import numpy as np
 from mindspore import ParameterTuple
 
-from qatcifar import cli
+from qatcifar import cli, quant
 
 CLUSTER_VARIABLES = ("MS_ROLE", "MS_SCHED_HOST", "MS_SCHED_PORT", "MS_WORKER_NUM")
 LAUNCH_HINT = "msrun --worker_num=N --local_worker_num=N --master_port=8118 --join=True train.py ..."
@@ -72,8 +73,10 @@ class DataParallelStep(nn.Cell):
     def __init__(self, step, net, workers):
         super().__init__(auto_prefix=False)  # the step's parameters keep their names in checkpoints
         self.step = step
-        self.state = ParameterTuple([p for p in net.get_parameters()
-                                     if not p.requires_grad and p.dtype == ms.float32])
+        # (and LSQ's learned steps: each worker sets them from its own first batch; after that the averaged
+        # gradients keep them equal, and their average is themselves)
+        self.state = ParameterTuple([p for p in net.get_parameters() if p.dtype == ms.float32
+                                     and (not p.requires_grad or p.name.endswith(quant.LSQ_SUFFIX))])
         self.sizes = tuple(p.size for p in self.state)
         self.shapes = tuple(p.shape for p in self.state)
         self.all_reduce = ops.AllReduce()

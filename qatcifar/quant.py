@@ -46,6 +46,7 @@ import mindspore.ops as ops
 import numpy as np
 from mindspore import Parameter, Tensor
 
+from qatcifar import lsq
 from qatcifar.networks import ConvBN, ResidualAdd
 
 # Suffixes of parameters that only quantized networks have: they tell checkpoints apart.
@@ -53,6 +54,8 @@ OBSERVER_SUFFIX = "_quant.steps"
 FOLD_SUFFIX = ".freeze_bn_step"
 BITS_SUFFIX = ".weight_quant.bits"
 ACT_BITS_SUFFIX = "_quant.act_bits"  # an activation quantizer of other than ACT_BITS bits
+LSQ_SUFFIX = "_quant.step"  # a learned step size (quantizer lsq)
+QUANTIZERS = ("minmax", "lsq")
 ACT_BITS = 8  # activations, but where --act_bits says otherwise; the network's input and the classifier's always
 # Checkpoints written before each layer recorded its weight bits were all trained with 8-bit weights.
 UNRECORDED_WEIGHT_BITS = 8
@@ -72,6 +75,9 @@ class QuantConfig:
     bn_fold: bool = False       # fold BatchNorm into the weights before quantizing them, in training too
     freeze_bn: int = -1         # with bn_fold: the step from which BatchNorm uses its moving statistics (-1: never)
     layer_bits: tuple = ()      # ((layer name, weight bits), ...): layers whose weights differ from weight_bits
+    # minmax: ranges from min/max observers (the default); lsq: learned step sizes (LSQ, lsq.py) for the weights and
+    # the act_bits activations (the network's input and the classifier's input keep their 8-bit min/max observers)
+    quantizer: str = "minmax"
 
     def bits_of(self, layer):
         """The weight bits of the layer named `layer` (`conv1`, `layer2.0.conv1`, `fc`)."""
@@ -129,6 +135,54 @@ class WeightQuant(nn.Cell):
     def freeze(self, weight):
         """Quantize `weight` now, for inference: eval mode then uses the result for every batch."""
         self.frozen = fake_quant_weight(weight, self.num_bits)
+
+    def levels_and_scale(self, weight):
+        """The integers `weight` is quantized to (as float32) and its per-channel scale, shaped to broadcast."""
+        scale = weight_scale(weight, self.num_bits)
+        return weight_levels(weight, scale), scale
+
+
+class LearnedWeightQuant(nn.Cell):
+    """WeightQuant's LSQ counterpart (quantizer lsq): symmetric per-channel quantization with a learned step per
+    output channel (`<layer>.weight_quant.step`), set from the weights at the first training step
+    (`.weight_quant.initialized`), trained from then on."""
+
+    def __init__(self, bits, channels):
+        super().__init__()
+        self.num_bits = self.trained_bits = bits
+        self.bits = Parameter(Tensor(bits, ms.int32), name="bits", requires_grad=False)
+        self.qmax = 2 ** (bits - 1) - 1
+        self.step = Parameter(Tensor(np.ones(channels, np.float32)), name="step")
+        self.initialized = Parameter(Tensor(0, ms.int32), name="initialized", requires_grad=False)
+        self.fake_quant = lsq.LsqQuant(-self.qmax, self.qmax, per_channel=True)
+        self.rounding = Tensor(ROUNDING, ms.float32)
+        self.frozen = None
+
+    def construct(self, weight):
+        if self.frozen is not None and not self.training:
+            return self.frozen
+        return self.fake_quant(weight, self._step(weight), self.rounding)[0]
+
+    def _step(self, weight):
+        first = lsq.initial_step(ops.stop_gradient(weight), self.qmax, per_channel=True)
+        step = ops.where(self.initialized > 0, self.step, first)  # (weights are small: both sides cost little)
+        if self.training:
+            ops.assign(self.step, step)
+            ops.assign(self.initialized, ops.ones((), ms.int32))
+        return step.reshape((-1,) + (1,) * (weight.ndim - 1))
+
+    def freeze(self, weight):
+        """As WeightQuant.freeze; at other bits than trained (sensitivity.py sets num_bits), with min/max scales."""
+        self.frozen = (self._quantized(weight, self._step(weight)) if self.num_bits == self.trained_bits
+                       else fake_quant_weight(weight, self.num_bits))
+
+    def levels_and_scale(self, weight):
+        """As WeightQuant.levels_and_scale, with the learned steps."""
+        step = self._step(weight)
+        return ops.round(self._quantized(weight, step) / step), step
+
+    def _quantized(self, weight, step):  # (a function, not the cell: called outside a graph, it compiles none)
+        return lsq.fake_quantize(weight, step, self.rounding, -self.qmax, 2 * self.qmax)[0]
 
 
 def activation_qparams(low, high, levels):
@@ -257,6 +311,10 @@ class ActQuant(nn.Cell):
         rounding = ops.select(active, self.rounding, self.no_rounding)
         return self.fake_quant(x, lower, upper, scale, rounding)[0].astype(dtype)
 
+    def qparams(self):
+        """Scale and zero point of the quantized tensor (trained)."""
+        return activation_qparams(self.min_val.value(), self.max_val.value(), self.levels)
+
     def _observe(self, x):
         # ops.aminmax and ops.max (ArgM*WithValue) are several times as fast as x.min(), x.max() on CPU.
         if self.relu:  # the range of ReLU(x)
@@ -269,6 +327,62 @@ class ActQuant(nn.Cell):
         ops.assign(self.min_val, low)
         ops.assign(self.max_val, high)
         return low, high
+
+
+class LearnedActQuant(nn.Cell):
+    """ActQuant's LSQ counterpart (quantizer lsq): a learned step (`<cell>.<x>_quant.step`), set from the batch at
+    the first quantized training step; after a ReLU the levels are 0..2^bits - 1 (and their clip at 0 is the ReLU),
+    else -2^(bits-1)..2^(bits-1) - 1, stored with that zero point. Parameters as ActQuant's but the range
+    (`steps`, `quant_delay`, `act_bits`), so that the checks of resume and export read them alike."""
+
+    def __init__(self, config, relu=False, bits=None):
+        super().__init__()
+        self.num_bits = bits or config.act_bits
+        self.levels = 2 ** self.num_bits - 1
+        self.zero_point = 0 if relu else 2 ** (self.num_bits - 1)
+        self.highest = self.levels - self.zero_point
+        if self.num_bits != ACT_BITS:
+            self.act_bits = Parameter(Tensor(self.num_bits, ms.int32), name="act_bits", requires_grad=False)
+        self.relu = relu
+        self.quant_delay = Parameter(Tensor(config.quant_delay, ms.int32), name="quant_delay", requires_grad=False)
+        self.delayed = config.quant_delay > 0
+        self.steps = Parameter(Tensor(0, ms.int32), name="steps", requires_grad=False)
+        self.step = Parameter(Tensor(1.0, ms.float32), name="step")
+        self.fake_quant = lsq.LsqQuant(-self.zero_point, self.highest)
+        self.rounding = Tensor(ROUNDING, ms.float32)
+
+    def construct(self, x):
+        dtype = x.dtype
+        x = x.astype(ms.float32)
+        if self.training:
+            # Until quantization starts (quant_delay), the step follows the batches; then it is trained.
+            if self.steps <= self.quant_delay:
+                ops.assign(self.step, lsq.initial_step(ops.stop_gradient(ops.relu(x) if self.relu else x),
+                                                       self.highest))
+            step = self.step
+            active = self.steps >= self.quant_delay
+            ops.assign_add(self.steps, ops.ones((), ms.int32))
+        else:
+            step = self.step
+            active = self.steps > self.quant_delay
+        y = self.fake_quant(x, step, self.rounding)[0]
+        if self.delayed:
+            y = ops.where(active, y, ops.relu(x) if self.relu else x)
+        return y.astype(dtype)
+
+    def qparams(self):
+        """Scale and zero point of the quantized tensor (trained)."""
+        return self.step.value(), Tensor(float(self.zero_point), ms.float32)
+
+
+def weight_quantizer(config, bits, channels):
+    """The weight quantizer of a layer of `channels` outputs at `bits` bits."""
+    return LearnedWeightQuant(bits, channels) if config.quantizer == "lsq" else WeightQuant(bits)
+
+
+def act_quantizer(config, relu=False):
+    """The quantizer of an activation at config.act_bits (min/max or learned)."""
+    return LearnedActQuant(config, relu) if config.quantizer == "lsq" else ActQuant(config, relu)
 
 
 def fold_batchnorm(weight, bn):
@@ -286,8 +400,8 @@ class QuantConvBN(nn.Cell):
         self.bn = unit.bn
         self.relu = unit.relu
         self.input_quant = ActQuant(config, bits=ACT_BITS) if quantize_input else None  # (the image: 8 bits)
-        self.output_quant = ActQuant(config, relu=unit.relu)
-        self.weight_quant = WeightQuant(weight_bits or config.weight_bits)
+        self.output_quant = act_quantizer(config, relu=unit.relu)
+        self.weight_quant = weight_quantizer(config, weight_bits or config.weight_bits, unit.conv.out_channels)
         self.bn_fold = config.bn_fold
         if self.bn_fold:
             self.freeze_bn_step = Parameter(Tensor(config.freeze_bn, ms.int32), name="freeze_bn_step",
@@ -339,7 +453,7 @@ class QuantAdd(nn.Cell):
 
     def __init__(self, config):
         super().__init__()
-        self.output_quant = ActQuant(config, relu=True)
+        self.output_quant = act_quantizer(config, relu=True)
 
     def construct(self, branch, shortcut):
         return self.output_quant(branch + shortcut)  # and the ReLU
@@ -354,7 +468,7 @@ class QuantDense(nn.Dense):
         super().__init__(dense.in_channels, dense.out_channels, weight_init=dense.weight.value(),
                          bias_init=dense.bias.value() if dense.has_bias else None, has_bias=dense.has_bias)
         self.input_quant = ActQuant(config, bits=ACT_BITS)  # (the classifier's input: 8 bits)
-        self.weight_quant = WeightQuant(weight_bits or config.weight_bits)
+        self.weight_quant = weight_quantizer(config, weight_bits or config.weight_bits, dense.out_channels)
 
     def construct(self, x):
         x = self.input_quant(x).astype(x.dtype)  # float16 under --amp O2, where quantizers run in float32
@@ -402,6 +516,23 @@ def freeze(net):
     return net
 
 
+def integer_weights(cell):
+    """(integer levels as float32, per-channel scale as a vector, float bias) of a QuantConvBN's or QuantDense's
+    weights as the int8 model computes with them: BatchNorm's moving statistics folded in. With min/max scales the
+    folded weight is quantized; learned steps are those of the unfolded weight, scaled by BatchNorm's per-channel
+    factor, so the int8 weights are exactly the ones QAT trained."""
+    if isinstance(cell, QuantDense):
+        levels, scale = cell.weight_quant.levels_and_scale(cell.weight.value())
+        return levels, scale.reshape(-1), cell.bias.value()
+    weight, bias = cell.folded_weight_and_bias()
+    if isinstance(cell.weight_quant, LearnedWeightQuant) and not cell.bn_fold:
+        levels, step = cell.weight_quant.levels_and_scale(cell.conv.weight.value())
+        factor = (cell.bn.gamma / ops.sqrt(cell.bn.moving_variance + cell.bn.eps)).reshape(-1, 1, 1, 1)
+        return levels * ops.sign(factor), ops.maximum(step * ops.abs(factor), EPS).reshape(-1), bias
+    levels, scale = cell.weight_quant.levels_and_scale(weight)
+    return levels, scale.reshape(-1), bias
+
+
 def _replace_child(parent, name, cell):
     if isinstance(parent, nn.SequentialCell):
         parent[int(name)] = cell  # keeps SequentialCell's cell_list in step
@@ -429,6 +560,7 @@ def config_from_checkpoint(params):
     if len(acts) > 1 or not acts <= set(range(2, 8)):
         raise ValueError(f"its activations record bits {sorted(acts)}: this version trains one width, 2 to 8 bits")
     return QuantConfig(bn_fold=any(name.endswith(FOLD_SUFFIX) for name in params), weight_bits=common,
+                       quantizer="lsq" if any(name.endswith(LSQ_SUFFIX) for name in params) else "minmax",
                        layer_bits=tuple(sorted((layer, b) for layer, b in bits.items() if b != common)),
                        act_bits=acts.pop() if acts else ACT_BITS)
 

@@ -61,6 +61,10 @@ def add_arguments(parser):
                         help=f"QAT: the activations' bits, 2 to 8, but the network input's and the classifier "
                              f"input's, which keep {quant.ACT_BITS} (default {quant.ACT_BITS}; below 8 the int8 file "
                              "holds them, ONNX cannot: its QuantizeLinear saturates at 255)")
+    parser.add_argument("--quantizer", choices=quant.QUANTIZERS, default=None,
+                        help="QAT: how quantization ranges are found: minmax, from min/max observers; lsq, learned "
+                             "step sizes (LSQ), for 4 bits and fewer (default: the checkpoint's with --resume, else "
+                             f"{QuantConfig.quantizer})")
     parser.add_argument("--layer_bits", metavar="FILE", default=None,
                         help="QAT: a JSON object of layer names and weight bits, e.g. {\"layer3.0.conv2\": 4}, over "
                              "--weight_bits and --first_last_bits (eval.py --sensitivity suggests one)")
@@ -125,6 +129,8 @@ def check_amp(args, device):
                              "use --amp O2 (or --no-qat)")
     if args.bn_fold:
         raise cli.InputError("--bn_fold trains in float32 only; drop --amp or --bn_fold")
+    if args.quantizer == "lsq":
+        raise cli.InputError("--quantizer lsq trains in float32 only; drop --amp or use --quantizer minmax")
 
 
 def load_data(run, rank=0):
@@ -161,17 +167,24 @@ def load_validation_data(run):
         raise cli.InputError(f"{e} (for --eval_every; --eval_every 0 trains without validation)") from None
 
 
-def build_network(run, steps_per_epoch, bits=None):
-    """The run's network; QAT with `bits`, (weight_bits, layer_bits, act_bits) as QuantConfig takes them (a resumed
-    checkpoint's), else as the flags say (`weight_bits_of`, --act_bits)."""
+def build_network(run, steps_per_epoch, resumed=None):
+    """The run's network; QAT as `resumed` says ({weight_bits, layer_bits, act_bits, quantizer}: the QuantConfig
+    fields of the checkpoint it resumes), else as the flags say (`quant_choices`)."""
     net = networks.resnet(run.arch or networks.DEFAULT_ARCH, cifar.NUM_CLASSES)
     if run.qat:
         freeze_step = -1 if run.freeze_bn is None else run.freeze_bn * steps_per_epoch
-        weight_bits, layer_bits, act_bits = bits or (*weight_bits_of(run, networks.weighted_layers(net)),
-                                                     getattr(run, "act_bits", None) or quant.ACT_BITS)
-        net = quantize(net, QuantConfig(weight_bits=weight_bits, layer_bits=layer_bits, act_bits=act_bits,
-                                        quant_delay=run.quant_delay, bn_fold=run.bn_fold, freeze_bn=freeze_step))
+        chosen = resumed or quant_choices(run, networks.weighted_layers(net))
+        net = quantize(net, QuantConfig(**chosen, quant_delay=run.quant_delay, bn_fold=run.bn_fold,
+                                        freeze_bn=freeze_step))
     return net
+
+
+def quant_choices(run, layers=None):
+    """The QuantConfig fields that the flags choose: {weight_bits, layer_bits (weight_bits_of), act_bits, quantizer}."""
+    weight_bits, layer_bits = weight_bits_of(run, layers)
+    return {"weight_bits": weight_bits, "layer_bits": layer_bits,
+            "act_bits": getattr(run, "act_bits", None) or quant.ACT_BITS,
+            "quantizer": getattr(run, "quantizer", None) or QuantConfig.quantizer}
 
 
 def weight_bits_of(run, layers=None):

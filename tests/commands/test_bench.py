@@ -59,6 +59,7 @@ def test_bench_flags_are_bounded_by_its_data(capsys):
     expect_error(bench.main, ["--arch", "resnet8,resnet8"], capsys, "each once")
     expect_error(bench.main, ["--arch", "resnet8,resnet20", "--deploy"], capsys, "--deploy measure one network; "
                  "give one --arch, or drop --deploy for the table of several")
+    expect_error(bench.main, ["--arch", "resnet8,resnet20", "--lsq"], capsys, "--lsq measure one network")
 
 
 @pytest.mark.slow
@@ -71,6 +72,27 @@ def test_bench_reports_the_cost_of_adversarial_training_and_attacks(capsys):
     assert results["fgsm_over_clean"] == steps["fgsm"] / steps["qat"]
     assert results["pgd_over_clean"] == steps["pgd"] / steps["qat"]
     assert all(results[f"{name}_s_per_image"] > 0 for name in ("clean", "fgsm", "pgd"))
+
+
+def test_bench_reports_the_cost_of_learned_step_sizes(monkeypatch, capsys):
+    """--lsq: min/max and LSQ runs alternate, and the ratio is of their median step times (the measurements stand in:
+    bench.py's end-to-end tests run the same workers; qatcifar.measure's `lsq` kind is tested in unit/test_measure.py)."""
+    times = iter([[0.10, 0.12], [0.13, 0.15], [0.20, 0.10], [0.30, 0.24]])  # qat, lsq, qat, lsq
+    kinds = []
+
+    def worker(kind, args):
+        kinds.append(kind)
+        return {"device": "CPU", "first_step_s": 1.0, "step_s": next(times), "peak_rss_mb": 100.0}
+
+    monkeypatch.setattr(bench, "worker", worker)
+    monkeypatch.setattr(bench.cifar, "write_synthetic", lambda folder, seed: None)  # (no worker reads it)
+    results = bench.main(["--lsq", "--batch", "4", "--steps", "2", "--repeats", "2", "--json", "--arch", ARCH])
+    out = capsys.readouterr().out
+    assert json.loads(out.strip().splitlines()[-1]) == results and kinds == ["qat", "lsq", "qat", "lsq"]
+    assert results["step_s"] == pytest.approx({"qat": 0.11, "lsq": 0.195}) and results["arch"] == ARCH
+    assert results["lsq_over_minmax"] == pytest.approx(0.195 / 0.11)
+    assert results["lsq_over_minmax_per_repeat"] == pytest.approx([0.14 / 0.11, 0.27 / 0.15])
+    assert "min/max 110.0 ms, LSQ 195.0 ms (1.77x; per repeat 1.27, 1.80)" in out
 
 
 @pytest.mark.slow

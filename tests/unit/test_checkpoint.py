@@ -72,7 +72,8 @@ def test_a_run_of_8_bit_weights_resumes_with_them(synthetic_dir, tmp_path):
     """A checkpoint written before layers recorded their weight bits (they were 8) resumes as the 8-bit run it is,
     and its checkpoints then record 8 bits."""
     args = train.get_args_parser().parse_args([*SMALL, "-e", "1", "-bsize", "16", "--num_samples", "32"])
-    net = training.build_network(args, steps_per_epoch=2, bits=(8, (), 8))
+    net = training.build_network(args, steps_per_epoch=2,
+                                  resumed={"weight_bits": 8, "layer_bits": (), "act_bits": 8, "quantizer": "minmax"})
     train_net = training.build_train_network(net, training.make_optimizer(net, args, steps_per_epoch=2), args)
     folder = tmp_path / "run"
     folder.mkdir()

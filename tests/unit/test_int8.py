@@ -53,10 +53,13 @@ def set_key(mapping, key, value):
 
 
 TAMPERINGS = {
-    "header a list": (lambda h, a: [h], "(format list, expected 'qat-resnet-int8' version 1)"),
+    "header a list": (lambda h, a: [h], "(format list, expected 'qat-resnet-int8' version 1 or 2)"),
     "stride 0": (lambda h, a: set_key(node(h, "layer2.0.conv1"), "stride", 0),
                  "operation 5 ('conv', 'layer2.0.conv1'): weight (32, 16, 3, 3), stride 0"),
     "empty graph": (lambda h, a: set_key(h, "graph", []), "the header has no graph"),
+    "bias bits 40": (lambda h, a: set_key(node(h, "layer2.0.conv1"), "bias_bits", 40), "bias_bits 40 is not 0 to 16"),
+    "bias bits overflowing": (lambda h, a: set_key(node(h, "layer3.0.conv2"), "bias_bits", 12),
+                              "576 products per output shifted by 12 bias bits and biases up to"),
     "weight removed": (lambda h, a: a.pop("layer3.0.conv2.weight"), "array 'layer3.0.conv2.weight' is not in the file"),
     "weight reshaped": (lambda h, a: set_key(a, "layer1.0.conv1.weight", a["layer1.0.conv1.weight"][:, :8]),
                         "weight (16, 8, 3, 3), stride 1 and padding 1 do not fit an input of shape (16, 32, 32)"),

@@ -12,7 +12,7 @@ from qatcifar import cifar, inference, networks, quant, sensitivity, training
 
 def test_each_layer_in_turn_and_the_network_put_back(synthetic_dir):
     net = quant.freeze(observed_qat_net())
-    dataset = cifar.create_dataset(synthetic_dir, training=False, batch_size=40, num_samples=40)
+    dataset = cifar.create_dataset(synthetic_dir, training=False, batch_size=20, num_samples=20)
     before, labels = inference.predict(net, dataset)
     baseline = float((before == labels).mean())
     same = sensitivity.measure(net, dataset, 7, baseline)  # the bits it was trained with: nothing changes
