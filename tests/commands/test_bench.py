@@ -75,8 +75,8 @@ def test_bench_reports_the_cost_of_adversarial_training_and_attacks(capsys):
 
 
 def test_bench_reports_the_cost_of_learned_step_sizes(monkeypatch, capsys):
-    """--lsq: min/max and LSQ runs alternate, and the ratio is of their median step times (the measurements stand in:
-    bench.py's end-to-end tests run the same workers; qatcifar.measure's `lsq` kind is tested in unit/test_measure.py)."""
+    """--lsq: min/max and LSQ runs alternate, and the ratio is of their median step times (the measurements stand
+    in: bench.py's end-to-end tests run the same workers; measure.py's `lsq` kind is tested in unit/test_measure.py)."""
     times = iter([[0.10, 0.12], [0.13, 0.15], [0.20, 0.10], [0.30, 0.24]])  # qat, lsq, qat, lsq
     kinds = []
 
