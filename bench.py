@@ -131,10 +131,8 @@ def main(argv=None):
 def benchmark(args):
     """Every measurement; prints the report and returns the figures."""
     with tempfile.TemporaryDirectory() as tmp:
-        args.data = os.path.join(tmp, "data")
-        cifar.write_synthetic(args.data, seed=0)
-        runs = {"float": [], "qat": []}
-        measure_alternating(runs, args, tmp)
+        write_data(args, tmp)
+        runs = alternating_runs(args, ("float", "qat"), tmp)
         evaluation = worker("eval", args)  # the last QAT run's checkpoint
         pipeline = pipeline_speed(args.data, args.batch)
         validation = validation_cost(args, tmp) if args.validation else {}
@@ -146,13 +144,21 @@ def benchmark(args):
     return results
 
 
-def measure_alternating(runs, args, tmp):
-    """--repeats measurements of each kind in `runs` ({kind: []}, filled in), alternating, each in a fresh process;
-    a live bar over them on a terminal."""
-    jobs = [(repeat, kind) for repeat in range(args.repeats) for kind in runs]
+def write_data(args, tmp):
+    """The synthetic data the measurements run on, written into tmp (args.data)."""
+    args.data = os.path.join(tmp, "data")
+    cifar.write_synthetic(args.data, seed=0)
+
+
+def alternating_runs(args, kinds, folder):
+    """{kind: [measurement, ...]}: --repeats training measurements of each kind, alternating, each in a fresh process
+    (checkpoints into folder); a live bar over them on a terminal."""
+    runs = {kind: [] for kind in kinds}
+    jobs = [(repeat, kind) for repeat in range(args.repeats) for kind in kinds]
     for repeat, kind in cli.progress(jobs, len(jobs), "measuring", unit="run"):
-        args.checkpoint = os.path.join(tmp, f"{kind}-{repeat}.ckpt")
+        args.checkpoint = os.path.join(folder, f"{kind}-{repeat}.ckpt")
         runs[kind].append(worker(kind, args))
+    return runs
 
 
 def worker(kind, args):
@@ -246,8 +252,7 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THRE
 def deployment(args):
     """Every deployable model's figures; prints the table and returns them."""
     with tempfile.TemporaryDirectory() as tmp:
-        args.data = os.path.join(tmp, "data")
-        cifar.write_synthetic(args.data, seed=0)
+        write_data(args, tmp)
         files = {}
         for kind, name in (("float", "mindspore_float32"), ("qat", "mindspore_qat")):
             args.checkpoint = files[name] = os.path.join(tmp, f"{kind}.ckpt")
@@ -336,15 +341,13 @@ def choice_table(args):
     them."""
     networks = {}
     with tempfile.TemporaryDirectory() as tmp:
-        args.data = os.path.join(tmp, "data")
-        cifar.write_synthetic(args.data, seed=0)
+        write_data(args, tmp)
         names = args.arch
         for name in names:
             args.arch = [name]
             folder = os.path.join(tmp, name)
             os.mkdir(folder)
-            runs = {"float": [], "qat": []}
-            measure_alternating(runs, args, folder)
+            runs = alternating_runs(args, ("float", "qat"), folder)
             files = {}
             for kind, form, output in (("float", "onnx", "float32.onnx"), ("qat", "onnx", "int8.onnx"),
                                        ("qat", "int8", "model.int8.npz")):
@@ -390,10 +393,8 @@ def report_choice(r):
 def adversarial_cost(args):
     """Adversarial training steps against clean ones, and attacks per image; prints them and returns the figures."""
     with tempfile.TemporaryDirectory() as tmp:
-        args.data = os.path.join(tmp, "data")
-        cifar.write_synthetic(args.data, seed=0)
-        runs = {"qat": [], "fgsm": [], "pgd": []}
-        measure_alternating(runs, args, tmp)
+        write_data(args, tmp)
+        runs = alternating_runs(args, ("qat", "fgsm", "pgd"), tmp)
         attack = worker("attack", args)  # on the last PGD-trained checkpoint
     step_s = {kind: statistics.median(s for run in runs[kind] for s in run["step_s"]) for kind in runs}
     results = {"device": runs["qat"][0]["device"], "cpu": cpu_model(), "batch": args.batch, "steps": args.steps,
@@ -420,10 +421,8 @@ def adversarial_cost(args):
 def quantizer_cost(args):
     """QAT training steps with learned step sizes against min/max observers; prints them and returns the figures."""
     with tempfile.TemporaryDirectory() as tmp:
-        args.data = os.path.join(tmp, "data")
-        cifar.write_synthetic(args.data, seed=0)
-        runs = {"qat": [], "lsq": []}
-        measure_alternating(runs, args, tmp)
+        write_data(args, tmp)
+        runs = alternating_runs(args, ("qat", "lsq"), tmp)
     step_s = {kind: statistics.median(s for run in runs[kind] for s in run["step_s"]) for kind in runs}
     ratios = [statistics.median(lsq["step_s"]) / statistics.median(minmax["step_s"])
               for minmax, lsq in zip(runs["qat"], runs["lsq"], strict=True)]

@@ -10,6 +10,12 @@ above; the step's gradient is scaled by g = 1 / sqrt(N Qp), N the values one ste
 activation, per output channel for a weight), so that its updates keep in proportion to its size (section 2.2).
 The first step size is 2 mean|x| / sqrt(Qp) (`initial_step`), from the first batch the quantizer sees.
 
+quant.py trains the logarithm of each step, not the step: Adam, the default optimizer, moves every
+parameter by about the learning rate a step whatever its gradient's size (the gradient scale g then
+changes nothing), which pushed steps of 0.01 through zero within a few epochs (measured: one channel's
+step ended at -0.008, and the int8 file then disagreed with its checkpoint). Moved in its logarithm, a step
+changes in proportion to its size, as g intends under SGD, and stays positive.
+
 Cost: as quant.ClipQuant, x is mapped so that [-Qn, Qp] x s becomes [0, 6] and clipped by one ReLU6, rounding is
 two additions of `rounding` (quant.ROUNDING), and the backward pass keeps x, the output and a one-byte mask.
 """

@@ -170,7 +170,7 @@ def profile(net, image_size=32):
     channels: a bias and a scale each in an int8 file), "layers" (conv and dense layers)}."""
     counter = _Counter(image_size)
     walk(net, counter)
-    trained = [p for p in net.trainable_params() if not p.name.endswith("_quant.step")]  # (quant.LSQ_SUFFIX)
+    trained = [p for p in net.trainable_params() if not p.name.endswith("_quant.log_step")]  # (quant.LSQ_SUFFIX)
     return {"arch": getattr(net, "arch", None), "params": sum(p.size for p in trained),
             "macs": counter.macs, "weights": counter.weights, "weight_bytes": counter.weight_bytes,
             "channels": counter.channels, "layers": counter.layers}

@@ -54,7 +54,7 @@ OBSERVER_SUFFIX = "_quant.steps"
 FOLD_SUFFIX = ".freeze_bn_step"
 BITS_SUFFIX = ".weight_quant.bits"
 ACT_BITS_SUFFIX = "_quant.act_bits"  # an activation quantizer of other than ACT_BITS bits
-LSQ_SUFFIX = "_quant.step"  # a learned step size (quantizer lsq)
+LSQ_SUFFIX = "_quant.log_step"  # a learned step size, as its logarithm (quantizer lsq)
 QUANTIZERS = ("minmax", "lsq")
 ACT_BITS = 8  # activations, but where --act_bits says otherwise; the network's input and the classifier's always
 # Checkpoints written before each layer recorded its weight bits were all trained with 8-bit weights.
@@ -144,7 +144,7 @@ class WeightQuant(nn.Cell):
 
 class LearnedWeightQuant(nn.Cell):
     """WeightQuant's LSQ counterpart (quantizer lsq): symmetric per-channel quantization with a learned step per
-    output channel (`<layer>.weight_quant.step`), set from the weights at the first training step
+    output channel (its logarithm `<layer>.weight_quant.log_step`), set from the weights at the first training step
     (`.weight_quant.initialized`), trained from then on."""
 
     def __init__(self, bits, channels):
@@ -152,7 +152,7 @@ class LearnedWeightQuant(nn.Cell):
         self.num_bits = self.trained_bits = bits
         self.bits = Parameter(Tensor(bits, ms.int32), name="bits", requires_grad=False)
         self.qmax = 2 ** (bits - 1) - 1
-        self.step = Parameter(Tensor(np.ones(channels, np.float32)), name="step")
+        self.log_step = Parameter(Tensor(np.zeros(channels, np.float32)), name="log_step")  # (lsq.py: why a log)
         self.initialized = Parameter(Tensor(0, ms.int32), name="initialized", requires_grad=False)
         self.fake_quant = lsq.LsqQuant(-self.qmax, self.qmax, per_channel=True)
         self.rounding = Tensor(ROUNDING, ms.float32)
@@ -165,9 +165,9 @@ class LearnedWeightQuant(nn.Cell):
 
     def _step(self, weight):
         first = lsq.initial_step(ops.stop_gradient(weight), self.qmax, per_channel=True)
-        step = ops.where(self.initialized > 0, self.step, first)  # (weights are small: both sides cost little)
+        step = ops.where(self.initialized > 0, ops.exp(self.log_step), first)  # (weights are small: both cost little)
         if self.training:
-            ops.assign(self.step, step)
+            ops.assign(self.log_step, ops.log(step))
             ops.assign(self.initialized, ops.ones((), ms.int32))
         return step.reshape((-1,) + (1,) * (weight.ndim - 1))
 
@@ -330,10 +330,10 @@ class ActQuant(nn.Cell):
 
 
 class LearnedActQuant(nn.Cell):
-    """ActQuant's LSQ counterpart (quantizer lsq): a learned step (`<cell>.<x>_quant.step`), set from the batch at
-    the first quantized training step; after a ReLU the levels are 0..2^bits - 1 (and their clip at 0 is the ReLU),
-    else -2^(bits-1)..2^(bits-1) - 1, stored with that zero point. Parameters as ActQuant's but the range
-    (`steps`, `quant_delay`, `act_bits`), so that the checks of resume and export read them alike."""
+    """ActQuant's LSQ counterpart (quantizer lsq): a learned step (its logarithm `<cell>.<x>_quant.log_step`), set
+    from the batch at the first quantized training step; after a ReLU the levels are 0..2^bits - 1 (and their clip
+    at 0 is the ReLU), else -2^(bits-1)..2^(bits-1) - 1, stored with that zero point. Parameters as ActQuant's but
+    the range (`steps`, `quant_delay`, `act_bits`), so that the checks of resume and export read them alike."""
 
     def __init__(self, config, relu=False, bits=None):
         super().__init__()
@@ -347,7 +347,7 @@ class LearnedActQuant(nn.Cell):
         self.quant_delay = Parameter(Tensor(config.quant_delay, ms.int32), name="quant_delay", requires_grad=False)
         self.delayed = config.quant_delay > 0
         self.steps = Parameter(Tensor(0, ms.int32), name="steps", requires_grad=False)
-        self.step = Parameter(Tensor(1.0, ms.float32), name="step")
+        self.log_step = Parameter(Tensor(0.0, ms.float32), name="log_step")  # (lsq.py: why a log)
         self.fake_quant = lsq.LsqQuant(-self.zero_point, self.highest)
         self.rounding = Tensor(ROUNDING, ms.float32)
 
@@ -357,13 +357,13 @@ class LearnedActQuant(nn.Cell):
         if self.training:
             # Until quantization starts (quant_delay), the step follows the batches; then it is trained.
             if self.steps <= self.quant_delay:
-                ops.assign(self.step, lsq.initial_step(ops.stop_gradient(ops.relu(x) if self.relu else x),
-                                                       self.highest))
-            step = self.step
+                first = lsq.initial_step(ops.stop_gradient(ops.relu(x) if self.relu else x), self.highest)
+                ops.assign(self.log_step, ops.log(first))
+            step = ops.exp(self.log_step)
             active = self.steps >= self.quant_delay
             ops.assign_add(self.steps, ops.ones((), ms.int32))
         else:
-            step = self.step
+            step = ops.exp(self.log_step)
             active = self.steps > self.quant_delay
         y = self.fake_quant(x, step, self.rounding)[0]
         if self.delayed:
@@ -372,7 +372,7 @@ class LearnedActQuant(nn.Cell):
 
     def qparams(self):
         """Scale and zero point of the quantized tensor (trained)."""
-        return self.step.value(), Tensor(float(self.zero_point), ms.float32)
+        return ops.exp(self.log_step.value()), Tensor(float(self.zero_point), ms.float32)
 
 
 def weight_quantizer(config, bits, channels):

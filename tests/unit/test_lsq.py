@@ -56,15 +56,16 @@ def test_activation_step_starts_from_the_first_batch_and_is_then_trained():
     first = rng.normal(size=(4, 8, 5, 5)).astype(np.float32)
     act(ms.Tensor(first))
     expected = 2 * np.maximum(first, 0).mean() / np.sqrt(15)
-    np.testing.assert_allclose(float(act.step.asnumpy()), expected, rtol=1e-5)
-    act.step.set_data(ms.Tensor(0.25, ms.float32))  # as an optimizer would change it
+    np.testing.assert_allclose(np.exp(act.log_step.asnumpy()), expected, rtol=1e-5)  # trained as its logarithm
+    act.log_step.set_data(ms.Tensor(np.log(0.25), ms.float32))  # as an optimizer would change it
     act(ms.Tensor(first * 3))
-    assert float(act.step.asnumpy()) == 0.25  # kept: initialized once
+    assert float(act.log_step.asnumpy()) == np.float32(np.log(0.25))  # kept: initialized once
     act.set_train(False)
     x = np.linspace(-1, 5, 50, dtype=np.float32)
-    np.testing.assert_array_equal(act(ms.Tensor(x)).asnumpy(), np.clip(np.round(x / 0.25), 0, 15) * 0.25)
     scale, zero_point = act.qparams()
-    assert float(scale.asnumpy()) == 0.25 and float(zero_point.asnumpy()) == 0
+    np.testing.assert_allclose(float(scale.asnumpy()), 0.25, rtol=1e-6)
+    assert float(zero_point.asnumpy()) == 0
+    np.testing.assert_allclose(act(ms.Tensor(x)).asnumpy(), np.clip(np.round(x / 0.25), 0, 15) * 0.25, rtol=1e-6)
     signed = LearnedActQuant(LSQ)  # no ReLU before it: levels -8..7, stored around zero point 8
     assert (signed.zero_point, signed.highest, signed.levels) == (8, 7, 15)
 
@@ -75,7 +76,7 @@ def test_weight_steps_start_per_channel_and_export_as_the_forward_pass_quantizes
     weight = ms.Tensor(rng.normal(size=(6, 3, 3, 3)).astype(np.float32))
     out = quantizer(weight).asnumpy()
     expected = 2 * np.abs(weight.asnumpy()).reshape(6, -1).mean(1) / np.sqrt(7)
-    np.testing.assert_allclose(quantizer.step.asnumpy(), expected, rtol=1e-5)
+    np.testing.assert_allclose(np.exp(quantizer.log_step.asnumpy()), expected, rtol=1e-5)
     assert int(quantizer.initialized.asnumpy()) == 1
     levels, scale = quantizer.levels_and_scale(weight)
     assert np.abs(levels.asnumpy()).max() <= 7
@@ -101,7 +102,7 @@ def test_a_network_trains_its_steps_and_exports_them_exactly(tmp_path):
     as LSQ's, and the 8-bit input and classifier-input quantizers keep min/max observers."""
     net, _ = trained_lsq_net()
     first = 2 * np.abs(net.conv1.conv.weight.asnumpy()).reshape(net.conv1.conv.out_channels, -1).mean(1) / np.sqrt(7)
-    assert not np.allclose(net.conv1.weight_quant.step.asnumpy(), first)  # trained (the weights moved too)
+    assert not np.allclose(np.exp(net.conv1.weight_quant.log_step.asnumpy()), first)  # trained (the weights moved too)
     assert isinstance(net.conv1.input_quant, quant.ActQuant) and isinstance(net.fc.input_quant, quant.ActQuant)
     for cell in (net.layer1[0].conv1, net.layer2[0].conv2, net.fc):
         levels, scale, _ = quant.integer_weights(cell)
