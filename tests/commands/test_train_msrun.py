@@ -89,10 +89,11 @@ def test_more_workers_than_the_data_can_shard(synthetic_dir):
 
 @pytest.mark.slow
 def test_adversarial_training_under_msrun_keeps_the_workers_identical(synthetic_dir, tmp_path):
-    """Each worker attacks its own images from its own random starts; the network stays one."""
+    """Each worker attacks its own images from its own random starts, and sets its learned steps (--quantizer lsq)
+    from its own first batch; the network stays one."""
     result = msrun(2, tmp_path / "logs", *SMALL, "-data", synthetic_dir, "-dir", str(tmp_path / "run"), "-e", "1",
                    "-bsize", "8", "--num_samples", "32", "--val_samples", "100", "--adv_train", "fgsm",
-                   "--adv_ratio", "0.5")
+                   "--adv_ratio", "0.5", "--quantizer", "lsq")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     logged = [(tmp_path / "logs" / f"worker_{rank}.log").read_text() for rank in (0, 1)]
     assert "adversarial training: FGSM from a random start" in logged[0] and "on 4 of the 8 images" in logged[0]

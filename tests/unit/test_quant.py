@@ -234,3 +234,17 @@ def test_activations_of_fewer_bits_are_recorded_only_where_they_are_not_8(tmp_pa
         path = str(tmp_path / f"a{act_bits}.ckpt")
         checkpoint.save(net, path, {})
         assert checkpoint.quant_config(path, checkpoint.read(path)).act_bits == act_bits
+
+
+def test_min_max_layers_export_the_folded_weight_quantized_at_its_own_scales():
+    """The default (min/max) export: each layer's folded weight quantized per channel at max|w| / (2^(bits-1) - 1),
+    as before learned steps existed, so default int8 and ONNX files stay as they were."""
+    net = quantize(networks.resnet(ARCH))
+    for cell in (net.conv1, net.layer2[0].shortcut, net.fc):
+        levels, scale, bias = quant.integer_weights(cell)
+        weight = cell.weight if isinstance(cell, quant.QuantDense) else cell.folded_weight_and_bias()[0]
+        expected_scale = quant.weight_scale(weight, 7)
+        np.testing.assert_array_equal(scale.asnumpy(), expected_scale.asnumpy().reshape(-1))
+        np.testing.assert_array_equal(levels.asnumpy(), quant.weight_levels(weight, expected_scale).asnumpy())
+        np.testing.assert_array_equal(bias.asnumpy(), (cell.bias if isinstance(cell, quant.QuantDense)
+                                                       else cell.folded_weight_and_bias()[1]).asnumpy())
