@@ -164,12 +164,12 @@ class LearnedWeightQuant(nn.Cell):
         return self.fake_quant(weight, self._step(weight), self.rounding)[0]
 
     def _step(self, weight):
-        first = lsq.initial_step(ops.stop_gradient(weight), self.qmax, per_channel=True)
-        step = ops.where(self.initialized > 0, ops.exp(self.log_step), first)  # (weights are small: both cost little)
+        first = ops.log(lsq.initial_step(ops.stop_gradient(weight), self.qmax, per_channel=True))
+        log_step = ops.where(self.initialized > 0, self.log_step, first)  # (weights are small: both cost little)
         if self.training:
-            ops.assign(self.log_step, ops.log(step))
+            ops.assign(self.log_step, log_step)
             ops.assign(self.initialized, ops.ones((), ms.int32))
-        return step.reshape((-1,) + (1,) * (weight.ndim - 1))
+        return ops.exp(log_step).reshape((-1,) + (1,) * (weight.ndim - 1))
 
     def freeze(self, weight):
         """As WeightQuant.freeze; at other bits than trained (sensitivity.py sets num_bits), with min/max scales."""
