@@ -39,8 +39,11 @@ def test_summary_derives_speeds_and_ratios_from_step_times(capsys):
 
 @pytest.mark.slow
 def test_bench_reports_every_figure(capsys):
-    results = bench.main(["--device", "CPU", "--batch", "4", "--steps", "2", "--repeats", "1", "--eval_images", "100",
-                          "--int8_images", "4", "--json"])
+    """bench.py's default measurements, on resnet8 (main() takes ResNet-18 for them; the code is the same)."""
+    args = bench.get_args_parser().parse_args(["--device", "CPU", "--batch", "4", "--steps", "2", "--repeats", "1",
+                                               "--eval_images", "100", "--int8_images", "4", "--json"])
+    args.arch = [ARCH]
+    results = bench.benchmark(args)
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == results
     assert all(results[key] > 0 and math.isfinite(results[key]) for key in KEYS)
     assert math.isclose(results["qat_over_float"], results["train_ips_float"] / results["train_ips_qat"])

@@ -13,7 +13,7 @@ import eval as evaluate
 import export
 import train
 from conftest import ARCH, SMALL, expect_error, run_script, snapshot, train_in_subprocess
-from qatcifar import checkpoint, int8, networks, quant
+from qatcifar import checkpoint, cli, int8, networks, quant
 
 
 @pytest.mark.slow
@@ -53,6 +53,7 @@ def test_training_learns_and_eval_reports_json(trained_evaluation, synthetic_dir
     assert result["per_class"]["synthetic_3"] == confusion[3, 3] / confusion[3].sum()
 
 
+@pytest.mark.slow
 def test_float_training_and_eval(synthetic_dir, tmp_path, capsys):
     path = train.main([*SMALL, "-data", synthetic_dir, "-dir", str(tmp_path), "-e", "2", "-bsize", "16",
                        "--num_samples", "32", "--no-qat", "-opt", "momentum", "-lr", "0.01", "--eval_every", "0",
@@ -160,8 +161,8 @@ def test_4_bit_activations_train_and_run_in_the_int8_file(synthetic_dir, tmp_pat
 @pytest.mark.slow
 def test_lsq_w4a4_trains_exports_agrees_and_resumes(synthetic_dir, tmp_path, capsys):
     """--quantizer lsq --weight_bits 4 --act_bits 4: the checkpoint holds the learned steps and reads back as LSQ's;
-    its int8 file (biases with fraction bits) agrees with it; a resumed run goes on with the trained steps and
-    counters and keeps the quantizer, and refuses another."""
+    its int8 file (biases with fraction bits) agrees with it; a run resumed from it keeps the quantizer (and refuses
+    another) and goes on with the trained steps and counters."""
     folder = str(tmp_path / "lsq")
     run = [*SMALL, "-data", synthetic_dir, "-dir", folder, "-bsize", "32", "--num_samples", "256", "--eval_every", "0"]
     path = train_in_subprocess(*run, "-e", "1", "--quantizer", "lsq", "--weight_bits", "4", "--act_bits", "4")
@@ -178,8 +179,10 @@ def test_lsq_w4a4_trains_exports_agrees_and_resumes(synthetic_dir, tmp_path, cap
                        "--save_predictions", str(tmp_path / f"{name}.npy")])
         predictions[name] = np.load(tmp_path / f"{name}.npy")
     assert (predictions["int8"] == predictions["checkpoint"]).mean() >= 0.99
-    result = run_script("train.py", *run, "-e", "2", "--resume", "auto", "--quantizer", "minmax")
-    assert result.returncode == 2 and "trained with --quantizer lsq, not minmax" in result.stderr
+    found = (path, checkpoint.read(path))
+    with pytest.raises(cli.InputError, match="trained with --quantizer lsq, not minmax; resume without them"):
+        train.resumed_quantization(train.get_args_parser().parse_args(["--quantizer", "minmax"]), found)
+    assert train.resumed_quantization(train.get_args_parser().parse_args([]), found)["quantizer"] == "lsq"
     resumed, _ = checkpoint.load_network(train_in_subprocess(*run, "-e", "2", "--resume", "auto"), 10)
     assert int(resumed.layer1[0].add.output_quant.steps.asnumpy()) == 16  # 8 steps an epoch, counted on from 8
     after = {name: p.asnumpy() for name, p in resumed.parameters_and_names() if name.endswith(quant.LSQ_SUFFIX)}

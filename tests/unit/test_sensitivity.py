@@ -10,6 +10,7 @@ from conftest import ARCH, assert_png, expect_error, observed_qat_net
 from qatcifar import cifar, inference, networks, quant, sensitivity, training
 
 
+@pytest.mark.slow
 def test_each_layer_in_turn_and_the_network_put_back(synthetic_dir):
     net = quant.freeze(observed_qat_net())
     dataset = cifar.create_dataset(synthetic_dir, training=False, batch_size=20, num_samples=20)
