@@ -32,7 +32,7 @@ import mindspore as ms
 import numpy as np
 import onnx
 
-from qatcifar import checkpoint, cifar, files, int8, int8_export, onnx_graph, ptq, quant
+from qatcifar import checkpoint, cifar, files, int8, int8_export, networks, onnx_graph, ptq, quant
 
 FORMATS = {"mindir": ".mindir", "int8": ".int8.npz", "onnx": ".onnx"}
 CALIBRATION_BATCH = 64
@@ -157,7 +157,7 @@ def write(path, write_file, overwrite):
 
 
 def report_sizes(net, path):
-    float_bytes = 4 * sum(p.size for p in net.trainable_params())
+    float_bytes = 4 * networks.profile(net)["params"]  # (the float network's: not LSQ's learned steps)
     size = os.path.getsize(path)
     print(f"wrote {path}: {cli.size_text(size)} ({size:,} bytes, {100 * size / float_bytes:.1f}% of the "
           f"{cli.size_text(float_bytes)} of {net.arch}'s float32 parameters)")
