@@ -175,19 +175,20 @@ def resumed_quantization(run, found):
     config = checkpoint.quant_config(*found) if found else None
     if config is None:
         return None
-    redo = "resume without them, or train the new choice into another -dir"
+    def redo(flags):
+        return f"resume without {flags}, or train the new choice into another -dir"
     if run.act_bits and run.act_bits != config.act_bits:
         raise cli.InputError(f"--resume {found[0]} trained {config.act_bits}-bit activations, not --act_bits "
-                             f"{run.act_bits}; {redo}")
+                             f"{run.act_bits}; {redo('--act_bits')}")
     if run.quantizer and run.quantizer != config.quantizer:
         raise cli.InputError(f"--resume {found[0]} trained with --quantizer {config.quantizer}, not "
-                             f"{run.quantizer}; {redo}")
+                             f"{run.quantizer}; {redo('--quantizer')}")
     bits = config.weight_bits, config.layer_bits
     if (run.weight_bits or run.first_last_bits or run.layer_bits) and training.weight_bits_of(run) != bits:
         layers = ", ".join(f"{layer} {b}" for layer, b in config.layer_bits)
         raise cli.InputError(f"--resume {found[0]} trained {config.weight_bits}-bit weights"
                              f"{f' ({layers})' if layers else ''}, not what --weight_bits, --first_last_bits and "
-                             f"--layer_bits ask; {redo}")
+                             f"--layer_bits ask; {redo('them')}")
     return {"weight_bits": config.weight_bits, "layer_bits": config.layer_bits, "act_bits": config.act_bits,
             "quantizer": config.quantizer}
 
