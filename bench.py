@@ -396,24 +396,36 @@ def adversarial_cost(args):
         write_data(args, tmp)
         runs = alternating_runs(args, ("qat", "fgsm", "pgd"), tmp)
         attack = worker("attack", args)  # on the last PGD-trained checkpoint
-    step_s = {kind: statistics.median(s for run in runs[kind] for s in run["step_s"]) for kind in runs}
+    figures = step_figures(runs)
+    step_s = figures["step_s"]
     results = {"device": runs["qat"][0]["device"], "cpu": cpu_model(), "batch": args.batch, "steps": args.steps,
-               "repeats": args.repeats, "adv_steps": args.adv_steps, "step_s": step_s,
+               "repeats": args.repeats, "adv_steps": args.adv_steps, **figures,
                "fgsm_over_clean": step_s["fgsm"] / step_s["qat"], "pgd_over_clean": step_s["pgd"] / step_s["qat"],
-               "first_step_s": {kind: statistics.median(run["first_step_s"] for run in runs[kind]) for kind in runs},
-               "peak_rss_mb": {kind: max(run["peak_rss_mb"] for run in runs[kind]) for kind in runs}, **attack}
+               **attack}
     print(f"QAT training step on {results['device']} ({results['cpu']}), batch {args.batch}, {args.repeats} x "
           f"{args.steps} steps: clean {step_s['qat']:.2f} s, FGSM-RS {step_s['fgsm']:.2f} s "
           f"({results['fgsm_over_clean']:.2f}x), PGD-{args.adv_steps} {step_s['pgd']:.2f} s "
           f"({results['pgd_over_clean']:.2f}x)")
-    print("first step (compilation): " + ", ".join(f"{kind} {s:.1f} s" for kind, s in results["first_step_s"].items())
-          + "; peak memory: " + ", ".join(f"{kind} {mb:.0f} MB" for kind, mb in results["peak_rss_mb"].items()))
+    report_compilation(results)
     print(f"eval.py per image (batch {min(EVAL_BATCH, args.attack_images)}, {args.attack_images} images): clean "
           f"{1000 * attack['clean_s_per_image']:.1f} ms, FGSM {1000 * attack['fgsm_s_per_image']:.1f} ms, PGD-10 "
           f"{1000 * attack['pgd_s_per_image']:.1f} ms")
     if args.json:
         print(json.dumps(results))
     return results
+
+
+def step_figures(runs):
+    """Per kind of alternating_runs' runs: the median step time, the median first step (compilation), the peak
+    memory."""
+    return {"step_s": {kind: statistics.median(s for run in runs[kind] for s in run["step_s"]) for kind in runs},
+            "first_step_s": {kind: statistics.median(run["first_step_s"] for run in runs[kind]) for kind in runs},
+            "peak_rss_mb": {kind: max(run["peak_rss_mb"] for run in runs[kind]) for kind in runs}}
+
+
+def report_compilation(results):
+    print("first step (compilation): " + ", ".join(f"{kind} {s:.1f} s" for kind, s in results["first_step_s"].items())
+          + "; peak memory: " + ", ".join(f"{kind} {mb:.0f} MB" for kind, mb in results["peak_rss_mb"].items()))
 
 
 # --- --lsq: the cost of learned step sizes --------------------------------------------------------
@@ -423,21 +435,19 @@ def quantizer_cost(args):
     with tempfile.TemporaryDirectory() as tmp:
         write_data(args, tmp)
         runs = alternating_runs(args, ("qat", "lsq"), tmp)
-    step_s = {kind: statistics.median(s for run in runs[kind] for s in run["step_s"]) for kind in runs}
+    figures = step_figures(runs)
+    step_s = figures["step_s"]
     ratios = [statistics.median(lsq["step_s"]) / statistics.median(minmax["step_s"])
               for minmax, lsq in zip(runs["qat"], runs["lsq"], strict=True)]
     arch = (args.arch or [networks.DEFAULT_ARCH])[0]
     results = {"device": runs["qat"][0]["device"], "cpu": cpu_model(), "arch": arch, "batch": args.batch,
-               "steps": args.steps, "repeats": args.repeats, "step_s": step_s,
-               "lsq_over_minmax": step_s["lsq"] / step_s["qat"], "lsq_over_minmax_per_repeat": ratios,
-               "first_step_s": {kind: statistics.median(run["first_step_s"] for run in runs[kind]) for kind in runs},
-               "peak_rss_mb": {kind: max(run["peak_rss_mb"] for run in runs[kind]) for kind in runs}}
+               "steps": args.steps, "repeats": args.repeats, **figures,
+               "lsq_over_minmax": step_s["lsq"] / step_s["qat"], "lsq_over_minmax_per_repeat": ratios}
     print(f"QAT training step of {results['arch']} on {results['device']} ({results['cpu']}), batch {args.batch}, "
           f"{args.repeats} x {args.steps} steps: min/max {1000 * step_s['qat']:.1f} ms, LSQ "
           f"{1000 * step_s['lsq']:.1f} ms ({results['lsq_over_minmax']:.2f}x; per repeat "
           f"{', '.join(f'{x:.2f}' for x in ratios)})")
-    print("first step (compilation): " + ", ".join(f"{kind} {s:.1f} s" for kind, s in results["first_step_s"].items())
-          + "; peak memory: " + ", ".join(f"{kind} {mb:.0f} MB" for kind, mb in results["peak_rss_mb"].items()))
+    report_compilation(results)
     if args.json:
         print(json.dumps(results))
     return results
