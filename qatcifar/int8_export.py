@@ -75,6 +75,10 @@ class Int8Graph:
         fraction = self.bias_bits
         while fraction and (largest << fraction) + np.abs(bias).max() * 2 ** fraction >= 2 ** 31 - 1:
             fraction -= 1
+        if not np.abs(bias).max() < 2 ** 31 - 1:  # (an int32 would wrap around, silently)
+            raise cli.InputError(f"{name}'s bias reaches {np.abs(bias).max():.3g} times its accumulator's step (input "
+                                 "scale x weight scale), beyond int32: the int8 file cannot hold this layer; its "
+                                 "weights are nearly all zero, or the checkpoint is damaged")
         self.arrays[f"{name}.bias"] = np.round(bias * 2 ** fraction).astype(np.int32)
         node = {"weight": f"{name}.weight", "weight_scale": f"{name}.weight_scale", "bias": f"{name}.bias"}
         if fraction:
