@@ -18,8 +18,8 @@ The inference follows Jacob et al. 2018, section 2: a layer multiplies int8 by i
 accumulates in int32, adds an int32 bias (scale: input scale x weight scale), and
 requantizes to its output's uint8 with a fixed-point multiplier (an int32 and a shift)
 derived from the stored scales. Where activations have fewer than 8 bits, that bias's rounding
-is a sizeable part of an output level (a model of 4-bit activations agrees with its checkpoint
-on 98 % of images instead of 99.9 %): a layer's `bias_bits` k then gives its bias k fraction
+is a sizeable part of an output level (docs/benchmarks.md#learned-step-sizes measures what it
+costs a model of 4-bit activations): a layer's `bias_bits` k then gives its bias k fraction
 bits (scale: input scale x weight scale / 2^k), and the accumulator is shifted left by k before
 the bias is added (file version 2; ONNX's QLinearConv has no such field, and ONNX export
 refuses those activations anyway). Only the network's input (quantize) and the logits
