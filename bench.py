@@ -53,7 +53,7 @@ import sys
 import tempfile
 import time
 
-from qatcifar import adversarial, checkpoint, cifar, measure, networks, ort_kernels, quant
+from qatcifar import adversarial, checkpoint, cifar, files, measure, networks, ort_kernels, quant
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 EVAL_BATCH = measure.EVAL_BATCH  # (the measurements' batch)
@@ -76,29 +76,53 @@ def get_args_parser():
                         help="images for the int8 reference (NumPy, slow)")
     parser.add_argument("--json", action="store_true", help="end with one JSON line of the results")
     parser.add_argument("--deploy", action="store_true",
-                        help="instead: inference speed, size and memory of the deployable models (see above)")
-    parser.add_argument("--seconds", type=cli.positive_float, default=2.0,
-                        help="with --deploy: least time of each latency and throughput measurement")
+                        help="instead: inference speed, size and memory of the deployable models")
+    parser.add_argument("--seconds", type=cli.positive_float, default=None,
+                        help="with --deploy (or --arch A,B): least time of each latency and throughput measurement "
+                             "(default 2)")
     parser.add_argument("--arch", type=arch_list, default=None, metavar="A[,B,...]",
                         help=f"alone: training and deployment figures of each network, one table "
                              f"({','.join(networks.ARCHS)}); with --deploy, --adversarial, --lsq or --validation: the "
                              f"one network they measure (default {networks.DEFAULT_ARCH})")
     parser.add_argument("--adversarial", action="store_true",
                         help="instead: adversarial training steps (FGSM-RS, PGD-k) against clean ones, and attacks "
-                             "per image (see above)")
-    parser.add_argument("--adv_steps", type=cli.int_range(1, 100), default=adversarial.DEFAULT_PGD_STEPS,
-                        help="with --adversarial: k of the PGD-k training step")
-    parser.add_argument("--attack_images", type=IMAGES, default=100,
-                        help="with --adversarial: images per attack measurement")
+                             "per image")
+    parser.add_argument("--adv_steps", type=cli.int_range(1, 100), default=None,
+                        help=f"with --adversarial: k of the PGD-k training step "
+                             f"(default {adversarial.DEFAULT_PGD_STEPS})")
+    parser.add_argument("--attack_images", type=IMAGES, default=None,
+                        help="with --adversarial: images per attack measurement (default 100)")
     parser.add_argument("--lsq", action="store_true",
                         help="instead: QAT training steps with learned step sizes (LSQ) against min/max observers")
     parser.add_argument("--validation", action="store_true",
                         help="also time train.py with and without validation after every epoch")
-    parser.add_argument("--epochs", type=cli.positive_int, default=4,
-                        help="with --validation: epochs per train.py run (the first is warm-up)")
-    parser.add_argument("--val_samples", type=IMAGES, default=500,
-                        help="with --validation: validation images per epoch")
+    parser.add_argument("--epochs", type=cli.positive_int, default=None,
+                        help="with --validation: epochs per train.py run, the first warm-up (default 4)")
+    parser.add_argument("--val_samples", type=IMAGES, default=None,
+                        help="with --validation: validation images per epoch (default 500)")
     return parser
+
+
+# Flags that only some modes use: {dest: (default, the modes that use it)}; given elsewhere, they are refused.
+MODE_FLAGS = {"seconds": (2.0, ("--deploy", "--arch A,B")), "adv_steps": (adversarial.DEFAULT_PGD_STEPS,
+                                                                     ("--adversarial",)),
+              "attack_images": (100, ("--adversarial",)), "epochs": (4, ("--validation",)),
+              "val_samples": (500, ("--validation",))}
+
+
+def check_mode_flags(parser, args):
+    """One mode at a time (--deploy, --adversarial, --lsq; --validation only with the default measurements), and no
+    flag that the mode does not use; then fill in the defaults of MODE_FLAGS (parser.error: one line, exit 2)."""
+    modes = [flag for flag, given in (("--deploy", args.deploy), ("--adversarial", args.adversarial),
+                                      ("--lsq", args.lsq), ("--validation", args.validation)) if given]
+    if len(modes) > 1:
+        parser.error(f"{modes[0]} and {modes[1]} are separate measurements; run them one at a time")
+    mode = modes[0] if modes else "--arch A,B" if args.arch and len(args.arch) > 1 else None
+    for dest, (default, users) in MODE_FLAGS.items():
+        if getattr(args, dest) is None:
+            setattr(args, dest, default)
+        elif mode not in users:
+            parser.error(f"--{dest} applies to {' and '.join(users)} only; drop it, or add {users[0]}")
 
 
 def arch_list(text):
@@ -119,6 +143,9 @@ def main(argv=None):
     if args.arch and len(args.arch) > 1 and others:
         parser.error(f"{' and '.join(others)} measure one network; give one --arch, or drop {' and '.join(others)} "
                      "for the table of several")
+    check_mode_flags(parser, args)
+    print("note: bench.py measures networks it builds and trains for a few steps on synthetic data, in a temporary "
+          "folder: speed, size and memory do not depend on the weights; your checkpoints are not read", flush=True)
     try:
         work = (deployment if args.deploy else adversarial_cost if args.adversarial else quantizer_cost if args.lsq
                 else benchmark if args.validation or not args.arch else choice_table)
@@ -321,17 +348,19 @@ def report_deployment(r):
           f"{ {True: 'yes', False: 'no', None: 'unknown'}[k['vnni']]}; probe: "
           f"{'exact' if k['exact'] else 'pairs of products saturate in 16 bits'} (int8 weights of 7 bits are exact "
           "on every CPU; 8-bit ones are stored as uint8, exact everywhere)")
-    print(f"{'model':<18} {'file MB':>8} {'b1 p50 ms 1/all threads':>24} {'b1 p95 ms 1/all':>16} "
+    print(f"{'model':<18} {'file':>8} {'b1 p50 ms 1/all threads':>24} {'b1 p95 ms 1/all':>16} "
           f"{'b100 images/s':>14} {'peak MB':>8}")
     for name, m in r["deploy"].items():
-        print(f"{name:<18} {m['file_mb']:>8.1f} {m['b1_p50_ms_1thread']:>12.2f} / {m['b1_p50_ms']:<9.2f} "
+        print(f"{name:<18} {cli.size_text(m['file_mb'] * 1e6):>8} {m['b1_p50_ms_1thread']:>12.2f} / "
+              f"{m['b1_p50_ms']:<9.2f} "
               f"{m['b1_p95_ms_1thread']:>7.2f} / {m['b1_p95_ms']:<6.2f} {m['b100_ips']:>14.1f} "
               f"{m['peak_rss_mb']:>8.0f}")
-    print(f"ONNX int8 over ONNX float32 at batch 100: {r['int8_over_float_onnx_b100']:.2f}x the images/s; "
-          f"MindSpore float32 over ONNX int8 at batch 1: {r['int8_onnx_over_mindspore_b1']:.1f}x "
-          f"({r['int8_onnx_over_mindspore_b1_1thread']:.1f}x on one thread); ONNX int8 file "
-          f"{100 * r['onnx_int8_file_over_float32']:.1f}% of float32's; 8-bit weights (uint8) "
-          f"{r['int8_8bit_over_7bit_b1']:.2f}x the batch-1 latency of 7-bit ones (int8)")
+    print(f"ONNX int8 answers {r['int8_over_float_onnx_b100']:.2f}x as many images/s as ONNX float32 at batch 100")
+    print(f"ONNX int8 is {r['int8_onnx_over_mindspore_b1']:.1f}x faster than MindSpore float32 at batch 1 "
+          f"({r['int8_onnx_over_mindspore_b1_1thread']:.1f}x on one thread)")
+    print(f"the ONNX int8 file is {100 * r['onnx_int8_file_over_float32']:.1f}% the size of ONNX float32's")
+    print(f"8-bit weights (stored as uint8) take {r['int8_8bit_over_7bit_b1']:.2f}x the batch-1 latency of 7-bit "
+          "ones (int8)")
 
 
 # --- --arch: a table to choose a network by ---------------------------------------------------------
@@ -464,12 +493,14 @@ def validation_cost(args, tmp):
 
 
 def train_run(args, folder, eval_every):
-    """Median per-epoch figures (metrics.jsonl) of one QAT train.py run, leaving out the first epoch (compilation)."""
+    """Median per-epoch figures (its metrics file) of one QAT train.py run, leaving out the first epoch
+    (compilation)."""
     arch = ["--arch", args.arch[0]] if args.arch else []
     run_script("train.py", "train.py", *arch, "-data", args.data, "-dir", folder, "-e", str(args.epochs),
                "-bsize", str(args.batch), "--num_samples", str(args.batch * args.steps),
                "--eval_every", str(eval_every), "--val_samples", str(args.val_samples), "--device", args.device)
-    with open(os.path.join(folder, "metrics.jsonl")) as f:
+    (record,) = files.RunFiles.in_folder(folder)  # (a new folder: this run's alone)
+    with open(record.metrics) as f:
         records = [json.loads(line) for line in f]
     later = records[1:] or records
     return {"images_per_s": statistics.median(r["images_per_s"] for r in later),

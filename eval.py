@@ -39,8 +39,9 @@ def get_args_parser():
     parser.add_argument("-loc", "--check_point", default=None,
                         help=f"model file: .ckpt, .mindir, .npz or .onnx (default: the newest periodic or interrupt "
                              f"checkpoint in {DEFAULT_CHECKPOINT_DIR}/, the one train.py printed last)")
-    parser.add_argument("-data", "--data_dir", default=cifar.DEFAULT_DATA_DIR,
-                        help="CIFAR-10 binary folder holding test_batch.bin")
+    parser.add_argument("-data", "--data_dir", default=None,
+                        help=f"CIFAR-10 binary folder holding test_batch.bin (default: the folder the model's train.py "
+                             f"run trained on, as its args.json says, else {cifar.DEFAULT_DATA_DIR})")
     parser.add_argument("-bsize", "--batchsize", type=cli.positive_int, default=100, help="batch size")
     cli.add_device_argument(parser)
     parser.add_argument("--threads", type=cli.int_range(1, 1024), default=None,
@@ -60,8 +61,9 @@ def get_args_parser():
     layers.add_argument("--sensitivity", action="store_true",
                         help="also evaluate, layer by layer, the network with that layer's weights at "
                              "--sensitivity_bits, and list the layers by the accuracy they lose")
-    layers.add_argument("--sensitivity_bits", type=cli.int_range(2, 8), default=4, metavar="B",
-                        help="with --sensitivity: the weight bits each layer is tried at")
+    layers.add_argument("--sensitivity_bits", type=cli.int_range(2, 8), default=None, metavar="B",
+                        help=f"with --sensitivity: the weight bits each layer is tried at (default "
+                             f"{sensitivity.DEFAULT_BITS})")
     layers.add_argument("--suggest_layer_bits", metavar="FILE", default=None,
                         help="with --sensitivity and --size_budget: write a train.py --layer_bits file that gives the "
                              "least sensitive layers --sensitivity_bits until the int8 file fits the budget")
@@ -91,16 +93,18 @@ def main(argv=None):
 def evaluate(args):
     """The accuracy of the model file on the test split; prints the report. Every input is checked first."""
     path = args.check_point or newest_checkpoint(DEFAULT_CHECKPOINT_DIR)
-    if args.save_predictions:
-        files.check_new_file(args.save_predictions, "--save_predictions", args.overwrite, path, "the model file")
-    for flag, output, suffix in (("--plot", args.plot, ".png"), ("--csv", args.csv, ".csv")):
-        if output and not output.endswith(suffix):
-            raise cli.InputError(f"{flag} {output} must end in {suffix}")
+    args.data_dir = cifar.data_dir_for(path, args.data_dir)
+    reads = inputs(args, path)
+    for flag, output, suffix in (("--save_predictions", args.save_predictions, ".npy"), ("--plot", args.plot, ".png"),
+                                 ("--csv", args.csv, ".csv")):
         if output:
-            files.check_new_file(output, flag, args.overwrite, path, "the model file")
+            files.check_new_file(output, flag, args.overwrite, reads, suffix)
+    if args.save_adversarial:
+        files.check_not_input(args.save_adversarial, "--save_adversarial", reads)
     attacks.resolve(args, path)
-    check_sensitivity(args, path)
-    cli.setup_device(args.device)
+    check_sensitivity(args, path, reads)
+    if inference.uses_mindspore(path):
+        cli.setup_device(args.device)
     model = inference.load_model(path, args.threads)
     batch_size = model.fixed_batch or args.batchsize
     if model.fixed_batch and model.fixed_batch != args.batchsize:
@@ -150,21 +154,31 @@ def evaluate(args):
     return accuracy
 
 
-def check_sensitivity(args, path):
+def inputs(args, path):
+    """What the command reads, which no output may be: (path, what) pairs for files.check_new_file."""
+    return (path, "the model file"), (args.data_dir, "the data folder (-data)")
+
+
+def check_sensitivity(args, path, reads):
     """Before any work: the sensitivity flags against each other and the model file (a checkpoint)."""
-    given = [flag for flag, value in (("--suggest_layer_bits", args.suggest_layer_bits),
+    given = [flag for flag, value in (("--sensitivity_bits", args.sensitivity_bits),
+                                      ("--suggest_layer_bits", args.suggest_layer_bits),
                                       ("--size_budget", args.size_budget)) if value]
     if given and not args.sensitivity:
         raise cli.InputError(f"{given[0]} comes from the layers' sensitivity; add --sensitivity")
     if bool(args.suggest_layer_bits) != bool(args.size_budget):
         raise cli.InputError("--suggest_layer_bits FILE and --size_budget KB go together")
+    args.sensitivity_bits = args.sensitivity_bits or sensitivity.DEFAULT_BITS
+    if args.size_budget and args.sensitivity_bits == 8:
+        raise cli.InputError("--sensitivity_bits 8 gives no layer fewer bits than QAT's at most 8, so no suggestion "
+                             "can meet --size_budget; give fewer bits, like --sensitivity_bits 4")
     if args.sensitivity and not path.endswith(".ckpt"):
         raise cli.InputError(f"--sensitivity changes a layer's weight bits, which only a QAT checkpoint can; {path} "
                              "is not one: give the .ckpt it was exported from")
     if args.suggest_layer_bits:
-        files.check_new_file(args.suggest_layer_bits, "--suggest_layer_bits", args.overwrite, path, "the model file")
+        files.check_new_file(args.suggest_layer_bits, "--suggest_layer_bits", args.overwrite, reads, ".json")
     if args.sensitivity and args.plot:
-        files.check_new_file(sensitivity_chart(args.plot), "--plot", args.overwrite, path, "the model file")
+        files.check_new_file(sensitivity_chart(args.plot), "--plot", args.overwrite, reads)
 
 
 def sensitivity_chart(plot):

@@ -47,9 +47,10 @@ def get_args_parser():
                         help="output file, ending in .mindir, .npz or .onnx as --format says (default: the "
                              "checkpoint's path with .mindir, .int8.npz or .onnx)")
     parser.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
-    parser.add_argument("-data", "--data_dir", default=cifar.DEFAULT_DATA_DIR,
+    parser.add_argument("-data", "--data_dir", default=None,
                         help="int8 and onnx: the data folder whose batches.meta.txt names the classes in the model "
-                             "file (CIFAR-10's names if it has none)")
+                             "file (CIFAR-10's names if it has none); default: the folder the checkpoint's train.py "
+                             f"run trained on, as its args.json says, else {cifar.DEFAULT_DATA_DIR}")
     parser.add_argument("--calibrate", type=cli.int_range(1, 50000), default=None, metavar="N",
                         help="int8 and onnx of a float32 checkpoint: post-training quantization, its activation "
                              "ranges measured on the first N training images of -data (a few hundred do)")
@@ -73,6 +74,8 @@ def export(args):
     if not args.check_point.endswith(".ckpt"):
         raise cli.InputError(f"{args.check_point} is not a .ckpt file; export.py reads checkpoints written by train.py")
     files.check_file(args.check_point)
+    if args.format != "mindir":  # (a MindIR graph holds no class names)
+        args.data_dir = cifar.data_dir_for(args.check_point, args.data_dir)
     output = args.output or args.check_point[: -len(".ckpt")] + FORMATS[args.format]
     check_output(output, args)
     check_calibration(args)
@@ -143,7 +146,8 @@ def check_output(path, args):
     if not path.endswith(suffix):
         raise cli.InputError(f"output {path} does not end in {suffix}, the suffix of --format {args.format}; "
                              f"give a -o ending in {suffix}")
-    files.check_new_file(path, "-o", args.overwrite, args.check_point, "the checkpoint being exported")
+    files.check_new_file(path, "-o", args.overwrite, ((args.check_point, "the checkpoint being exported"),
+                                                     (args.data_dir, "the data folder (-data)")))
 
 
 def write(path, write_file, overwrite):

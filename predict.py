@@ -56,7 +56,7 @@ def main(argv=None):
 def predict(args):
     """Print (and return) the top classes of each image."""
     images = np.stack([load_image(path) for path in args.images])
-    if not args.check_point.endswith((".onnx", ".npz")):  # (ONNX Runtime and the int8 reference need no MindSpore)
+    if inference.uses_mindspore(args.check_point):
         cli.setup_device(args.device)
     model = inference.load_model(args.check_point, args.threads)
     names = model.class_names or cifar.class_names(args.data_dir, default=cifar.CIFAR10_CLASSES)

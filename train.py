@@ -7,12 +7,13 @@
     msrun --worker_num=4 --local_worker_num=4 --join=True train.py --scale_lr   # data parallel on 4 GPUs
 
 Writes `<prefix>-<epoch>_<step>.ckpt` after every epoch into the save directory (-dir,
-default checkpoints/), `args.json` with the resolved arguments, appends one line per epoch
-to `metrics.jsonl`, and prints the final checkpoint's path; `python eval.py -loc <that path>`
-evaluates it. What a run is built from (the flags, data, network, optimizer, training step) is in
-qatcifar/training.py, the callbacks (stopping, saving, validating, progress) in
-qatcifar/callbacks.py, the checkpoint files in qatcifar/checkpoint.py; docs/training.md explains
-the run.
+default checkpoints/), `<prefix>-args.json` with the resolved arguments, appends one line per epoch
+to `<prefix>-metrics.jsonl`, keeps `<prefix>-best.ckpt` and `<prefix>-curves.png` (every run its own
+prefix: resnet18_qat, then resnet18_qat_1, ...; a resumed run keeps its own), and prints the final
+checkpoint's path; `python eval.py -loc <that path>` evaluates it. What a run is built from (the
+flags, data, network, optimizer, training step) is in qatcifar/training.py, the callbacks
+(stopping, saving, validating, progress) in qatcifar/callbacks.py, the checkpoint files in
+qatcifar/checkpoint.py; docs/training.md explains the run.
 """
 from qatcifar import cli, interrupts  # noqa: I001  (first: cli quiets MindSpore's log before it loads)
 
@@ -37,6 +38,8 @@ from qatcifar import (
     int8,
     networks,
     parallel,
+    plots,
+    quant,
     schedules,
     training,
 )
@@ -110,6 +113,7 @@ def train(args):
     found = checkpoint.find_resume(run.resume, run.savedir) if run.resume else None
     run.arch = resumed_arch(run, found)
     net = training.build_network(run, steps_per_epoch, resumed_quantization(run, found))
+    record_quantization(run, net)
     optimizer = training.make_optimizer(net, run, steps_per_epoch)
     train_net = training.build_train_network(net, optimizer, run, rank)
     if run.workers > 1:
@@ -117,23 +121,24 @@ def train(args):
     resumed, start_step = resume(run, found, train_net, dataset, steps_per_epoch)
 
     prefix = start_save_dir(args, run, resumed, net, start_step // steps_per_epoch) if writer else None
+    record = files.RunFiles(run.savedir, prefix)
     guard = callbacks.Guard(start_step, steps_per_epoch)
     saver = callbacks.Checkpointer(train_net, run.savedir, prefix, steps_per_epoch, run.save_steps, run.keep,
                                    start_step, guard, latest=resumed, writer=writer)
     validator = progress = None
     if validation:
-        validator = callbacks.Validator(net, validation, run.eval_every, run.epoch, run.savedir, guard, writer,
+        validator = callbacks.Validator(net, validation, run.eval_every, run.epoch, record.best, guard, writer,
                                         attack=adversarial.validation_attack(net, run))
     if writer:
         progress = callbacks.Progress(run.global_batch, steps_per_epoch, run.epoch, start_step, run.log_every,
-                                      os.path.join(run.savedir, files.METRICS_FILE), optimizer, guard, validator,
+                                      record, plots.run_label(vars(run)), optimizer, guard, validator,
                                       run.summary_dir)
     Model(train_net).train(run.epoch, dataset, callbacks=[cb for cb in (guard, saver, validator, progress) if cb],
                            dataset_sink_mode=False, initial_epoch=start_step // steps_per_epoch)
     if run.workers > 1:  # in each worker's own log: the workers' networks (and validations) must agree
         parallel.report(rank, run.workers, dataset.get_dataset_size() * run.batchsize, net,
                         validator.last if validator else None)
-    stop = guard.outcome(saver.latest if writer else callbacks.WORKER_0)
+    stop = guard.outcome(saver.latest if writer else callbacks.WORKER_0, resumed)
     if stop:
         raise stop
     if writer:
@@ -193,6 +198,19 @@ def resumed_quantization(run, found):
             "quantizer": config.quantizer}
 
 
+def record_quantization(run, net):
+    """Record in `run` (and so in args.json) the quantization the network was built with, the resumed checkpoint's or
+    the flags' with their defaults: --weight_bits (the most layers'), --first_last_bits, --act_bits, --quantizer, and
+    every layer's weight bits (bits_per_layer). A float32 run records none."""
+    if not run.qat:
+        return
+    params = dict(net.parameters_and_names())
+    config = quant.config_from_checkpoint(params)
+    bits = quant.bits_per_layer(params)
+    run.weight_bits, run.act_bits, run.quantizer = config.weight_bits, config.act_bits, config.quantizer
+    run.first_last_bits, run.bits_per_layer = bits[networks.EDGE_LAYERS[0]], bits
+
+
 def resume(run, found, train_net, dataset, steps_per_epoch):
     """With --resume, `found` (checkpoint.find_resume's): load the checkpoint's training state and move the data
     pipeline to its step. Return (the checkpoint's path or None, the step to continue after)."""
@@ -204,6 +222,7 @@ def resume(run, found, train_net, dataset, steps_per_epoch):
         epoch, step_in_epoch = checkpoint.position(step, steps_per_epoch)
         print(f"resuming from {path}: after step {step} of {run.epoch * steps_per_epoch} (epoch {epoch}, step "
               f"{step_in_epoch} of {steps_per_epoch})", flush=True)
+        report_dropped_teacher(run, path)
         bits = (checkpoint.quant_config(*found) or QuantConfig()).weight_bits
         if run.qat and bits == 8:
             print(f"note: {path} was trained with {bits}-bit weights, and the run goes on with them; its int8 ONNX "
@@ -218,9 +237,20 @@ def resume(run, found, train_net, dataset, steps_per_epoch):
     return (found[0] if found else None), step
 
 
+def report_dropped_teacher(run, path):
+    """A note where the resumed run distilled (its args.json names a teacher, which no checkpoint holds) and this one
+    is not given --teacher: it goes on without distillation."""
+    record = files.RunFiles.of_model(path)
+    teacher = record.settings().get("teacher") if record else None
+    if teacher and not run.teacher:
+        print(f"note: {path}'s run distilled from --teacher {teacher} ({record.args}); this run goes on without "
+              f"distillation (give --teacher {teacher} to keep it)", flush=True)
+
+
 def start_save_dir(args, run, resumed, net, epochs_done):
-    """Print the settings and the network's size, write args.json, clear crashed saves, trim metrics.jsonl of a
-    resumed run to the epochs done (`resumed`: the checkpoint's path); return the prefix of this run's checkpoints."""
+    """Print the settings and the network's size, write the run's args.json, clear crashed saves, trim the metrics of
+    a resumed run to the epochs done (`resumed`: the checkpoint's path); return the prefix of this run's files
+    (files.RunFiles): a new run's own, a resumed run's that of the series it continues."""
     print("arguments: " + json.dumps(vars(run), sort_keys=True))
     print(size_card(net))
     if cifar.is_synthetic(run.data_dir):
@@ -237,16 +267,19 @@ def start_save_dir(args, run, resumed, net, epochs_done):
     if run.workers > 1:
         print(f"data parallel: {run.workers} workers, batch {run.batchsize} per worker, global batch "
               f"{run.global_batch}; each worker trains on its own 1/{run.workers} of every epoch", flush=True)
-    path = os.path.join(run.savedir, "args.json")
+    prefix = checkpoint.series_prefix(run.savedir, checkpoint.series_base(model_kind(run), run.arch), resumed)
+    record = files.RunFiles(run.savedir, prefix)
+    print(f"this run's files in {run.savedir}/: {prefix}-<epoch>_<step>.ckpt, {os.path.basename(record.best)}, "
+          f"{os.path.basename(record.metrics)}, {os.path.basename(record.curves)}, {os.path.basename(record.args)}")
     try:
-        files.write_text(path, json.dumps(vars(run), indent=2, sort_keys=True))
+        files.write_text(record.args, json.dumps(vars(run), indent=2, sort_keys=True))
     except OSError as e:
-        raise callbacks.Stop(callbacks.EXIT_SAVE_FAILED, f"could not write {path} ({e.strerror}); nothing was trained; "
-                             "free space or fix the save folder, then run again", error=True) from None
+        raise callbacks.Stop(callbacks.EXIT_SAVE_FAILED, f"could not write {record.args} ({e.strerror}); nothing was "
+                             "trained; free space or fix the save folder, then run again", error=True) from None
     files.remove_stale_partials(run.savedir)
     if resumed:
-        repair_metrics(os.path.join(run.savedir, files.METRICS_FILE), epochs_done, os.path.getmtime(resumed))
-    return checkpoint.series_prefix(run.savedir, checkpoint.series_base(model_kind(run), run.arch), resumed)
+        repair_metrics(record.metrics, epochs_done, os.path.getmtime(resumed))
+    return prefix
 
 
 def repair_metrics(path, epochs_done, saved):

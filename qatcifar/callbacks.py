@@ -3,9 +3,10 @@
 - `Guard`: the one object that decides when training stops (Ctrl-C, SIGTERM, a loss or weights
   that are not finite, a failed save), and how train.py then exits;
 - `Checkpointer`: the training state after every epoch, every --save_steps steps and on an interrupt;
-- `Validator`: accuracy on the test split every --eval_every epochs, the best network as best.ckpt;
-- `Progress`: progress lines (or a live bar), the per-epoch summary, metrics.jsonl, curves.png and
-  the --summary_dir event files.
+- `Validator`: accuracy on the test split every --eval_every epochs, the run's best network as
+  `<prefix>-best.ckpt`;
+- `Progress`: progress lines (or a live bar), the per-epoch summary, the run's `<prefix>-metrics.jsonl` and
+  `<prefix>-curves.png` (files.RunFiles), and the --summary_dir event files.
 
 Each owns its state. The others report to the Guard what went wrong and ask it whether training
 is stopping; Progress reads the Validator's results for metrics.jsonl.
@@ -110,8 +111,9 @@ class Guard(Callback):
             self.interrupted = True
             run_context.request_stop()
 
-    def outcome(self, last_checkpoint):
-        """A Stop when training did not run to the end, else None. `last_checkpoint`: the newest one saved."""
+    def outcome(self, last_checkpoint, resumed=None):
+        """A Stop when training did not run to the end, else None. `last_checkpoint`: the newest one saved;
+        `resumed`: the checkpoint the run resumed from, if any."""
         last = last_checkpoint or "none (train again from the start)"
         if self.save_failure:
             path, why = self.save_failure
@@ -121,8 +123,14 @@ class Guard(Callback):
         if self.diverged:
             step, what = self.diverged
             epoch, _ = checkpoint.position(step, self.steps_per_epoch)
+            if resumed and last_checkpoint == resumed:  # (nothing saved since: the checkpoint may be the cause)
+                return Stop(EXIT_DIVERGED, f"training diverged at step {step} (epoch {epoch}), "
+                            f"{step - self.first_step} step(s) after resuming from {resumed}: {what}; this run saved "
+                            f"nothing; that checkpoint may itself hold the cause: check it with python eval.py -loc "
+                            f"{resumed}, and if it evaluates well, lower -lr (or add --warmup_epochs) and resume "
+                            "again", error=True)
             return Stop(EXIT_DIVERGED, f"training diverged at step {step} (epoch {epoch}): {what}; it stopped and "
-                        f"saved nothing from that state; the last good checkpoint is {last}; lower -lr (or add "
+                        f"saved nothing from that state; the last checkpoint saved is {last}; lower -lr (or add "
                         "--warmup_epochs) and continue with --resume auto", error=True)
         if self.signal is not None:
             return Stop(128 + self.signal, f"interrupted by {signal.Signals(self.signal).name}; checkpoint: {last}\n"
@@ -178,20 +186,21 @@ class Checkpointer(Callback):
 
 
 class Validator(Callback):
-    """Accuracy on the test split every `every` epochs and after the last (`epochs`); keeps the best network as
-    best.ckpt (an earlier run's better one there is kept). With an `attack` (attacks.Attack, --val_attack), also
-    the robust accuracy, and best.ckpt is the most robust network.
+    """Accuracy on the test split every `every` epochs and after the last (`epochs`); keeps the run's best network at
+    `best_path` (the run's own file: a resumed run compares with the best it saved before, a new run with nothing).
+    With an `attack` (attacks.Attack, --val_attack), also the robust accuracy, and the best is the most robust
+    network.
 
     `results` maps each validated epoch to {"val_accuracy", ["val_robust_accuracy",] "val_s"}; `last` is the
     latest accuracy. Every worker of a data-parallel run validates (a worker that waited for another's
     validation in its next all-reduce could time out); only the `writer` prints and saves.
     """
 
-    def __init__(self, net, dataset, every, epochs, savedir, guard, writer=True, attack=None):
+    def __init__(self, net, dataset, every, epochs, best_path, guard, writer=True, attack=None):
         super().__init__()
         self.net, self.dataset, self.every, self.epochs = net, dataset, every, epochs
         self.guard, self.writer, self.attack = guard, writer, attack
-        self.path = os.path.join(savedir, files.BEST_FILE)
+        self.path = best_path
         self.key = "val_robust_accuracy" if attack else "val_accuracy"  # what best.ckpt is the best of
         self.best = previous_best(self.path, self.key) if writer else None
         self.results, self.last = {}, None
@@ -230,7 +239,8 @@ class Validator(Callback):
 
 
 def previous_best(path, key="val_accuracy"):
-    """The `key` score recorded in an earlier run's best.ckpt, or None (no such file, or it lacks the score)."""
+    """The `key` score recorded in the run's best checkpoint saved before it was resumed, or None (no such file, or it
+    lacks the score)."""
     if not os.path.lexists(path):
         return None
     try:
@@ -245,22 +255,24 @@ def previous_best(path, key="val_accuracy"):
 
 class Progress(Callback):
     """Progress lines every `every` steps and at each epoch's end, a summary per epoch, and one JSON record
-    per epoch appended to `metrics_path` (with the validator's accuracy on validated epochs).
+    per epoch appended to the run's metrics file (`record`: files.RunFiles; with the validator's accuracy on
+    validated epochs).
 
     A line: epoch and step (of the epoch and of the run), loss, learning rate, images/s of the
     epoch's training steps (each timed from its start to its end, as MindSpore's TimeMonitor does;
     the run's first step, the graph compilation, left out), time elapsed and the estimated time
     left. Steps count from the start of the run, also when it was resumed at `first_step`.
     `batch_size` is the global batch (all workers'). On an interactive terminal a live bar per
-    epoch replaces the lines. After each epoch's record, curves.png beside `metrics_path` is
-    redrawn (plots.py), and with `summary_dir` the figures go to TensorBoard event files too.
+    epoch replaces the lines. After each epoch's record, the run's curves are redrawn (plots.py), titled `label`,
+    and with `summary_dir` the figures go to TensorBoard event files too.
     """
 
-    def __init__(self, batch_size, steps_per_epoch, epochs, first_step, every, metrics_path, optimizer, guard,
+    def __init__(self, batch_size, steps_per_epoch, epochs, first_step, every, record, label, optimizer, guard,
                  validator=None, summary_dir=None):
         super().__init__()
         self.batch_size, self.steps_per_epoch, self.epochs = batch_size, steps_per_epoch, epochs
-        self.first_step, self.every, self.metrics_path = first_step, every, metrics_path
+        self.first_step, self.every, self.record_files, self.label = first_step, every, record, label
+        self.metrics_path = record.metrics
         self.optimizer, self.guard, self.validator = optimizer, guard, validator
         self.total = epochs * steps_per_epoch
         self.plot_failed = False
@@ -355,7 +367,7 @@ class Progress(Callback):
             return write(*args)
         except OSError as e:
             print(f"warning: stopped writing TensorBoard events into {self.summary_dir} ({e.strerror}); training "
-                  "goes on, metrics.jsonl has the figures", flush=True)
+                  f"goes on, {self.metrics_path} has the figures", flush=True)
             if self.summary:
                 with contextlib.suppress(OSError):
                     self.summary.close()
@@ -380,13 +392,13 @@ class Progress(Callback):
             self.to_summary(self.write_summary, self.record)
 
     def draw_curves(self):
-        """curves.png beside metrics.jsonl; a failure is a warning (once), never the end of training."""
+        """The run's curves beside its metrics; a failure is a warning (once), never the end of training."""
         try:
-            plots.update_curves(os.path.dirname(self.metrics_path), os.path.basename(self.metrics_path))
+            plots.update_curves(self.record_files, self.label)
         except Exception as e:  # noqa: BLE001  (any plotting error: the run goes on)
             if not self.plot_failed:
-                print(f"warning: could not draw {plots.CURVES_FILE} ({cli.first_line(e)}); training goes on, "
-                      "metrics.jsonl has the figures", flush=True)
+                print(f"warning: could not draw {self.record_files.curves} ({cli.first_line(e)}); training goes on, "
+                      f"{self.metrics_path} has the figures", flush=True)
             self.plot_failed = True
 
 

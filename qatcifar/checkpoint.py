@@ -25,6 +25,7 @@ from qatcifar import cli, files, networks, quant
 
 NAME = re.compile(r"^(?P<prefix>.+)-(?P<epoch>\d+)_(?P<step>\d+)(?P<interrupt>-interrupt)?\.ckpt$")
 RUN_RECORDS = ("epoch_num", "step_num", "steps_per_epoch", "learning_rate")  # besides the network and optimizer
+OPTIMIZER_SLOTS = ("moment1", "moment2", "moments", "accum", "stat")  # Adam's, Momentum's, SGD's `<slot>.<name>`
 TEACHER_PREFIX = "teacher."  # a distillation teacher's parameters (distill.py): in no checkpoint
 ARCH_RECORD = "arch"  # the name of the network (networks.ARCHS), a string in every checkpoint train.py writes
 
@@ -101,10 +102,10 @@ def describe_mismatch(own, params, ignored):
     return "; ".join(problems)
 
 
-def load_network(path, num_classes):
-    """The network a checkpoint holds (the one it records, QAT or float32 as its parameters say), loaded strictly,
-    in eval mode; and its QuantConfig (None: float32)."""
-    params = load(path)
+def load_network(path, num_classes, flag="-loc"):
+    """The network a checkpoint given with `flag` holds (the one it records, QAT or float32 as its parameters say),
+    loaded strictly, in eval mode; and its QuantConfig (None: float32)."""
+    params = load(path, flag)
     if not params:
         raise cli.InputError(f"{path} holds no parameters; give a .ckpt file written by train.py")
     config = quant_config(path, params)
@@ -112,7 +113,7 @@ def load_network(path, num_classes):
     net = networks.resnet(name, num_classes)
     if config is not None:
         net = quant.quantize(net, config)
-        quant.add_unrecorded_bits(params, net)
+        quant.add_unrecorded_bits(params, net.get_parameters())
     own = dict(net.parameters_and_names())
     # Besides the network's parameters a training checkpoint holds optimizer state: slots named
     # `<slot>.<parameter>` (moment1.conv1.weight) and undotted scalars (global_step, epoch_num).
@@ -121,13 +122,32 @@ def load_network(path, num_classes):
     if mismatch:
         raise cli.InputError(f"{path} does not match {name} ({kind(config)}), the network it records: {mismatch}; "
                              "give a checkpoint written by train.py")
-    damaged = next((name for name in own if not np.isfinite(params[name].asnumpy()).all()), None)
-    if damaged:
-        raise cli.InputError(f"{path}: parameter {damaged} holds values that are not finite (NaN or infinity); the "
-                             "file is damaged, or its run diverged: give a checkpoint saved before")
+    check_values(path, {name: params[name] for name in own}, "" if flag == "-loc" else flag)
     ms.load_param_into_net(net, params, strict_load=True)
     net.set_train(False)
     return net, config
+
+
+def check_values(path, params, flag=""):
+    """InputError, before use, for a network's parameters ({name: Parameter}) that cannot give finite class scores:
+    values that are not finite, a learned step size outside quant.LOG_STEP_RANGE (its exponential is 0 or infinite,
+    or no weight or activation here comes near it), a BatchNorm variance below 0 (its square root is NaN)."""
+    low, high = quant.LOG_STEP_RANGE
+    for name, param in params.items():
+        values = param.asnumpy()
+        if not np.issubdtype(values.dtype, np.floating):
+            continue
+        slot = name.split(".", 1)[0] in OPTIMIZER_SLOTS  # (an optimizer's state of the parameter, not the parameter)
+        problem = ("holds values that are not finite (NaN or infinity)" if not np.isfinite(values).all() else
+                   None if slot else
+                   f"is a learned step size's logarithm outside [{low:g}, {high:g}] (step sizes "
+                   f"{np.exp(low):.0e} to {np.exp(high):.0e})"
+                   if name.endswith(quant.LSQ_SUFFIX) and ((values < low) | (values > high)).any() else
+                   "is a BatchNorm variance below 0" if name.endswith("moving_variance") and (values < 0).any()
+                   else None)
+        if problem:
+            raise cli.InputError(f"{flag}{' ' if flag else ''}{path}: parameter {name} {problem}; the file is damaged, "
+                                 "or its run diverged: give a checkpoint saved before")
 
 
 def arch(path, params):
@@ -227,11 +247,12 @@ def load_training_state(train_net, path, params, model_kind, quant_delay, steps_
         raise cli.InputError(f"--resume {path} was trained with --quant_delay {min(delays)}, this run has "
                              f"{quant_delay}; {settings}")
     own = {p.name: p for p in train_net.get_parameters() if p.name != "learning_rate" and trained(p.name)}
-    quant.add_unrecorded_bits(params, train_net)
+    quant.add_unrecorded_bits(params, own.values())  # (not a distillation teacher's: it is in no checkpoint)
     mismatch = describe_mismatch(own, params, ignored=lambda name: name in RUN_RECORDS + (ARCH_RECORD,))
     if mismatch:
         raise cli.InputError(f"--resume {path} does not match this run's network and optimizer: {mismatch}; "
                              "resume with the checkpoint's -opt and settings (see args.json beside it)")
+    check_values(path, {name: params[name] for name in own}, "--resume")
     step, saved_steps = int(params["step_num"].asnumpy()), int(params["steps_per_epoch"].asnumpy())
     if saved_steps != steps_per_epoch:
         raise cli.InputError(f"--resume {path} was trained with {saved_steps} steps per epoch, this run has "

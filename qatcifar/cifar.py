@@ -57,10 +57,26 @@ def split_files(data_dir, training):
     return sorted(os.path.join(data_dir, name) for name in names)
 
 
+def data_dir_for(model, given):
+    """The data folder of a command that reads `model`: -data as `given`; else that of the train.py run that wrote
+    the model (its args.json, files.RunFiles.of_model), said in a note, where that folder exists; else
+    DEFAULT_DATA_DIR."""
+    if given is not None:
+        return given
+    record = files.RunFiles.of_model(model) if model else None
+    remembered = record.settings().get("data_dir") if record else None
+    if isinstance(remembered, str) and remembered != DEFAULT_DATA_DIR and os.path.isdir(remembered):
+        print(f"note: data folder {remembered}, the one {record.prefix}'s run trained on ({record.args}); give "
+              "another with -data", flush=True)
+        return remembered
+    return DEFAULT_DATA_DIR
+
+
 def check_data_dir(data_dir, training):
     """Raise DatasetError naming what is wrong with the split's files (each file Cifar10Dataset would read is
     checked); return the files."""
-    fix = f"run `python preprocess.py --download -data {data_dir}` (or --synthetic {data_dir} for test data)"
+    fix = (f"give the folder of CIFAR-10's .bin files with -data, or fill this one with `python preprocess.py "
+           f"--download -data {data_dir}` (or --synthetic {data_dir} for test data)")
     if os.path.islink(data_dir) and not os.path.exists(data_dir):
         raise DatasetError(f"data folder {data_dir} is a broken symbolic link (or a loop); point it at the "
                            "CIFAR-10 folder or give that folder with -data")
@@ -166,7 +182,7 @@ def class_names(data_dir, default=None):
             data = f.read(MAX_META_BYTES + 1)
         if len(data) > MAX_META_BYTES:
             raise ValueError(f"it is over {MAX_META_BYTES} bytes")
-        names = [line.strip() for line in data.decode("utf-8").splitlines() if line.strip()]
+        names = [cli.printable(line.strip()) for line in data.decode("utf-8").splitlines() if line.strip()]
     except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
         why = e.strerror if isinstance(e, OSError) else "it is not UTF-8 text" if isinstance(e, UnicodeError) else e
         raise DatasetError(f"cannot read the class names in {path} ({why}); replace it with CIFAR-10's, "

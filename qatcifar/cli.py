@@ -91,6 +91,12 @@ class _NoBar:
         pass
 
 
+def printable(text):
+    """`text` with every character a terminal would act on (a newline, an ANSI escape) written as its Python escape:
+    for names read from files, which could otherwise forge an `error:` line or colour the terminal."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def size_text(size):
     """A file size for people: 93 KB, 11.3 MB (decimal units, as file managers show them)."""
     return f"{size / 1e3:.0f} KB" if size < 1e6 else f"{size / 1e6:.1f} MB"
@@ -128,6 +134,17 @@ def non_negative_float(text):
     if not (math.isfinite(value) and value >= 0):
         raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
     return value
+
+
+def float_range(low, high):
+    """An argparse type: a number from low to high; the error says the range."""
+    def parse(text):
+        value = _parse(float, text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be a number from {low:g} to {high:g}, got {text}")
+        return value
+    parse.__name__ = "number"
+    return parse
 
 
 def share(text):

@@ -12,13 +12,18 @@ checkpoint.save leaves out). T^2 keeps the soft targets' gradients on the scale 
 """
 import os
 
+import mindspore as ms
 import mindspore.nn as nn
 import mindspore.ops as ops
+import numpy as np
 
 from qatcifar import checkpoint, cifar, cli, quant
 
 PREFIX = checkpoint.TEACHER_PREFIX  # of the teacher's parameters: checkpoint.save leaves them out
 DEFAULTS = {"kd_weight": 0.9, "kd_temperature": 4.0}
+# Hinton et al. use 1 to 20. Beyond these, float32 fails: logits / T overflow below, T^2 x KL loses every digit above.
+TEMPERATURES = (0.1, 100.0)
+PROBE_IMAGES = 2  # images of noise the teacher must give finite class scores for before training starts
 
 
 def add_arguments(parser):
@@ -29,9 +34,9 @@ def add_arguments(parser):
     group.add_argument("--kd_weight", type=cli.share, default=None,
                        help=f"with --teacher: the soft targets' share of the loss, in (0, 1] "
                             f"(default {DEFAULTS['kd_weight']})")
-    group.add_argument("--kd_temperature", type=cli.positive_float, default=None,
-                       help=f"with --teacher: the softmax temperature of the soft targets "
-                            f"(default {DEFAULTS['kd_temperature']:g})")
+    group.add_argument("--kd_temperature", type=cli.float_range(*TEMPERATURES), default=None,
+                       help=f"with --teacher: the softmax temperature of the soft targets, {TEMPERATURES[0]:g} to "
+                            f"{TEMPERATURES[1]:g} (default {DEFAULTS['kd_temperature']:g})")
 
 
 def resolve(run):
@@ -55,12 +60,13 @@ def resolve(run):
 
 def load_teacher(path):
     """The teacher network of a checkpoint, in eval mode for good, its parameters renamed and frozen."""
-    try:
-        net, config = checkpoint.load_network(path, cifar.NUM_CLASSES)
-    except cli.InputError as e:
-        raise cli.InputError(f"--teacher: {e}") from None
+    net, config = checkpoint.load_network(path, cifar.NUM_CLASSES, "--teacher")
     if config is not None:
         quant.freeze(net)  # (its weights quantized once, not at every step)
+    images = np.random.default_rng(0).normal(size=(PROBE_IMAGES, 3, cifar.IMAGE_SIZE, cifar.IMAGE_SIZE))
+    if not np.isfinite(net(ms.Tensor(images, ms.float32)).asnumpy()).all():
+        raise cli.InputError(f"--teacher {path} gives class scores that are not finite (NaN or infinity): it cannot "
+                             "teach; give another checkpoint")
     for param in net.get_parameters():
         param.name, param.requires_grad = PREFIX + param.name, False
     return Frozen(net)

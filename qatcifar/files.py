@@ -3,22 +3,68 @@
 - `write_atomically(path, write)`: write(tmp) into a hidden `.partial-<pid>` folder beside `path`,
   flush it to disk, rename it into place; a crash leaves the old file or the whole new one.
   Folders of writes a dead process left (`remove_stale_partials`) are removed by the next write there.
-- `check_new_file`, `check_save_dir`: an output checked before any work; `output(path, flag)`: a failure to
-  write it (a full disk) as one InputError; `why(error)`: the few words that say why.
+- `check_new_file`, `check_save_dir`: an output checked before any work (never one of the command's inputs);
+  `output(path, flag)`: a failure to write it (a full disk) as one InputError; `why(error)`: the few words that
+  say why.
+- `read_small`, `load_json`: the small files the toolkit reads, regular files only, bounded in size and nesting.
 - `lock_save_dir`: one train.py run per save folder (flock, released when the process ends).
 """
 import contextlib
+import errno
 import fcntl
+import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 
 from qatcifar import cli, interrupts
 
 PARTIAL = re.compile(r"\.partial-(?P<pid>\d+)")  # write_atomically's temporary folders
-BEST_FILE = "best.ckpt"  # train.py's best validated network
-METRICS_FILE = "metrics.jsonl"  # train.py's record of each epoch
+# train.py's checkpoints and best network, and the models export.py writes beside them under their names
+MODEL_NAME = re.compile(r"^(?P<prefix>.+)-(?:\d+_\d+(?:-interrupt)?|best)(?:\.ckpt|\.int8\.npz|\.onnx|\.mindir)$")
+
+
+class RunFiles:
+    """The files of one train.py run in its save folder, named after the run's checkpoint prefix (resnet8_qat_1):
+    `<prefix>-best.ckpt` (its best validated network), `<prefix>-metrics.jsonl` (a record per epoch),
+    `<prefix>-curves.png` and `<prefix>-args.json`. A folder holds several runs; none reads or replaces another's."""
+    SUFFIXES = {"best": "-best.ckpt", "metrics": "-metrics.jsonl", "curves": "-curves.png", "args": "-args.json"}
+
+    def __init__(self, savedir, prefix):
+        self.savedir, self.prefix = savedir, prefix
+        for what, suffix in self.SUFFIXES.items():
+            setattr(self, what, os.path.join(savedir, f"{prefix}{suffix}"))
+
+    @classmethod
+    def of_metrics(cls, path):
+        """The run whose metrics file is `path`."""
+        folder, name = os.path.split(path)
+        return cls(folder, name[:-len(cls.SUFFIXES["metrics"])])
+
+    @classmethod
+    def of_model(cls, path):
+        """The run that wrote a checkpoint (`<prefix>-<epoch>_<step>.ckpt`, `<prefix>-best.ckpt`) or a model exported
+        beside it under its name (`<prefix>-2_32.int8.npz`, `.onnx`, `.mindir`), or None."""
+        folder, name = os.path.split(path)
+        match = MODEL_NAME.match(name)
+        return cls(folder, match["prefix"]) if match else None
+
+    def settings(self):
+        """The run's settings (its args.json) as a dict; {} where it is missing or unreadable."""
+        try:
+            settings = load_json(self.args)
+        except (OSError, ValueError):
+            return {}
+        return settings if isinstance(settings, dict) else {}
+
+    @classmethod
+    def in_folder(cls, savedir):
+        """The runs of a save folder that have a metrics file, in the order their prefixes sort."""
+        suffix = cls.SUFFIXES["metrics"]
+        return [cls(savedir, name[:-len(suffix)]) for name in sorted(os.listdir(savedir))
+                if name.endswith(suffix) and len(name) > len(suffix)]
 
 
 def write_atomically(path, write, mode=None, overwrite=True):
@@ -107,17 +153,20 @@ def append_line(path, line):
     write_atomically(path, write)
 
 
-def check_new_file(path, flag, overwrite, source=None, source_label=""):
-    """Before any work, for an output file given with `flag`: raise InputError unless `path` names a file (not a
-    folder) in an existing, writable folder, is not `source` (a file being read, if any: `source_label`), and is
-    new unless `overwrite`."""
-    folder = os.path.dirname(os.path.abspath(path))
+def check_new_file(path, flag, overwrite, reads=(), suffix=None):
+    """Before any work, for an output file given with `flag`: raise InputError unless `path` ends in `suffix` (when
+    given), names a file (not a folder) in an existing, writable folder, is none of the inputs the command reads,
+    and is new unless `overwrite`. `reads`: (path, what) pairs, `what` saying it ("the model file"); a folder among
+    them (the -data folder) refuses every path inside it. The inputs are refused with --overwrite too: the one
+    place where every command's outputs are kept off its inputs."""
     if os.path.isdir(path):
         raise cli.InputError(f"{flag} {path} is a folder; give a file name")
+    check_not_input(path, flag, reads)
+    if suffix and not path.endswith(suffix):
+        raise cli.InputError(f"{flag} {path} must end in {suffix}; give a {suffix} file name")
+    folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise cli.InputError(f"{flag}: folder {folder} does not exist; create it or give another path")
-    if source and os.path.exists(path) and os.path.exists(source) and os.path.samefile(path, source):
-        raise cli.InputError(f"{flag} {path} is {source_label}; give another path")
     if os.path.lexists(path) and not overwrite:
         raise cli.InputError(f"{flag} {path} exists; give another {flag}, or add --overwrite to replace it")
     try:
@@ -127,16 +176,35 @@ def check_new_file(path, flag, overwrite, source=None, source_label=""):
         raise cli.InputError(f"cannot write into {folder} ({e.strerror}); give a writable {flag}") from None
 
 
+def check_not_input(path, flag, reads):
+    """InputError if the output `path` (a file or a folder) is one of `reads` ((path, what) pairs), holds one, or lies
+    inside one that is a folder; links followed, hard links recognized."""
+    target = os.path.realpath(path)
+    for source, what in reads:
+        if not source:
+            continue
+        real = os.path.realpath(source)
+        same = target == real or (os.path.exists(path) and os.path.exists(source) and os.path.samefile(path, source))
+        if same:
+            raise cli.InputError(f"{flag} {path} is {what}, which this command reads; give another path")
+        if _inside(target, real) and os.path.isdir(source):
+            raise cli.InputError(f"{flag} {path} lies inside {what} {source}, which this command reads; give a path "
+                                 "outside it")
+        if _inside(real, target):
+            raise cli.InputError(f"{flag} {path} holds {what} {source}, which this command reads; give another "
+                                 "folder")
+
+
+def _inside(path, folder):
+    return path != folder and os.path.commonpath([path, folder]) == folder
+
+
 def check_save_dir(path, flag="-dir"):
     """Raise InputError, before any work, if checkpoints (or, with `flag` --summary_dir, event files) cannot be
     written into the folder `path`; create it."""
     what = "save directory" if flag == "-dir" else flag
     if os.path.exists(path) and not os.path.isdir(path):
         raise cli.InputError(f"{what} {path} is a file; give a folder with {flag}")
-    for name in ("args.json", "metrics.jsonl", BEST_FILE):  # files train.py writes, folders here by mistake
-        if os.path.isdir(os.path.join(path, name)):
-            raise cli.InputError(f"{os.path.join(path, name)} is a folder, where train.py writes a file; move it away "
-                                 "or give another -dir")
     try:
         _make_folders(path)
         with tempfile.TemporaryFile(dir=path):
@@ -223,6 +291,37 @@ def _process_alive(pid):
     except PermissionError:
         return True
     return True
+
+
+MAX_SMALL_FILE = 1_000_000  # bytes: the JSON and text files the toolkit reads (--layer_bits, args.json, ...)
+MAX_METRICS_FILE = 50_000_000  # a metrics record is about 300 bytes: 150,000 epochs
+
+
+def read_small(path, limit=MAX_SMALL_FILE):
+    """The bytes of a regular file of at most `limit` bytes; OSError whose strerror says why for anything else (a
+    FIFO, a device such as /dev/zero, a folder, a larger file). Never blocks in open() (O_NONBLOCK: a FIFO without
+    a writer) and never reads more than limit + 1 bytes."""
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        with os.fdopen(os.dup(descriptor), "rb") as f:
+            data = f.read(limit + 1)
+    finally:
+        os.close(descriptor)
+    if len(data) > limit:
+        raise OSError(errno.EFBIG, f"larger than {limit:,} bytes")
+    return data
+
+
+def load_json(path, limit=MAX_SMALL_FILE):
+    """The JSON value of a small file (read_small); OSError as there, ValueError for text that is not JSON (UTF-8),
+    nesting too deep included."""
+    data = read_small(path, limit)
+    try:
+        return json.loads(data.decode("utf-8"))
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
 
 
 def check_file(path, flag="-loc"):

@@ -24,6 +24,9 @@ from qatcifar.archs import ARCHS
 # MindSpore is imported where a checkpoint or a MindIR graph is loaded: int8 and ONNX models run without it.
 
 INT8_CHUNK = 100  # images per call of the int8 reference, whatever the batch size
+# The scales a QuantizeLinear or DequantizeLinear may have: activations and weights here lie far within +-1e4, so
+# that no scale export.py writes comes near 1e3, and none is below 1e-12 (the observers' EPS is 1e-8).
+QDQ_SCALES = (1e-12, 1e3)
 MAX_ONNX_BYTES = 256 << 20  # a float32 ResNet-18 is 44.7 MB; ONNX Runtime would read any size into memory
 
 
@@ -35,6 +38,12 @@ class Model:
     class_names: list = None  # the names the model file carries (int8 and ONNX files), else None
     network: object = None    # a checkpoint's network in eval mode (what attacks differentiate), else None
     size: dict = None         # {"arch", "params", "macs"} of the network, where the file says (not MindIR), else None
+
+
+def uses_mindspore(path):
+    """Whether a model file runs in MindSpore (a checkpoint, a MindIR graph): ONNX Runtime and the int8 reference
+    need neither MindSpore's device nor its context."""
+    return not path.endswith((".onnx", ".npz"))
 
 
 def load_model(path, threads=None):
@@ -84,10 +93,11 @@ def int8_logits(model, images):
 
 
 def names_or_none(names):
-    """A model file's class names, if they are NUM_CLASSES short strings (files are read as untrusted)."""
+    """A model file's class names, if they are NUM_CLASSES short strings (files are read as untrusted), with the
+    characters a terminal acts on escaped (cli.printable)."""
     ok = (isinstance(names, list) and len(names) == cifar.NUM_CLASSES
           and all(isinstance(name, str) and 0 < len(name) <= 100 for name in names))
-    return names if ok else None
+    return [cli.printable(name) for name in names] if ok else None
 
 
 def size_or_none(record):
@@ -175,12 +185,28 @@ def check_onnx_weights(path):
     except Exception:  # (a model ONNX Runtime loads but onnx does not read whole: it has no weights to judge here)
         return
     refuse_non_finite(path, weights)
+    check_scales(path, proto, dict(weights))
     inexact = ort_kernels.inexact_weights(proto)
     if inexact and not ort_kernels.probe():
         print(f"warning: {path} has int8 weights beyond 7 bits ({len(inexact)} layers), and ONNX Runtime's integer "
               "kernels on this CPU add pairs of their products in 16 bits, where these overflow: its answers can "
               "differ from the int8 model's; export the checkpoint again with export.py, which stores such weights "
               "so that every CPU computes them exactly", file=sys.stderr)
+
+
+def check_scales(path, proto, weights):
+    """InputError for a QuantizeLinear or DequantizeLinear whose scale (an initializer among `weights`, {name: array})
+    is not within QDQ_SCALES: 0 or below divides by nothing, and a scale of 1e30 quantizes every image to its zero
+    point."""
+    low, high = QDQ_SCALES
+    for node in proto.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and len(node.input) > 1:
+            scale = np.asarray(weights.get(node.input[1], 1.0), np.float64).reshape(-1)
+            bad = scale[~((scale >= low) & (scale <= high))]  # (NaN too)
+            if bad.size:
+                raise cli.InputError(f"{path}: {node.op_type} {node.name or node.output[0]} has scale {bad[0]:g}, "
+                                     f"not within [{low:g}, {high:g}]; the file is damaged: export it again from its "
+                                     "checkpoint")
 
 
 def refuse_non_finite(path, weights):

@@ -1,6 +1,6 @@
 """Pictures of runs and evaluations, as PNG files (matplotlib, no display needed).
 
-    >>> plots.save_curves({"run": records}, "curves.png")          # records: metrics.jsonl's lines
+    >>> plots.save_curves({"run": records}, "curves.png")          # records: a run's metrics lines
     >>> plots.save_confusion(confusion, class_names, "confusion.png", title)
 
 `curves`: the loss per epoch with the spread of its steps (the band from the lowest to the highest
@@ -21,7 +21,6 @@ from matplotlib.ticker import MaxNLocator
 
 from qatcifar import files
 
-CURVES_FILE = "curves.png"
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%S"  # of a metrics record's "time"
 
 
@@ -30,14 +29,13 @@ def read_metrics(path):
     run continues its epochs; a new run into the same folder starts again at 1). Unreadable lines are skipped, and
     so are records without the figures drawn (hand-edited, or not train.py's)."""
     records = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if drawable(record):
-                records.append(record)
+    for line in files.read_small(path, files.MAX_METRICS_FILE).decode("utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except (json.JSONDecodeError, RecursionError):
+            continue
+        if drawable(record):
+            records.append(record)
     start = len(records) - 1
     while start > 0 and records[start - 1]["epoch"] < records[start]["epoch"]:
         start -= 1
@@ -52,13 +50,13 @@ def trim_metrics(path, epochs_done, saved):
     Returns (lines cut short, records of epochs to train again) removed."""
     if not os.path.isfile(path):
         return 0, 0
-    with open(path, encoding="utf-8", errors="replace") as f:
-        lines = [line for line in f.read().splitlines() if line.strip()]
+    text = files.read_small(path, files.MAX_METRICS_FILE).decode("utf-8", errors="replace")
+    lines = [line for line in text.splitlines() if line.strip()]
     kept, damaged, later = [], 0, 0
     for line in lines:
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             damaged += 1
             continue
         if (isinstance(record, dict) and type(record.get("epoch")) is int and record["epoch"] > epochs_done
@@ -91,7 +89,7 @@ def drawable(record):
                     if key in record))
 
 
-def save_curves(runs, path):
+def save_curves(runs, path, title=None):
     """A figure of loss, learning rate and validation accuracy over epochs for each run ({label: records})."""
     figure = Figure(figsize=(15, 4.5), layout="constrained")
     loss, rate, accuracy = figure.subplots(1, 3)
@@ -107,13 +105,22 @@ def save_curves(runs, path):
     loss.set(title="training loss (epoch mean; band: its steps' range)", xlabel="epoch", ylabel="loss")
     rate.set(title="learning rate (at the epoch's last step)", xlabel="epoch", ylabel="learning rate")
     rate.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3), useOffset=False)
-    accuracy.set(title="validation accuracy (dashed: robust)", xlabel="epoch", ylabel="accuracy (%)", ylim=(0, 103))
+    robust = any(all("val_robust_accuracy" in r for r in records if "val_accuracy" in r)
+                 and any("val_accuracy" in r for r in records) for records in runs.values())
+    accuracy.set(title="validation accuracy" + (" (dashed: robust)" if robust else ""), xlabel="epoch",
+                 ylabel="accuracy (%)", ylim=(0, 103))
+    epochs = [r["epoch"] for records in runs.values() for r in records]
+    if epochs and min(epochs) == max(epochs):  # (one epoch: whole ones on the axis, not 0.945 to 1.05)
+        loss.set_xlim(epochs[0] - 1, epochs[0] + 1)
+    rate.set_xlim(loss.get_xlim())
     accuracy.set_xlim(loss.get_xlim())  # the same epochs on every panel (and whole ones with a single validation)
     for axes in (loss, rate, accuracy):
         axes.grid(alpha=0.3)
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         if axes.get_legend_handles_labels()[0]:
             axes.legend(fontsize="small", loc="lower right" if axes is accuracy else "best")
+    if title:
+        figure.suptitle(title)
     save(figure, path)
 
 
@@ -192,9 +199,32 @@ def save(figure, path, overwrite=True):
                                 overwrite=overwrite)
 
 
-def update_curves(savedir, metrics_file):
-    """curves.png in savedir, redrawn from its metrics.jsonl; returns its path."""
-    path = os.path.join(savedir, CURVES_FILE)
-    save_curves({os.path.basename(os.path.abspath(savedir)): read_metrics(os.path.join(savedir, metrics_file))},
-                path)
-    return path
+def update_curves(record, label):
+    """A run's curves (files.RunFiles' `curves`), redrawn from its metrics, titled `label` (run_label); returns the
+    picture's path."""
+    save_curves({label: read_metrics(record.metrics)}, record.curves, f"{record.prefix}: {label}")
+    return record.curves
+
+
+def run_label(settings):
+    """What a run trained, in a few words, from its settings (train.py's args.json): "resnet8, QAT W4A4 lsq",
+    "resnet20, float32, adversarial pgd, distilled"."""
+    words = [str(settings.get("arch") or "resnet18")]
+    if settings.get("qat", True):
+        weights, acts = settings.get("weight_bits"), settings.get("act_bits")
+        bits = f" W{weights}A{acts}" if weights and acts else ""
+        fold = " bn_fold" if settings.get("bn_fold") else ""
+        words.append(f"QAT{bits} {settings.get('quantizer') or 'minmax'}{fold}")
+    else:
+        words.append("float32")
+    if settings.get("adv_train") not in (None, "none"):
+        words.append(f"adversarial {settings['adv_train']}")
+    if settings.get("teacher"):
+        words.append("distilled")
+    return ", ".join(words)
+
+
+def read_label(record):
+    """A run's name (files.RunFiles): its prefix, and run_label of its args.json where that file is readable."""
+    settings = record.settings()
+    return f"{record.prefix}: {run_label(settings)}" if settings else record.prefix

@@ -21,12 +21,16 @@ import mindspore as ms
 import numpy as np
 
 from qatcifar import cli
+from qatcifar.cifar import CIFAR10_MEAN, CIFAR10_STD
 from qatcifar.quant import ActQuant, QuantConfig, quantize
 
 METHODS = ("minmax", "percentile")
 WEIGHT_BITS = 8
 PERCENTILE = 99.99  # and 100 - PERCENTILE at the low end
 SAMPLE = 20_000     # values kept of each quantizer's output per batch, for `percentile`
+MIN_LEVELS = 32     # pixel levels the calibration images must span between their darkest and brightest value
+MEAN = np.array(CIFAR10_MEAN, np.float32)[:, None, None]  # (the pipeline's normalization undone: pixels in [0, 1])
+STD = np.array(CIFAR10_STD, np.float32)[:, None, None]
 
 
 def calibrate(net, dataset, method="minmax"):
@@ -47,17 +51,24 @@ def calibrate(net, dataset, method="minmax"):
     mode = ms.get_context("mode")
     ms.set_context(mode=ms.PYNATIVE_MODE)  # (hooks run in PYNATIVE_MODE only)
     handles = [cell.register_forward_hook(observe) for cell in quantizers]
-    seen_images = 0
+    seen_images, low, high = 0, np.inf, -np.inf
     try:
         for (images, _) in dataset.create_tuple_iterator(num_epochs=1, output_numpy=True):
             qnet(ms.Tensor(images))
             seen_images += len(images)
+            pixels = images * STD + MEAN
+            low, high = min(low, pixels.min()), max(high, pixels.max())
     finally:
         for handle in handles:
             handle.remove()
         ms.set_context(mode=mode)
     if not seen[id(quantizers[0])]:
         raise cli.InputError("the calibration set holds no image; give a data folder with training images")
+    levels = int(round(255 * (high - low)))
+    if levels < MIN_LEVELS:
+        raise cli.InputError(f"the {seen_images} calibration images span {levels} pixel level(s) of 255 (blank or "
+                             "constant images?): every activation range measured on them would be too narrow for "
+                             "real images; calibrate on real training images (-data), or more of them (--calibrate)")
     for cell in quantizers:
         values = np.concatenate(seen[id(cell)])
         low, high = ((values.min(), values.max()) if method == "minmax"

@@ -55,6 +55,9 @@ FOLD_SUFFIX = ".freeze_bn_step"
 BITS_SUFFIX = ".weight_quant.bits"
 ACT_BITS_SUFFIX = "_quant.act_bits"  # an activation quantizer of other than ACT_BITS bits
 LSQ_SUFFIX = "_quant.log_step"  # a learned step size, as its logarithm (quantizer lsq)
+# The logarithms of step sizes a checkpoint may hold, 2e-9 to 5e8: weights and activations here lie far within
+# +-1e4, and a step beyond these gives levels of 0 or beyond 2^31 for every value (exp(+-88) is float32's 0 or inf).
+LOG_STEP_RANGE = (-20.0, 20.0)
 QUANTIZERS = ("minmax", "lsq")
 ACT_BITS = 8  # activations, but where --act_bits says otherwise; the network's input and the classifier's always
 # Checkpoints written before each layer recorded its weight bits were all trained with 8-bit weights.
@@ -565,11 +568,17 @@ def config_from_checkpoint(params):
                        act_bits=acts.pop() if acts else ACT_BITS)
 
 
-def add_unrecorded_bits(params, net):
-    """Give a checkpoint's parameters ({name: Parameter}, changed in place) the weight-bits records of `net` that
-    they lack: a checkpoint written before layers recorded their bits has 8-bit weights, as `net` was built
-    (config_from_checkpoint)."""
-    for param in net.get_parameters():
+def bits_per_layer(params):
+    """{layer name: weight bits} of a QAT network's or checkpoint's parameters ({name: Parameter})."""
+    return {name[:-len(BITS_SUFFIX)]: int(value.asnumpy()) for name, value in params.items()
+            if name.endswith(BITS_SUFFIX)}
+
+
+def add_unrecorded_bits(params, parameters):
+    """Give a checkpoint's parameters ({name: Parameter}, changed in place) the weight-bits records among
+    `parameters` (a network's, as it was built) that they lack: a checkpoint written before layers recorded their
+    bits has 8-bit weights (config_from_checkpoint)."""
+    for param in parameters:
         if param.name.endswith(BITS_SUFFIX) and param.name not in params:
             params[param.name] = Parameter(param.value().copy(), name=param.name, requires_grad=False)
     return params

@@ -15,6 +15,8 @@ import numpy as np
 
 from qatcifar import inference, int8, networks, quant
 
+DEFAULT_BITS = 4  # the weight bits each layer is tried at (eval.py --sensitivity_bits)
+
 
 def measure(net, dataset, bits, baseline):
     """[{layer, bits, weights, accuracy, drop}] of each weighted layer of the QAT network `net` (eval mode) with

@@ -7,7 +7,6 @@ the optimizer, the loss and the training step (train.py runs them; bench.py time
     >>> step = training.build_train_network(net, training.make_optimizer(net, run, 1), run)
 """
 import argparse
-import json
 
 import mindspore as ms
 import mindspore.nn as nn
@@ -195,22 +194,27 @@ def weight_bits_of(run, layers=None):
     edges = getattr(run, "first_last_bits", None) or QuantConfig.weight_bits
     chosen = {layer: edges for layer in networks.EDGE_LAYERS}
     if getattr(run, "layer_bits", None):
-        chosen.update(read_layer_bits(run.layer_bits, layers))
+        given = getattr(run, "layer_bits_read", None) or read_layer_bits(run.layer_bits)  # (read once: resolve_losses)
+        chosen.update(check_layer_names(run.layer_bits, given, layers))
     return bits, tuple(sorted((layer, b) for layer, b in chosen.items() if b != bits))
 
 
-def read_layer_bits(path, layers=None):
-    """--layer_bits FILE: {layer name: weight bits 2 to 8}; InputError naming what is wrong (a name not among
-    `layers`, when given)."""
+def read_layer_bits(path):
+    """--layer_bits FILE: {layer name: weight bits 2 to 8}; InputError naming what is wrong. A small regular file
+    only (files.read_small: no FIFO, no device, no file of megabytes, no nesting that exhausts the parser)."""
     try:
-        with open(path, encoding="utf-8") as f:
-            chosen = json.load(f)
+        chosen = files.load_json(path)
     except (OSError, ValueError) as e:
         raise cli.InputError(f"--layer_bits {path}: {files.why(e)}; give a JSON file like "
                              '{"layer3.0.conv2": 4}') from None
     if not isinstance(chosen, dict) or not all(type(b) is int and 2 <= b <= 8 for b in chosen.values()):
         raise cli.InputError(f"--layer_bits {path} is not a JSON object of layer names and bits from 2 to 8, like "
                              '{"layer3.0.conv2": 4}')
+    return chosen
+
+
+def check_layer_names(path, chosen, layers=None):
+    """`chosen` (read_layer_bits' of --layer_bits `path`), InputError for a name not among `layers` (when given)."""
     unknown = sorted(set(chosen) - set(layers)) if layers is not None else []
     if unknown:
         raise cli.InputError(f"--layer_bits {path} names {unknown[0]}, which is not a layer of this network; its "
@@ -239,7 +243,7 @@ def resolve_losses(run):
     adversarial.resolve(run)
     distill.resolve(run)
     if getattr(run, "layer_bits", None):
-        read_layer_bits(run.layer_bits)
+        run.layer_bits_read = read_layer_bits(run.layer_bits)
 
 
 def build_train_network(net, optimizer, run, rank=0):

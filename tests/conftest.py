@@ -24,6 +24,7 @@ import pytest  # noqa: E402
 import eval as evaluate  # noqa: E402
 from qatcifar import (
     cifar,  # noqa: E402
+    files,
     int8_export,
 )
 
@@ -316,10 +317,13 @@ def assert_png(path, width, height):
     assert image.shape[:2] == (height, width) and image.std() > 0.05  # drawn, not blank
 
 
-def write_metrics(folder, lines):
-    """A metrics.jsonl of these lines in `folder` (made if need be)."""
+def write_metrics(folder, lines, prefix="resnet8_qat"):
+    """A run's metrics file (files.RunFiles) of these lines in `folder` (made if need be); returns its path."""
     folder.mkdir(exist_ok=True)
-    (folder / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
+    path = files.RunFiles(str(folder), prefix).metrics
+    with open(path, "w") as f:
+        f.write("".join(line + "\n" for line in lines))
+    return path
 
 
 @pytest.fixture
@@ -328,7 +332,7 @@ def savedir(tmp_path):
     folder = tmp_path / "saved"
     folder.mkdir()
     (folder / "resnet18_qat-1_1.ckpt").write_bytes(b"earlier run")
-    (folder / "args.json").write_text("{}")
+    (folder / "resnet18_qat-args.json").write_text("{}")
     return str(folder)
 
 

@@ -119,10 +119,36 @@ def test_eval_checks_the_predictions_path_before_evaluating(untrained, synthetic
     for path, fragment in [(tmp_path, "is a folder; give a file name"),
                            (tmp_path / "missing" / "p.npy", "does not exist; create it or give another path"),
                            (tmp_path / "earlier.npy", "exists; give another --save_predictions, or add --overwrite"),
-                           (tmp_path / "model.npy", "is the model file; give another path")]:
+                           (tmp_path / "model.npy", "is the model file, which this command reads; give another path")]:
         expect_error(evaluate.main, ["-loc", str(tmp_path / "model.npy"), "-data", synthetic_dir,
                                      "--save_predictions", str(path)], capsys, "--save_predictions", fragment)
     assert snapshot(tmp_path) == before
+
+
+def test_no_output_of_eval_is_an_input_even_with_overwrite(untrained, synthetic_dir, tmp_path, capsys, monkeypatch):
+    """Every output flag, --overwrite or not: never the model file, nor a file in the -data folder (its test split,
+    its class names), nor that folder; and each its own suffix."""
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_dir, data)
+    model = tmp_path / "model.ckpt"
+    shutil.copy(untrained["QAT"], model)
+    before = snapshot(tmp_path), snapshot(data)
+    monkeypatch.setattr(evaluate.inference, "load_model", lambda path: pytest.fail("loaded the model"))
+    base = ["-loc", str(model), "-data", str(data), "--overwrite"]
+    for flags, fragments in [
+            (["--save_predictions", str(data / "test_batch.bin")], ["lies inside the data folder (-data)"]),
+            (["--save_predictions", str(data / "batches.meta.txt")], ["lies inside the data folder (-data)"]),
+            (["--plot", str(data / "new.png")], ["--plot", "lies inside the data folder"]),
+            (["--csv", str(model)], ["--csv", "is the model file, which this command reads"]),
+            (["--sensitivity", "--suggest_layer_bits", str(model), "--size_budget", "50"], ["is the model file"]),
+            (["--sensitivity", "--suggest_layer_bits", str(tmp_path / "bits.txt"), "--size_budget", "50"],
+             ["--suggest_layer_bits", "must end in .json"]),
+            (["--save_predictions", str(tmp_path / "p.txt")], ["must end in .npy"]),
+            (["--attack", "fgsm", "--save_adversarial", str(data)], ["--save_adversarial", "is the data folder"]),
+            (["--attack", "fgsm", "--save_adversarial", str(data / "adv")], ["lies inside the data folder"]),
+            (["--attack", "fgsm", "--save_adversarial", str(tmp_path)], ["holds the model file"])]:
+        expect_error(evaluate.main, base + flags, capsys, *fragments)
+    assert (snapshot(tmp_path), snapshot(data)) == before
 
 
 def test_eval_needs_the_test_file(untrained, tmp_path, capsys):

@@ -116,6 +116,8 @@ def test_export_never_clobbers(untrained, tmp_path, capsys):
         (["--format", "int8", "-o", str(tmp_path / "link.npz")], "is the checkpoint being exported"),
         (["--format", "int8", "-o", str(tmp_path / "link.npz"), "--overwrite"], "is the checkpoint being exported"),
         (["--format", "int8"], "resnet8_qat-2_2.int8.npz exists; give another -o, or add --overwrite"),
+        (["--format", "onnx", "-data", str(tmp_path), "-o", str(tmp_path / "m.onnx"), "--overwrite"],
+         "lies inside the data folder (-data)"),
     ]:
         expect_error(export.main, ["-loc", str(ckpt), *flags], capsys, fragment)
     assert snapshot(tmp_path) == before

@@ -1,8 +1,10 @@
 """plot.py end to end: runs compared in one picture, what it cannot draw refused."""
 import json
+import os
 
 import plot
 from conftest import assert_png, expect_error, metric_records, write_metrics
+from qatcifar import files
 
 
 def test_plot_py_compares_runs(tmp_path, capsys):
@@ -14,14 +16,33 @@ def test_plot_py_compares_runs(tmp_path, capsys):
     assert plot.main([str(tmp_path / "standard")]) == str(tmp_path / "standard" / "curves.png")  # its own picture
 
 
+def test_plot_py_draws_every_run_of_a_folder_named_by_what_it_trained(tmp_path, capsys, monkeypatch):
+    """Two runs in one save folder: both on the figure, each labelled by its prefix and its args.json."""
+    folder = tmp_path / "checkpoints"
+    write_metrics(folder, [json.dumps(r) for r in metric_records(3)], "resnet8_qat")
+    write_metrics(folder, [json.dumps(r) for r in metric_records(2)], "resnet8_qat_1")
+    (folder / "resnet8_qat_1-args.json").write_text(json.dumps(
+        {"arch": "resnet8", "qat": True, "weight_bits": 4, "act_bits": 4, "quantizer": "lsq"}))
+    drawn = {}
+    monkeypatch.setattr(plot.plots, "save_curves", lambda runs, path: drawn.update(runs))
+    plot.main([str(folder)])
+    assert list(drawn) == ["resnet8_qat", "resnet8_qat_1: resnet8, QAT W4A4 lsq"]
+    assert "wrote " + str(folder / "curves.png") + ": 2 runs" in capsys.readouterr().out
+
+
 def test_plot_py_refuses_what_it_cannot_draw(tmp_path, capsys):
     write_metrics(tmp_path / "a", [json.dumps(r) for r in metric_records(2)])
     (tmp_path / "empty").mkdir()
-    (tmp_path / "empty" / "metrics.jsonl").write_bytes(b"garbage\n\xff\xfe\x00\n")  # not even text
+    (tmp_path / "empty" / "resnet8-metrics.jsonl").write_bytes(b"garbage\n\xff\xfe\x00\n")  # not even text
     (tmp_path / "taken.png").write_bytes(b"x")
+    (tmp_path / "fifo").mkdir()
+    os.mkfifo(tmp_path / "fifo" / "resnet8-metrics.jsonl")  # (a read would block)
     for argv, fragments in (([str(tmp_path / "a"), str(tmp_path / "a")], ["name it with -o"]),
-                            ([str(tmp_path)], ["has no metrics.jsonl"]),
-                            ([str(tmp_path / "empty")], ["holds no epoch record"]),
+                            ([str(tmp_path)], ["has no <prefix>-metrics.jsonl"]),
+                            ([str(tmp_path / "empty")], ["has finished an epoch"]),
+                            ([str(tmp_path / "fifo")], ["resnet8-metrics.jsonl (not a regular file)"]),
+                            ([str(tmp_path / "a"), "-o", files.RunFiles(str(tmp_path / "a"), "resnet8_qat").metrics],
+                             ["is a run's record", "give a path outside it"]),
                             ([str(tmp_path / "a"), "-o", str(tmp_path / "c.pdf")], ["must end in .png"]),
                             ([str(tmp_path / "a"), "-o", str(tmp_path / "taken.png")], ["exists", "--overwrite"])):
         expect_error(plot.main, argv, capsys, *fragments)

@@ -116,7 +116,7 @@ def test_the_attack_changes_no_state_and_checkpoints_keep_their_names(model):
 def test_bad_adversarial_flags_fail_before_anything_is_written(flags, fragments, synthetic_dir, tmp_path, capsys):
     savedir = tmp_path / "run"
     savedir.mkdir()
-    (savedir / "args.json").write_text("{}")
+    (savedir / "resnet8_qat-args.json").write_text("{}")
     before = snapshot(savedir)
     expect_error(train.main, ["-data", synthetic_dir, "-dir", str(savedir), "-e", "1", "--num_samples", "64",
                               *flags], capsys, *fragments)

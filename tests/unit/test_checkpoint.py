@@ -21,7 +21,7 @@ def finished(tmp_path_factory):
     saver = callbacks.Checkpointer(train_net, folder, "resnet8_qat", steps_per_epoch=12, save_steps=0, keep=5,
                                    first_step=0, guard=callbacks.Guard(0, 12))
     saver.save(48)
-    checkpoint.save(net, os.path.join(folder, files.BEST_FILE), {"epoch_num": 4, "val_accuracy": 0.5})
+    checkpoint.save(net, files.RunFiles(folder, "resnet8_qat").best, {"epoch_num": 4, "val_accuracy": 0.5})
     return saver.latest, folder
 
 
@@ -41,12 +41,12 @@ def finished(tmp_path_factory):
 ])
 def test_resume_refuses_another_runs_checkpoint(case, flags, fragments, finished, synthetic_dir, tmp_path, capsys):
     final, folder = finished
-    checkpoint = {"network only": os.path.join(folder, "best.ckpt"), "missing": str(tmp_path / "none.ckpt"),
+    checkpoint = {"network only": files.RunFiles(folder, "resnet8_qat").best, "missing": str(tmp_path / "none.ckpt"),
                   "garbage": str(tmp_path / "garbage.ckpt")}.get(case, final)
     (tmp_path / "garbage.ckpt").write_bytes(np.random.default_rng(0).bytes(4096))
     savedir = tmp_path / "saved"
     savedir.mkdir()
-    (savedir / "args.json").write_text("{}")
+    (savedir / "resnet8_qat-args.json").write_text("{}")
     before = snapshot(savedir), snapshot(folder)
     expect_error(train.main, ["-data", synthetic_dir, "-dir", str(savedir), "-e", "4", "-bsize", "32",
                               "--num_samples", "384", "--resume", checkpoint] + flags, capsys, *fragments)
@@ -55,7 +55,7 @@ def test_resume_refuses_another_runs_checkpoint(case, flags, fragments, finished
 
 def test_checkpoint_names_never_overwrite_another_series(tmp_path):
     for name in ("resnet18_qat-1_5.ckpt", "resnet18_qat-2_3-interrupt.ckpt", "resnet18_qat-2_5.ckpt",
-                 "resnet18_qat_1-1_5.ckpt", "best.ckpt"):
+                 "resnet18_qat_1-1_5.ckpt", "resnet18_qat_1-best.ckpt"):
         (tmp_path / name).write_bytes(b"x")
     folder = str(tmp_path)
     assert checkpoint.series(folder, "resnet18_qat") == [
@@ -65,6 +65,11 @@ def test_checkpoint_names_never_overwrite_another_series(tmp_path):
     # Resuming the newest of a series continues it; resuming an older one starts a new series.
     assert checkpoint.series_prefix(folder, "resnet18_qat", str(tmp_path / "resnet18_qat-2_5.ckpt")) == "resnet18_qat"
     assert checkpoint.series_prefix(folder, "resnet18_qat", str(tmp_path / "resnet18_qat-1_5.ckpt")) == "resnet18_qat_2"
+    # A run's other files (or a folder under such a name) count as well: a new run never shares them.
+    (tmp_path / "resnet18-best.ckpt").mkdir()
+    assert checkpoint.series_prefix(folder, "resnet18") == "resnet18_1"
+    (tmp_path / "resnet20_qat-metrics.jsonl").write_text("")
+    assert checkpoint.series_prefix(folder, "resnet20_qat") == "resnet20_qat_1"
 
 
 @pytest.mark.slow

@@ -76,14 +76,14 @@ def test_the_teacher_stays_in_eval_mode_and_out_of_the_run_s_state(untrained, tm
     (["--teacher", "{data}"], "is not a .ckpt file"),
     (["--teacher", "{float}", "--kd_weight", "0"], "--kd_weight: must be a positive finite number, got 0"),
     (["--teacher", "{float}", "--kd_weight", "1.5"], "--kd_weight: must be in (0, 1], got 1.5"),
-    (["--teacher", "{float}", "--kd_temperature", "-1"], "--kd_temperature: must be a positive finite number"),
+    (["--teacher", "{float}", "--kd_temperature", "-1"], "--kd_temperature: must be a number from 0.1 to 100"),
     (["--teacher", "{data}/batches.meta.txt.ckpt"], "does not exist"),
 ])
 def test_bad_distillation_flags_fail_before_anything_is_written(flags, fragment, untrained, synthetic_dir, tmp_path,
                                                                  capsys):
     savedir = tmp_path / "run"
     savedir.mkdir()
-    (savedir / "args.json").write_text("{}")
+    (savedir / "resnet8_qat-args.json").write_text("{}")
     before = snapshot(savedir)
     fill = {"data": synthetic_dir, "float": untrained["float32"]}
     expect_error(train.main, ["-data", synthetic_dir, "-dir", str(savedir), "-e", "1", "--num_samples", "64",

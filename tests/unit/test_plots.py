@@ -9,15 +9,15 @@ import mindspore.nn as nn
 import pytest
 
 from conftest import SMALL, FakeRunContext, assert_png, expect_error, metric_records, train_in_subprocess, write_metrics
-from qatcifar import callbacks, plots
+from qatcifar import callbacks, files, plots
 
 
 def test_read_metrics_keeps_the_latest_run_with_its_resumed_part(tmp_path):
     earlier = [json.dumps(r) for r in metric_records(3)]  # a run of 3 epochs, then a new run into the same folder
     latest = ([json.dumps(r) for r in metric_records(2)] + ["not json", "[1, 2]"]
               + [json.dumps(r) for r in metric_records(2, first=3)])
-    write_metrics(tmp_path / "run", earlier + latest)
-    assert [r["epoch"] for r in plots.read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2, 3, 4]
+    path = write_metrics(tmp_path / "run", earlier + latest)
+    assert [r["epoch"] for r in plots.read_metrics(path)] == [1, 2, 3, 4]
 
 
 def test_read_metrics_skips_what_it_cannot_draw(tmp_path):
@@ -26,10 +26,10 @@ def test_read_metrics_skips_what_it_cannot_draw(tmp_path):
     broken = [dict(good[0], loss="x"), {k: v for k, v in good[0].items() if k != "lr"},
               dict(good[1], val_accuracy=None), dict(good[0], epoch=True)]
     folder = tmp_path / "run"
-    write_metrics(folder, [json.dumps(r) for r in good[:2] + broken])
-    with open(folder / "metrics.jsonl", "ab") as f:
+    path = write_metrics(folder, [json.dumps(r) for r in good[:2] + broken])
+    with open(path, "ab") as f:
         f.write(b"\x00\xff\xfe garbage\n" + "".join(json.dumps(r) + "\n" for r in good[2:]).encode())
-    assert plots.read_metrics(folder / "metrics.jsonl") == good
+    assert plots.read_metrics(path) == good
 
 
 @pytest.mark.parametrize("robust", [False, True])
@@ -41,8 +41,8 @@ def test_curves_are_drawn_from_metrics_records(robust, tmp_path):
 
 def test_progress_redraws_the_curves_and_a_plotting_failure_is_one_warning(tmp_path, capsys, monkeypatch):
     optimizer = nn.Adam(nn.Dense(3, 2).trainable_params(), learning_rate=0.01)
-    metrics = tmp_path / "metrics.jsonl"
-    progress = callbacks.Progress(8, steps_per_epoch=1, epochs=3, first_step=0, every=50, metrics_path=str(metrics),
+    metrics = tmp_path / "run-metrics.jsonl"
+    progress = callbacks.Progress(8, steps_per_epoch=1, epochs=3, first_step=0, every=50, record=files.RunFiles.of_metrics(str(metrics)), label="run",
                                   optimizer=optimizer, guard=callbacks.Guard(0, 1))
     progress.on_train_begin(None)
 
@@ -53,22 +53,23 @@ def test_progress_redraws_the_curves_and_a_plotting_failure_is_one_warning(tmp_p
         progress.on_train_epoch_end(FakeRunContext(number, number))
 
     epoch(1)
-    assert_png(tmp_path / "curves.png", 1500, 450)
-    before = (tmp_path / "curves.png").read_bytes()
-    monkeypatch.setattr(plots, "save_curves", lambda runs, path: 1 / 0)
+    curves = tmp_path / "run-curves.png"
+    assert_png(curves, 1500, 450)
+    before = curves.read_bytes()
+    monkeypatch.setattr(plots, "save_curves", lambda runs, path, title: 1 / 0)
     capsys.readouterr()
     epoch(2)
     epoch(3)
     warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning")]
-    assert warnings == ["warning: could not draw curves.png (division by zero); training goes on, metrics.jsonl has "
+    assert warnings == [f"warning: could not draw {curves} (division by zero); training goes on, {metrics} has "
                         "the figures"]
-    assert (tmp_path / "curves.png").read_bytes() == before  # the last good picture stays whole
+    assert curves.read_bytes() == before  # the last good picture stays whole
     assert [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()] == [1, 2, 3]
 
 
 @pytest.mark.slow
-def test_train_py_leaves_curves_png_beside_metrics(trained):
-    assert_png(os.path.join(trained[1], "curves.png"), 1500, 450)
+def test_train_py_leaves_the_runs_curves_beside_its_metrics(trained):
+    assert_png(files.RunFiles(trained[1], "resnet8_qat").curves, 1500, 450)
 
 
 @pytest.mark.slow
@@ -78,7 +79,7 @@ def test_summary_dir_holds_what_tensorboard_reads(synthetic_dir, tmp_path):
     train_in_subprocess(*SMALL, "-data", synthetic_dir, "-dir", str(tmp_path / "run"), "-e", "2", "-bsize", "16",
                         "--num_samples", "32", "--val_samples", "100", "--summary_dir", str(summary))
     events = EventAccumulator(str(summary)).Reload()  # TensorBoard's own reader, as its dashboard loads the folder
-    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "resnet8_qat-metrics.jsonl").read_text().splitlines()]
     assert [e.step for e in events.Scalars("train/step_loss")] == [1, 2, 3, 4]
     for key in ("loss", "lr", "images_per_s", "val_accuracy"):
         scalars = events.Scalars(f"epoch/{key}")
@@ -106,8 +107,7 @@ def test_trim_metrics_removes_cut_lines_and_the_records_of_epochs_to_train_again
     earlier = [dict(r, time=time.strftime(plots.TIME_FORMAT, time.localtime(saved - 3600))) for r in metric_records(5)]
     latest = [dict(r, time=time.strftime(plots.TIME_FORMAT, time.localtime(saved))) for r in metric_records(4)]
     lines = [json.dumps(r) for r in earlier + latest]
-    write_metrics(tmp_path, [*lines[:5], lines[5][:30], *lines[5:]])
-    path = str(tmp_path / "metrics.jsonl")
+    path = write_metrics(tmp_path, [*lines[:5], lines[5][:30], *lines[5:]])
     assert plots.trim_metrics(path, epochs_done, saved) == (1, 4 - len(kept_latest))
     with open(path) as f:
         assert [json.loads(line)["epoch"] for line in f] == [1, 2, 3, 4, 5, *kept_latest]
