@@ -64,6 +64,14 @@ class MeasurementFailed(Exception):
     """A measurement's process failed; the message is its last error line."""
 
 
+def parse_args(argv=None):
+    """The flags, checked against the mode (check_mode_flags) and with its defaults filled in."""
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    check_mode_flags(parser, args)
+    return args
+
+
 def get_args_parser():
     parser = cli.ArgumentParser(prog="bench.py", description=__doc__.split("\n")[0])
     cli.add_device_argument(parser, help="device to train on")
@@ -137,13 +145,12 @@ def arch_list(text):
 
 def main(argv=None):
     parser = get_args_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     others = [flag for flag, given in (("--deploy", args.deploy), ("--adversarial", args.adversarial),
                                        ("--validation", args.validation), ("--lsq", args.lsq)) if given]
     if args.arch and len(args.arch) > 1 and others:
         parser.error(f"{' and '.join(others)} measure one network; give one --arch, or drop {' and '.join(others)} "
                      "for the table of several")
-    check_mode_flags(parser, args)
     print("note: bench.py measures networks it builds and trains for a few steps on synthetic data, in a temporary "
           "folder: speed, size and memory do not depend on the weights; your checkpoints are not read", flush=True)
     try:

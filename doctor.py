@@ -23,6 +23,7 @@ import subprocess
 import sys
 
 from qatcifar import cli, interrupts  # (neither imports MindSpore, which this script checks)
+from qatcifar.cifar import DEFAULT_DATA_DIR  # (nor does this module)
 
 OK, WARNING, PROBLEM = "ok", "warning", "problem"
 SYSTEM_LIBRARY_DIRS = ("/lib64", "/usr/lib64", "/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu",
@@ -42,8 +43,9 @@ MIN_FREE_MB = 200
 
 def get_args_parser():
     parser = cli.ArgumentParser(prog="doctor.py", description=__doc__.split("\n")[0])
-    parser.add_argument("-data", "--data_dir", default=os.path.join("data", "cifar-10-batches-bin"),
-                        help="the data folder train.py would read")
+    parser.add_argument("-data", "--data_dir", default=None,
+                        help=f"the data folder train.py would read (default {DEFAULT_DATA_DIR}, train.py's; when it "
+                             "is missing, a warning that names the data folders found beside it)")
     parser.add_argument("-dir", "--savedir", default="checkpoints", help="the save directory train.py would write")
     parser.add_argument("--device", choices=("auto", "CPU", "GPU"), default="auto",
                         help="GPU: a GPU that cannot be used is a problem, not a warning")
@@ -261,18 +263,32 @@ def check_data(args):
         yield WARNING, f"data folder {args.data_dir}: not checked (needs MindSpore)"
         return
     from qatcifar import cifar
+    folder = args.data_dir or DEFAULT_DATA_DIR
     try:
-        cifar.check_data_dir(args.data_dir, training=True)
+        cifar.check_data_dir(folder, training=True)
     except cifar.DatasetError as e:
+        if args.data_dir is None and not os.path.exists(DEFAULT_DATA_DIR):  # (not asked for: no problem yet)
+            yield WARNING, (f"data: no CIFAR-10 in {DEFAULT_DATA_DIR} (python preprocess.py --download puts it there)"
+                            f"{data_folders_beside(DEFAULT_DATA_DIR)}; train.py, eval.py and export.py read "
+                            "another folder with -data")
+            return
         yield PROBLEM, f"data: {e}"
         return
-    kind = "synthetic data, not CIFAR-10" if cifar.is_synthetic(args.data_dir) else "CIFAR-10"
+    kind = "synthetic data, not CIFAR-10" if cifar.is_synthetic(folder) else "CIFAR-10"
     try:
-        cifar.check_data_dir(args.data_dir, training=False)
+        cifar.check_data_dir(folder, training=False)
         test = "with the test split"
     except cifar.DatasetError as e:
         test = f"without a usable test split ({e}): train.py will not validate"
-    yield OK, f"data folder {args.data_dir}: {kind}, {test}"
+    yield OK, f"data folder {folder}: {kind}, {test}"
+
+
+def data_folders_beside(folder):
+    """", found: data/demo, data/hard" for the folders beside `folder` that hold CIFAR-format training files."""
+    parent = os.path.dirname(folder)
+    found = sorted(os.path.join(parent, name) for name in (os.listdir(parent) if os.path.isdir(parent) else [])
+                   if os.path.isfile(os.path.join(parent, name, "data_batch_1.bin")))
+    return f", found: {', '.join(found)}" if found else ""
 
 
 def check_savedir(args):

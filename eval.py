@@ -209,7 +209,11 @@ def report_sensitivity(args, model, dataset, accuracy, path):
         print(f"wrote {args.suggest_layer_bits}: {len(chosen)} layers at {args.sensitivity_bits} bits; the int8 file "
               f"would be about {cli.size_text(reached)}, which {fits} the {args.size_budget:g} KB budget (train with "
               f"python train.py --layer_bits {args.suggest_layer_bits} ...)")
-    if args.plot:
+    if not any(r["drop"] > 0 for r in records):
+        print(f"no layer lost accuracy with its weights at {args.sensitivity_bits} bits on these test images: each "
+              "can take them, as far as these images show (a harder set tells more: preprocess.py --difficulty hard)"
+              + ("; no sensitivity chart drawn" if args.plot else ""))
+    elif args.plot:
         chart = sensitivity_chart(args.plot)
         with files.output(chart, "--plot"):
             plots.save_sensitivity(records, accuracy, chart, f"{os.path.basename(path)}: one layer at "

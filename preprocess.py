@@ -2,6 +2,7 @@
 
     python preprocess.py --download [-data data/cifar-10-batches-bin]   # fetch the real data set (163 MB)
     python preprocess.py --synthetic data/demo                          # a learnable offline stand-in
+    python preprocess.py --synthetic data/hard --difficulty hard        # one where fewer bits show a difference
 
 The pipeline itself (`create_dataset(data_dir, training, batch_size, ...)`, the folder checks,
 the download) is `qatcifar.cifar`; its names are importable from here too, as in the seed.
@@ -12,6 +13,7 @@ if __name__ == "__main__":
     interrupts.block()  # Ctrl-C and SIGTERM wait for interrupts.run (see there), also in MindSpore's threads
 
 import argparse  # noqa: E402
+import os  # noqa: E402
 import re  # noqa: E402
 import urllib.parse  # noqa: E402
 
@@ -21,7 +23,9 @@ from qatcifar.cifar import (  # noqa: E402, F401  (the seed's names)
     CIFAR10_STD,
     CIFAR10_URL,
     DEFAULT_DATA_DIR,
+    DIFFICULTIES,
     NUM_CLASSES,
+    SAMPLES_FOLDER,
     TEST_FILE,
     create_dataset,
     download,
@@ -42,6 +46,10 @@ def get_args_parser():
     parser.add_argument("--md5", type=md5_digest, default=CIFAR10_MD5,
                         help="expected MD5 of the archive")
     parser.add_argument("--seed", type=cli.seed, default=0, help="random seed of --synthetic")
+    parser.add_argument("--difficulty", choices=tuple(DIFFICULTIES), default=None,
+                        help="with --synthetic: easy (the default), learned to 100 %% in an epoch or two, for trying "
+                             "the commands; hard, fainter classes in more noise, where fewer bits, distillation and "
+                             "per-layer sensitivity show differences")
     return parser
 
 
@@ -65,13 +73,17 @@ def main(argv=None):
 
 
 def prepare(args):
+    if args.difficulty and not args.synthetic:
+        raise cli.InputError("--difficulty chooses how hard the synthetic set is; add --synthetic DIR")
+    difficulty = args.difficulty or "easy"
     try:
         if args.download:
             return download(args.data_dir, args.url, args.md5)
-        write_synthetic(args.synthetic, args.seed)
+        write_synthetic(args.synthetic, args.seed, difficulty)
     except OSError as e:
         raise cli.InputError(f"cannot write {e.filename}: {e.strerror}; choose another folder") from None
-    print(f"wrote synthetic CIFAR-format data to {args.synthetic} (data_batch_1.bin, {TEST_FILE})")
+    print(f"wrote synthetic CIFAR-format data ({difficulty}) to {args.synthetic} (data_batch_1.bin, {TEST_FILE}; "
+          f"a test image of each class in {os.path.join(args.synthetic, SAMPLES_FOLDER)}/)")
     return args.synthetic
 
 

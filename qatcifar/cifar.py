@@ -196,12 +196,21 @@ def class_names(data_dir, default=None):
 
 # --- synthetic data -----------------------------------------------------------------------
 
-def synthetic_images(labels, rng):
-    """Class-dependent images: a class colour plus a class-oriented stripe pattern, with noise.
+# The synthetic sets' class signal and noise, in pixel levels: (tint amplitude, stripe amplitude, noise's standard
+# deviation). `easy` is learned to 100 % by every network in an epoch or two: for trying the commands. `hard` (the
+# same classes, fainter, noisier) leaves a ResNet-8 at 82-87 % after six short epochs, where fewer bits,
+# distillation and per-layer sensitivity show differences (docs/benchmarks.md#fewer-bits).
+SAMPLES_FOLDER = "samples"  # a synthetic set's test images as PNG files, one a class (predict.py's input)
+DIFFICULTIES = {"easy": (70, 35, 25), "hard": (8, 8, 60)}
+
+
+def synthetic_images(labels, rng, difficulty="easy"):
+    """Class-dependent images: a class colour plus a class-oriented stripe pattern, with noise (DIFFICULTIES).
 
     Each class has its own tint and stripe frequency/orientation; the stripe phase is random
     per image, so a random crop or flip keeps the class evident but no pixel position is.
     """
+    tint, stripe, noise = DIFFICULTIES[difficulty]
     n = len(labels)
     class_rng = np.random.default_rng(1234)  # the same classes for every seed, so train and test agree
     tints = class_rng.uniform(-1, 1, size=(NUM_CLASSES, 3, 1, 1))
@@ -209,7 +218,8 @@ def synthetic_images(labels, rng):
     yy, xx = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE] / IMAGE_SIZE
     phase = rng.uniform(0, 2 * np.pi, size=(n, 1, 1))
     stripes = np.sin(2 * np.pi * (freqs[labels, 0, None, None] * xx + freqs[labels, 1, None, None] * yy) + phase)
-    images = 128 + 70 * tints[labels] + 35 * stripes[:, None] + rng.normal(0, 25, size=(n, 3, IMAGE_SIZE, IMAGE_SIZE))
+    images = (128 + tint * tints[labels] + stripe * stripes[:, None]
+              + rng.normal(0, noise, size=(n, 3, IMAGE_SIZE, IMAGE_SIZE)))
     return np.clip(np.round(images), 0, 255).astype(np.uint8)
 
 
@@ -221,19 +231,32 @@ def write_records(path, labels, images):
     files.write_atomically(path, lambda tmp: files.write_array(tmp, records))
 
 
-def write_synthetic(data_dir, seed=0):
-    """Write a learnable CIFAR-format set: data_batch_1.bin and test_batch.bin, 10,000 images each."""
+def write_synthetic(data_dir, seed=0, difficulty="easy"):
+    """Write a learnable CIFAR-format set of a difficulty (DIFFICULTIES): data_batch_1.bin and test_batch.bin,
+    10,000 images each."""
     def write(tmp):
         rng = np.random.default_rng(seed)
         for name in ("data_batch_1.bin", TEST_FILE):
             labels = rng.permutation(np.arange(RECORDS_PER_FILE) % NUM_CLASSES).astype(np.uint8)
-            write_records(os.path.join(tmp, name), labels, synthetic_images(labels, rng))
+            images = synthetic_images(labels, rng, difficulty)
+            write_records(os.path.join(tmp, name), labels, images)
+        write_samples(os.path.join(tmp, SAMPLES_FOLDER), labels, images)
         files.write_text(os.path.join(tmp, META_FILE), "".join(f"synthetic_{i}\n" for i in range(NUM_CLASSES)))
         files.write_text(os.path.join(tmp, SYNTHETIC_MARKER),
-                              "SYNTHETIC data written by `python preprocess.py --synthetic`, not CIFAR-10.\n"
-                              "Class-dependent colours and stripes plus noise: learnable, for trying the commands "
-                              "offline.\n")
+                         f"SYNTHETIC data written by `python preprocess.py --synthetic DIR --difficulty {difficulty}`, "
+                         "not CIFAR-10.\nClass-dependent colours and stripes plus noise: learnable, for trying the "
+                         "commands offline.\n")
     write_folder(data_dir, write)
+
+
+def write_samples(folder, labels, images):
+    """The first test image of each class as a PNG, `<class>.png`, to try predict.py on."""
+    from PIL import Image
+
+    os.mkdir(folder)
+    for label in range(NUM_CLASSES):
+        image = images[np.flatnonzero(labels == label)[0]].transpose(1, 2, 0)  # (HWC, as Pillow takes it)
+        Image.fromarray(image).save(os.path.join(folder, f"synthetic_{label}.png"))
 
 
 def check_new_folder(data_dir):

@@ -23,7 +23,8 @@ PREFIX = checkpoint.TEACHER_PREFIX  # of the teacher's parameters: checkpoint.sa
 DEFAULTS = {"kd_weight": 0.9, "kd_temperature": 4.0}
 # Hinton et al. use 1 to 20. Beyond these, float32 fails: logits / T overflow below, T^2 x KL loses every digit above.
 TEMPERATURES = (0.1, 100.0)
-PROBE_IMAGES = 2  # images of noise the teacher must give finite class scores for before training starts
+PROBE_IMAGES = 2  # images of noise the teacher must give sane class scores for before training starts
+MAX_SCORE = 1e4  # a trained network's class scores are tens; softmax(1e36 / T) underflows to log(0) in float32
 
 
 def add_arguments(parser):
@@ -64,9 +65,11 @@ def load_teacher(path):
     if config is not None:
         quant.freeze(net)  # (its weights quantized once, not at every step)
     images = np.random.default_rng(0).normal(size=(PROBE_IMAGES, 3, cifar.IMAGE_SIZE, cifar.IMAGE_SIZE))
-    if not np.isfinite(net(ms.Tensor(images, ms.float32)).asnumpy()).all():
-        raise cli.InputError(f"--teacher {path} gives class scores that are not finite (NaN or infinity): it cannot "
-                             "teach; give another checkpoint")
+    scores = net(ms.Tensor(images, ms.float32)).asnumpy()
+    if not (np.isfinite(scores).all() and np.abs(scores).max() <= MAX_SCORE):
+        raise cli.InputError(f"--teacher {path} gives class scores of {np.abs(scores).max():.3g} for an image of "
+                             f"noise, not finite numbers within +-{MAX_SCORE:g} as a trained network's: its soft "
+                             "targets would make the loss NaN; the file is damaged: give another checkpoint")
     for param in net.get_parameters():
         param.name, param.requires_grad = PREFIX + param.name, False
     return Frozen(net)

@@ -48,12 +48,15 @@ MAX_COLUMNS = 1 << 20  # values per image of a convolution's im2col or output (R
 # What a layer costs in the file besides its values: three arrays' .npy headers (128 bytes each) and zip records,
 # its node and tensors in header.json; measured on files export.py wrote (test_export.py checks the estimate).
 BYTES_PER_LAYER = 1200
+BYTES_PER_PACKED_LAYER = 40  # and a packed layer's weight_shape in header.json, and its flat array's longer header
 
 
 def expected_size(profile):
     """The size of the int8 file of a network, from networks.profile: its weights' bytes (one a weight, packed
-    weights half of one), an int32 bias and a float32 scale per output channel, and each layer's records."""
-    return profile["weight_bytes"] + 8 * profile["channels"] + BYTES_PER_LAYER * profile["layers"]
+    weights half of one), an int32 bias and a float32 scale per output channel, and each layer's records (a packed
+    layer's longer)."""
+    return (profile["weight_bytes"] + 8 * profile["channels"] + BYTES_PER_LAYER * profile["layers"]
+            + BYTES_PER_PACKED_LAYER * profile["packed_layers"])
 
 
 def save(path, header, arrays):

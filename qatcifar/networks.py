@@ -167,13 +167,14 @@ def profile(net, image_size=32):
     network's, not a quantizer's learned steps),
     "macs" (multiply-accumulates per image), "weights" (conv and dense weights), "weight_bytes" (their bytes in an
     int8 file: one a weight, half of one for a quantized layer of at most 4 bits), "channels" (their output
-    channels: a bias and a scale each in an int8 file), "layers" (conv and dense layers)}."""
+    channels: a bias and a scale each in an int8 file), "layers" (conv and dense layers), "packed_layers" (those of
+    at most 4 bits)}."""
     counter = _Counter(image_size)
     walk(net, counter)
     trained = [p for p in net.trainable_params() if not p.name.endswith("_quant.log_step")]  # (quant.LSQ_SUFFIX)
     return {"arch": getattr(net, "arch", None), "params": sum(p.size for p in trained),
             "macs": counter.macs, "weights": counter.weights, "weight_bytes": counter.weight_bytes,
-            "channels": counter.channels, "layers": counter.layers}
+            "channels": counter.channels, "layers": counter.layers, "packed_layers": counter.packed_layers}
 
 
 class _Counter:
@@ -181,7 +182,7 @@ class _Counter:
 
     def __init__(self, image_size):
         self.shapes = {"image": (3, image_size, image_size)}
-        self.macs = self.weights = self.weight_bytes = self.channels = self.layers = 0
+        self.macs = self.weights = self.weight_bytes = self.channels = self.layers = self.packed_layers = 0
 
     def _layer(self, shape, weights, out_channels, cell):
         name = f"t{len(self.shapes)}"
@@ -191,6 +192,7 @@ class _Counter:
         self.weights += weights
         bits = getattr(getattr(cell, "weight_quant", None), "num_bits", 8)  # (a quantized layer's)
         self.weight_bytes += (weights + 1) // 2 if bits <= 4 else weights
+        self.packed_layers += bits <= 4
         self.channels += out_channels
         self.layers += 1
         return name

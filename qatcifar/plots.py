@@ -176,19 +176,22 @@ def save_confusion(confusion, names, path, title):
 
 def save_sensitivity(records, accuracy, path, title):
     """A bar per layer (eval.py --sensitivity's records, the most sensitive first): the accuracy points it loses
-    with its weights at fewer bits, and its accuracy."""
+    with its weights at fewer bits, labelled with that drop and the accuracy left; its weights counted beside its
+    name."""
     figure = Figure(figsize=(9, 1.2 + 0.32 * len(records)), layout="constrained")
     bars = figure.subplots()
     drops = [100 * r["drop"] for r in records]
     bars.barh(range(len(records)), drops, color=["tab:red" if d > 0 else "tab:green" for d in drops])
-    bars.set_yticks(range(len(records)), [f"{r['layer']} ({r['weights']:,})" for r in records], fontsize=8)
+    bars.set_yticks(range(len(records)), [f"{r['layer']} ({r['weights']:,} weights)" for r in records], fontsize=8)
     bars.invert_yaxis()
     bars.axvline(0, color="black", linewidth=0.8)
-    bars.set(xlabel=f"accuracy points lost (of {100 * accuracy:.2f}% as trained)",
-             title="the network with one layer's weights at fewer bits")
+    bars.set(xlabel=f"accuracy points lost (of {100 * accuracy:.2f}% as trained; below 0: gained)",
+             title="the network with one layer's weights at fewer bits, the rest as trained")
+    reach = max(max(drops), 1)
+    bars.set_xlim(min(min(drops), 0) - 0.05 * reach, 1.45 * reach)  # (room for the labels)
     for i, r in enumerate(records):
-        bars.text(max(drops[i], 0) + 0.02 * (max(max(drops), 1)), i, f"{100 * r['accuracy']:.2f}%", va="center",
-                  fontsize=8)
+        bars.text(max(drops[i], 0) + 0.02 * reach, i, f"{drops[i]:+.2f} points ({100 * r['accuracy']:.2f}%)",
+                  va="center", fontsize=8)
     figure.suptitle(title)
     save(figure, path)
 

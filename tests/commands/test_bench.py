@@ -40,7 +40,7 @@ def test_summary_derives_speeds_and_ratios_from_step_times(capsys):
 @pytest.mark.slow
 def test_bench_reports_every_figure(capsys):
     """bench.py's default measurements, on resnet8 (main() takes ResNet-18 for them; the code is the same)."""
-    args = bench.get_args_parser().parse_args(["--device", "CPU", "--batch", "4", "--steps", "2", "--repeats", "1",
+    args = bench.parse_args(["--device", "CPU", "--batch", "4", "--steps", "2", "--repeats", "1",
                                                "--eval_images", "100", "--int8_images", "4", "--json"])
     args.arch = [ARCH]
     results = bench.benchmark(args)
@@ -63,6 +63,27 @@ def test_bench_flags_are_bounded_by_its_data(capsys):
     expect_error(bench.main, ["--arch", "resnet8,resnet20", "--deploy"], capsys, "--deploy measure one network; "
                  "give one --arch, or drop --deploy for the table of several")
     expect_error(bench.main, ["--arch", "resnet8,resnet20", "--lsq"], capsys, "--lsq measure one network")
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--lsq", "--deploy"], "--deploy and --lsq are separate measurements; run them one at a time"),
+    (["--adversarial", "--lsq"], "--adversarial and --lsq are separate measurements"),
+    (["--deploy", "--validation"], "--deploy and --validation are separate measurements"),
+    (["--seconds", "1"], "--seconds applies to --deploy and --arch A,B only; drop it, or add --deploy"),
+    (["--lsq", "--seconds", "1"], "--seconds applies to --deploy"),
+    (["--adv_steps", "3"], "--adv_steps applies to --adversarial only"),
+    (["--deploy", "--attack_images", "5"], "--attack_images applies to --adversarial only"),
+    (["--epochs", "2"], "--epochs applies to --validation only"),
+    (["--adversarial", "--val_samples", "9"], "--val_samples applies to --validation only"),
+])
+def test_bench_refuses_flags_its_measurement_does_not_use(flags, fragment, capsys):
+    expect_error(bench.main, flags, capsys, fragment)
+
+
+def test_bench_help_points_nowhere_it_does_not_show(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["-h"])
+    assert "see above" not in capsys.readouterr().out
 
 
 @pytest.mark.slow

@@ -67,11 +67,12 @@ def test_int8_file_is_small_integer_and_agrees(trained_exports, synthetic_dir, t
     assert (result["arch"], result["params"], result["macs"]) == ("resnet8", 78_042, 12_501_632)
 
 
-@pytest.mark.parametrize("arch", ["resnet8", "resnet20"])
-def test_the_int8_file_is_the_size_train_py_announces(arch, tmp_path):
-    net = observed_qat_net(arch)
+@pytest.mark.parametrize("arch, bits", [("resnet8", 7), ("resnet20", 7), ("resnet8", 4), ("resnet20", 4)])
+def test_the_int8_file_is_the_size_train_py_announces(arch, bits, tmp_path):
+    config = quant.QuantConfig(weight_bits=bits)
+    net = observed_qat_net(arch, config)
     path = str(tmp_path / "m.int8.npz")
-    int8.save(path, *int8_export.int8_model(net, quant.QuantConfig()))
+    int8.save(path, *int8_export.int8_model(net, config))
     assert abs(os.path.getsize(path) / int8.expected_size(networks.profile(net)) - 1) < 0.01
 
 

@@ -33,7 +33,7 @@ def test_guard_stops_at_a_loss_that_is_not_finite_and_exits_with_3():
     assert stop.status == 3 and stop.error
     assert stop.message.startswith("training diverged at step 13 (epoch 4): the loss is nan")
     assert "the last checkpoint saved is checkpoints/resnet18_qat-3_2.ckpt; lower -lr" in stop.message
-    # Diverged before this run saved anything after resuming: the checkpoint it resumed from is suspect, not called good.
+    # Diverged before this run saved anything after resuming: the checkpoint it resumed from is suspect, not good.
     resumed = "checkpoints/resnet18_qat-2_4.ckpt"
     stop = guard.outcome(resumed, resumed)
     assert stop.status == 3 and "3 step(s) after resuming from checkpoints/resnet18_qat-2_4.ckpt" in stop.message
@@ -136,7 +136,8 @@ def test_progress_logs_each_finished_epoch_with_its_validation(tmp_path, capsys)
     optimizer = nn.Adam(nn.Dense(3, 2).trainable_params(), learning_rate=[0.1, 0.2, 0.3, 0.4])
     guard = callbacks.Guard(0, steps_per_epoch=2)
     metrics = tmp_path / "run-metrics.jsonl"
-    progress = callbacks.Progress(8, steps_per_epoch=2, epochs=2, first_step=0, every=50, record=files.RunFiles.of_metrics(str(metrics)), label="run",
+    progress = callbacks.Progress(8, steps_per_epoch=2, epochs=2, first_step=0, every=50,
+                                  record=files.RunFiles.of_metrics(str(metrics)), label="run",
                                   optimizer=optimizer, guard=guard, validator=Validated())
     progress.on_train_begin(None)
     for epoch in (1, 2):
@@ -159,7 +160,8 @@ def test_progress_logs_an_epoch_of_one_step(tmp_path):
     """The run's first step compiles the graph and is not timed, but its epoch is logged all the same."""
     optimizer = nn.Adam(nn.Dense(3, 2).trainable_params(), learning_rate=0.01)
     metrics = tmp_path / "run-metrics.jsonl"
-    progress = callbacks.Progress(8, steps_per_epoch=1, epochs=1, first_step=0, every=50, record=files.RunFiles.of_metrics(str(metrics)), label="run",
+    progress = callbacks.Progress(8, steps_per_epoch=1, epochs=1, first_step=0, every=50,
+                                  record=files.RunFiles.of_metrics(str(metrics)), label="run",
                                   optimizer=optimizer, guard=callbacks.Guard(0, 1))
     progress.on_train_begin(None)
     progress.on_train_epoch_begin(None)
@@ -174,7 +176,8 @@ def test_an_interrupted_epoch_is_not_logged(tmp_path):
     optimizer = nn.Adam(nn.Dense(3, 2).trainable_params(), learning_rate=0.01)
     metrics = tmp_path / "run-metrics.jsonl"
     guard = callbacks.Guard(0, 2)
-    progress = callbacks.Progress(8, steps_per_epoch=2, epochs=1, first_step=0, every=50, record=files.RunFiles.of_metrics(str(metrics)), label="run",
+    progress = callbacks.Progress(8, steps_per_epoch=2, epochs=1, first_step=0, every=50,
+                                  record=files.RunFiles.of_metrics(str(metrics)), label="run",
                                   optimizer=optimizer, guard=guard)
     progress.on_train_begin(None)
     progress.on_train_epoch_begin(None)
@@ -207,7 +210,8 @@ def test_a_vanished_save_folder_stops_training_with_1(tmp_path, capsys):
 
 def one_epoch_of_progress(metrics, guard):
     optimizer = nn.Adam(nn.Dense(3, 2).trainable_params(), learning_rate=0.001)
-    progress = callbacks.Progress(8, steps_per_epoch=1, epochs=1, first_step=0, every=50, record=files.RunFiles.of_metrics(str(metrics)), label="run",
+    progress = callbacks.Progress(8, steps_per_epoch=1, epochs=1, first_step=0, every=50,
+                                  record=files.RunFiles.of_metrics(str(metrics)), label="run",
                                   optimizer=optimizer, guard=guard)
     progress.on_train_begin(None)
     progress.on_train_epoch_begin(None)

@@ -2,6 +2,7 @@
 8-bit. (That a resumed run ends exactly as an uninterrupted one is in commands/test_train_crash.py.)"""
 import os
 
+import mindspore as ms
 import numpy as np
 import pytest
 
@@ -96,3 +97,32 @@ def test_a_run_of_8_bit_weights_resumes_with_them(synthetic_dir, tmp_path):
     assert {int(value.asnumpy()) for name, value in checkpoint.read(final).items()
             if name.endswith(quant.BITS_SUFFIX)} == {8}
     assert os.path.basename(final) == "resnet8_qat-1_2.ckpt" and checkpoint.read(final)["arch"] == "resnet8"
+
+
+@pytest.mark.parametrize("name, value, fragment", [
+    ("layer1.0.conv1.weight_quant.log_step", 1000.0, "is a learned step size's logarithm outside [-20, 20]"),
+    ("layer1.0.conv1.weight_quant.log_step", np.nan, "holds values that are not finite"),
+    ("moment1.conv1.conv.weight", np.inf, "holds values that are not finite"),
+    ("conv1.bn.moving_variance", -1.0, "is a BatchNorm variance below 0")])
+def test_resume_refuses_a_checkpoint_that_cannot_train(name, value, fragment, synthetic_dir, tmp_path, capsys):
+    """Step sizes whose exponential is infinite or 0, values that are not finite (the optimizer's too), a negative
+    variance: refused before training, naming the parameter; once such a run started, "diverged at step 3" and
+    called that checkpoint "the last good checkpoint"."""
+    args = train.get_args_parser().parse_args([*SMALL, "--quantizer", "lsq", "-e", "2", "-bsize", "32",
+                                               "--num_samples", "384"])
+    net = training.build_network(args, steps_per_epoch=12)
+    step = training.build_train_network(net, training.make_optimizer(net, args, steps_per_epoch=12), args)
+    folder = tmp_path / "run"
+    folder.mkdir()
+    saver = callbacks.Checkpointer(step, str(folder), "resnet8_qat", steps_per_epoch=12, save_steps=0, keep=5,
+                                   first_step=0, guard=callbacks.Guard(0, 12))
+    saver.save(12)
+    params = checkpoint.read(saver.latest)
+    params[name] = ms.Parameter(ms.Tensor(np.full(params[name].shape, value, np.float32)), name=name)
+    damaged = str(folder / "resnet8_qat-1_12-damaged.ckpt")
+    checkpoint.save_parameters(params, damaged)
+    before = snapshot(folder)
+    expect_error(train.main, ["-data", synthetic_dir, "-dir", str(folder), "-e", "2", "-bsize", "32",
+                              "--num_samples", "384", "--resume", damaged], capsys,
+                 f"--resume {damaged}: parameter {name} {fragment}")
+    assert snapshot(folder) == before

@@ -1,6 +1,5 @@
 """qatcifar.distill: Hinton's loss, a teacher that stays in eval mode and out of gradients, optimizer and
 checkpoints, and train.py's distillation flags."""
-import json
 import os
 
 import mindspore as ms
@@ -10,7 +9,7 @@ import pytest
 
 import train
 from conftest import ARCH, SMALL, expect_error, snapshot, train_in_subprocess
-from qatcifar import checkpoint, distill, networks, training
+from qatcifar import checkpoint, distill, files, networks, training
 
 
 class Fixed(nn.Cell):
@@ -78,6 +77,12 @@ def test_the_teacher_stays_in_eval_mode_and_out_of_the_run_s_state(untrained, tm
     (["--teacher", "{float}", "--kd_weight", "1.5"], "--kd_weight: must be in (0, 1], got 1.5"),
     (["--teacher", "{float}", "--kd_temperature", "-1"], "--kd_temperature: must be a number from 0.1 to 100"),
     (["--teacher", "{data}/batches.meta.txt.ckpt"], "does not exist"),
+    (["--teacher", "{float}", "--kd_temperature", "1e30"], "--kd_temperature: must be a number from 0.1 to 100"),
+    (["--teacher", "{float}", "--kd_temperature", "1e-45"], "--kd_temperature: must be a number from 0.1 to 100"),
+    (["--teacher", "{garbage}"], "--teacher {garbage} is not a readable MindSpore checkpoint"),
+    (["--teacher", "{huge}"], "--teacher {huge} gives class scores of"),
+    (["--teacher", "{negative}"],
+     "--teacher {negative}: parameter conv1.bn.moving_variance is a BatchNorm variance below 0"),
 ])
 def test_bad_distillation_flags_fail_before_anything_is_written(flags, fragment, untrained, synthetic_dir, tmp_path,
                                                                  capsys):
@@ -85,24 +90,50 @@ def test_bad_distillation_flags_fail_before_anything_is_written(flags, fragment,
     savedir.mkdir()
     (savedir / "resnet8_qat-args.json").write_text("{}")
     before = snapshot(savedir)
-    fill = {"data": synthetic_dir, "float": untrained["float32"]}
+    fill = {"data": synthetic_dir, "float": untrained["float32"], **damaged_teachers(untrained["float32"], tmp_path)}
     expect_error(train.main, ["-data", synthetic_dir, "-dir", str(savedir), "-e", "1", "--num_samples", "64",
                               *[flag.format(**fill) for flag in flags]], capsys, fragment.format(**fill))
     assert snapshot(savedir) == before
 
 
+def damaged_teachers(path, folder):
+    """Teachers that load but cannot teach: {"garbage": not a checkpoint, "huge": finite weights of 1e38, whose
+    class scores are beyond any trained network's (the loss would be NaN at once), "negative": a BatchNorm variance
+    below 0}."""
+    params = checkpoint.read(path)
+    found = {"garbage": str(folder / "garbage.ckpt"), "huge": str(folder / "huge.ckpt"),
+             "negative": str(folder / "negative.ckpt")}
+    with open(found["garbage"], "wb") as f:
+        f.write(b"not a checkpoint" * 64)
+    for name, parameter, value in (("huge", "conv1.conv.weight", 1e38), ("negative", "conv1.bn.moving_variance", -1.0)):
+        edited = dict(params)
+        edited[parameter] = ms.Parameter(ms.Tensor(np.full(params[parameter].shape, value, np.float32)),
+                                         name=parameter)
+        checkpoint.save_parameters(edited, found[name])
+    return found
+
+
 @pytest.mark.slow
-def test_a_network_learns_from_a_teacher_of_another_network_and_resumes(trained_float, synthetic_dir, tmp_path):
-    """A QAT resnet8 of 4-bit weights distilled from a float32 teacher: it trains, says so, records the teacher in
-    args.json but not in its checkpoints, and resumes with it."""
+def test_a_network_learns_from_a_qat_teacher_and_resumes(trained, synthetic_dir, tmp_path):
+    """A QAT resnet8 of 4-bit weights distilled from a QAT teacher (observers and weight bits of its own, in no
+    checkpoint of the run): it trains, says so, records the teacher in its args.json but not in its checkpoints, and
+    resumes with it; resumed without --teacher it says that distillation is dropped. Each resumed run's args.json
+    records the quantization it uses (the checkpoint's), not the flags' nulls."""
+    teacher = trained[0]
     folder = str(tmp_path / "kd")
-    run = [*SMALL, "-data", synthetic_dir, "-dir", folder, "-bsize", "32", "--num_samples", "256", "--eval_every", "0",
-           "--weight_bits", "4", "--teacher", trained_float, "--kd_temperature", "2"]
-    path, out = train_in_subprocess(*run, "-e", "1", output=True)
-    assert f"distillation: from {trained_float}, soft targets at temperature 2 weigh 0.9 of the loss" in out
-    with open(os.path.join(folder, "args.json")) as f:
-        assert json.load(f)["teacher"] == trained_float
+    run = [*SMALL, "-data", synthetic_dir, "-dir", folder, "-bsize", "32", "--num_samples", "256", "--eval_every", "0"]
+    path, out = train_in_subprocess(*run, "-e", "1", "--weight_bits", "4", "--act_bits", "6", "--teacher", teacher,
+                                    "--kd_temperature", "2", output=True)
+    assert f"distillation: from {teacher}, soft targets at temperature 2 weigh 0.9 of the loss" in out
+    record = files.RunFiles(folder, "resnet8_qat")
+    assert record.settings()["teacher"] == teacher
     assert not any(name.startswith(distill.PREFIX) for name in checkpoint.read(path))
-    path, out = train_in_subprocess(*run, "-e", "2", "--resume", "auto", output=True)
-    assert "resuming from" in out and path.endswith("resnet8_qat-2_8.ckpt")
+    path, out = train_in_subprocess(*run, "-e", "2", "--resume", "auto", "--teacher", teacher, output=True)
+    assert "resuming from" in out and path.endswith("resnet8_qat-2_8.ckpt") and "without distillation" not in out
+    settings = record.settings()
+    assert (settings["weight_bits"], settings["act_bits"], settings["quantizer"]) == (4, 6, "minmax")
+    assert settings["bits_per_layer"]["layer1.0.conv1"] == 4 and settings["bits_per_layer"]["fc"] == 7
+    path, out = train_in_subprocess(*run, "-e", "3", "--resume", "auto", output=True)
+    assert (f"{os.path.join(folder, 'resnet8_qat-2_8.ckpt')}'s run distilled from --teacher {teacher}" in out
+            and "goes on without distillation" in out)
     assert networks.profile(checkpoint.load_network(path, 10)[0])["arch"] == ARCH

@@ -1,6 +1,9 @@
-"""qatcifar.files: what a killed write leaves is removed by the next write into that folder."""
+"""qatcifar.files: what a killed write leaves is removed by the next write into that folder; small files are read
+bounded."""
 import os
 import subprocess
+
+import pytest
 
 from qatcifar import files
 
@@ -17,3 +20,21 @@ def test_the_partial_folder_of_a_killed_write_is_removed_by_the_next_write_there
     living.mkdir()
     files.write_text(str(tmp_path / "args.json"), "{}")
     assert sorted(os.listdir(tmp_path)) == sorted(["args.json", living.name])
+
+
+def test_small_files_are_read_bounded(tmp_path):
+    """--layer_bits, args.json, metrics: regular files of bounded size only, never a blocking open() or a read of
+    gigabytes; nesting beyond the parser's depth is a ValueError, not a RecursionError."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    (tmp_path / "big").write_bytes(b" " * 101)
+    (tmp_path / "deep").write_text("[" * 100_000)
+    (tmp_path / "ok").write_text('{"fc": 4}')
+    for path, why in ((fifo, "not a regular file"), ("/dev/zero", "not a regular file"),
+                      (tmp_path, "not a regular file"), (tmp_path / "big", "larger than 100 bytes")):
+        with pytest.raises(OSError) as error:
+            files.read_small(str(path), limit=100)
+        assert files.why(error.value) == why
+    with pytest.raises(ValueError, match="nested too deeply"):
+        files.load_json(str(tmp_path / "deep"))
+    assert files.load_json(str(tmp_path / "ok")) == {"fc": 4}

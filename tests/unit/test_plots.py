@@ -42,7 +42,8 @@ def test_curves_are_drawn_from_metrics_records(robust, tmp_path):
 def test_progress_redraws_the_curves_and_a_plotting_failure_is_one_warning(tmp_path, capsys, monkeypatch):
     optimizer = nn.Adam(nn.Dense(3, 2).trainable_params(), learning_rate=0.01)
     metrics = tmp_path / "run-metrics.jsonl"
-    progress = callbacks.Progress(8, steps_per_epoch=1, epochs=3, first_step=0, every=50, record=files.RunFiles.of_metrics(str(metrics)), label="run",
+    progress = callbacks.Progress(8, steps_per_epoch=1, epochs=3, first_step=0, every=50,
+                                  record=files.RunFiles.of_metrics(str(metrics)), label="run",
                                   optimizer=optimizer, guard=callbacks.Guard(0, 1))
     progress.on_train_begin(None)
 

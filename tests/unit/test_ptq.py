@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from conftest import ARCH
-from qatcifar import cifar, networks, ptq
+from qatcifar import cifar, cli, networks, ptq
 from qatcifar.quant import ActQuant
 
 
@@ -37,3 +37,16 @@ def test_the_first_images_of_the_training_files_calibrate(synthetic_dir):
     assert [len(x) for x in batches[0]] == [16, 16, 8]
     for a, b in zip(*batches, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("pixel", [0, 128])
+def test_calibration_on_images_without_spread_is_refused(pixel, tmp_path):
+    """Blank or constant calibration images would give every activation a range too narrow for real images (int8 18 %
+    against float 29.5 % when it was silent): one line saying so, before anything is written."""
+    data = tmp_path / "constant"
+    data.mkdir()
+    labels = np.arange(cifar.RECORDS_PER_FILE) % cifar.NUM_CLASSES
+    images = np.full((len(labels), 3, cifar.IMAGE_SIZE, cifar.IMAGE_SIZE), pixel, np.uint8)
+    cifar.write_records(str(data / "data_batch_1.bin"), labels.astype(np.uint8), images)
+    with pytest.raises(cli.InputError, match="the 64 calibration images span 0 pixel level"):
+        ptq.calibrate(networks.resnet(ARCH).set_train(False), cifar.calibration_dataset(str(data), 64, 32))

@@ -7,7 +7,7 @@ import pytest
 
 import eval as evaluate
 from conftest import ARCH, assert_png, expect_error, observed_qat_net
-from qatcifar import cifar, inference, networks, quant, sensitivity, training
+from qatcifar import cifar, inference, networks, plots, quant, sensitivity, training
 
 
 @pytest.mark.slow
@@ -51,15 +51,36 @@ def test_eval_ranks_the_layers_suggests_a_file_train_py_reads_and_draws_them(unt
     assert "sensitivity: the accuracy with one layer's weights at 4 bits" in out
     chosen = json.loads(suggestion.read_text())
     assert chosen and set(chosen.values()) == {4} and not set(chosen) & set(networks.EDGE_LAYERS)
-    assert training.read_layer_bits(str(suggestion), networks.weighted_layers(networks.resnet(ARCH))) == chosen
-    assert_png(str(tmp_path / "m-sensitivity.png"), 900, round(100 * (1.2 + 0.32 * len(records))))
+    layers = networks.weighted_layers(networks.resnet(ARCH))
+    assert training.check_layer_names(str(suggestion), training.read_layer_bits(str(suggestion)), layers) == chosen
+    if any(r["drop"] > 0 for r in records):
+        assert_png(str(tmp_path / "m-sensitivity.png"), 900, round(100 * (1.2 + 0.32 * len(records))))
+    else:  # (an empty chart is a sentence instead)
+        assert "no layer lost accuracy" in out and not (tmp_path / "m-sensitivity.png").exists()
     assert plot.exists()  # (the confusion matrix: test_eval.py looks at it)
+
+
+def test_the_sensitivity_chart_labels_each_bar_with_its_drop(tmp_path, monkeypatch):
+    records = [{"layer": "layer1.0.conv1", "weights": 2304, "accuracy": 0.80, "drop": 0.05},
+               {"layer": "fc", "weights": 640, "accuracy": 0.86, "drop": -0.01}]
+    texts = []
+    real_save = plots.save
+    monkeypatch.setattr(plots, "save", lambda figure, path: texts.extend(
+        [t.get_text() for t in figure.axes[0].texts] + [t.get_text() for t in figure.axes[0].get_yticklabels()])
+        or real_save(figure, path))
+    plots.save_sensitivity(records, 0.85, str(tmp_path / "s.png"), "title")
+    assert texts == ["+5.00 points (80.00%)", "-1.00 points (86.00%)", "layer1.0.conv1 (2,304 weights)",
+                     "fc (640 weights)"]
+    assert_png(str(tmp_path / "s.png"), 900, round(100 * (1.2 + 0.32 * 2)))
 
 
 @pytest.mark.parametrize("flags, fragment", [
     (["--size_budget", "50"], "--size_budget comes from the layers' sensitivity; add --sensitivity"),
     (["--sensitivity", "--size_budget", "50"], "--suggest_layer_bits FILE and --size_budget KB go together"),
     (["--sensitivity", "--sensitivity_bits", "1"], "--sensitivity_bits: must be an integer from 2 to 8"),
+    (["--sensitivity_bits", "3"], "--sensitivity_bits comes from the layers' sensitivity; add --sensitivity"),
+    (["--sensitivity", "--sensitivity_bits", "8", "--suggest_layer_bits", "never.json", "--size_budget", "50"],
+     "--sensitivity_bits 8 gives no layer fewer bits than QAT's at most 8, so no suggestion can meet --size_budget"),
 ])
 def test_bad_sensitivity_flags_are_one_line(flags, fragment, untrained, synthetic_dir, capsys):
     expect_error(evaluate.main, ["-loc", untrained["QAT"], "-data", synthetic_dir, *flags], capsys, fragment)

@@ -1,5 +1,6 @@
 """qatcifar.training and qatcifar.schedules: learning-rate schedules, label smoothing, mixed precision."""
 import json
+import os
 import re
 
 import mindspore as ms
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 
 import train
-from conftest import SMALL
+from conftest import SMALL, expect_error
 from qatcifar import checkpoint, cli, networks, schedules, training
 
 
@@ -82,3 +83,28 @@ def test_a_bad_layer_bits_file_is_one_line(content, fragment, tmp_path):
     args = train.get_args_parser().parse_args([*SMALL, "--layer_bits", str(path)])
     with pytest.raises(cli.InputError, match=re.escape(fragment.format(path=path))):
         training.build_network(args, steps_per_epoch=1)
+
+
+
+@pytest.mark.parametrize("kind, fragment", [
+    ("fifo", "--layer_bits {path}: not a regular file"), ("device", "--layer_bits /dev/zero: not a regular file"),
+    ("deep", "--layer_bits {path}: JSON nested too deeply"),
+    ("big", "--layer_bits {path}: larger than 1,000,000 bytes")])
+def test_a_layer_bits_file_is_read_bounded_and_once(kind, fragment, tmp_path, synthetic_dir, capsys, monkeypatch):
+    """A FIFO (open() blocked with Ctrl-C masked), /dev/zero (22 GB read), '[' x 100,000 (a RecursionError) and a
+    44 MB file (1 GB of memory): each one line, at once, and the file is opened once."""
+    path = {"device": "/dev/zero"}.get(kind, str(tmp_path / "bits.json"))
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "deep":
+        with open(path, "w") as f:
+            f.write("[" * 100_000)
+    elif kind == "big":
+        with open(path, "w") as f:
+            f.write('{"fc": 4' + " " * 44_000_000 + "}")
+    opened = []
+    real_open = os.open
+    monkeypatch.setattr(os, "open", lambda name, *args: opened.append(name) or real_open(name, *args))
+    expect_error(train.main, [*SMALL, "-data", synthetic_dir, "-dir", str(tmp_path / "run"), "-e", "1",
+                              "--layer_bits", path], capsys, fragment.format(path=path))
+    assert opened.count(path) == 1 and not (tmp_path / "run").exists()
