@@ -11,16 +11,17 @@ import pytest
 
 import eval as evaluate
 from conftest import ARCH, assert_png, expect_error, run_script, snapshot
-from qatcifar import checkpoint, networks
+from qatcifar import checkpoint, files, networks
 from qatcifar.quant import quantize
 
 
 @pytest.mark.slow
 def test_validation_keeps_the_best_network(trained, synthetic_dir):
     _, savedir = trained
-    with open(os.path.join(savedir, "metrics.jsonl")) as f:
-        best = max(record["val_accuracy"] for record in map(json.loads, f) if "val_accuracy" in record)
-    path = os.path.join(savedir, "best.ckpt")
+    record = files.RunFiles(savedir, "resnet8_qat")
+    with open(record.metrics) as f:
+        best = max(line["val_accuracy"] for line in map(json.loads, f) if "val_accuracy" in line)
+    path = record.best
     accuracy = evaluate.main(["-loc", path, "-data", synthetic_dir, "--num_samples", "200"])
     assert accuracy == pytest.approx(best)
     assert float(ms.load_checkpoint(path)["val_accuracy"].asnumpy()) == pytest.approx(best)
@@ -101,7 +102,7 @@ def test_eval_defaults_to_the_checkpoint_train_printed_last(untrained, synthetic
     expect_error(evaluate.main, ["-data", synthetic_dir], capsys, "no checkpoint given and no "
                  "<prefix>-<epoch>_<step>.ckpt in checkpoints/")
     os.mkdir("checkpoints")
-    for age, name in enumerate(["resnet18-1_4.ckpt", "resnet18-2_1-interrupt.ckpt", "best.ckpt"]):
+    for age, name in enumerate(["resnet18-1_4.ckpt", "resnet18-2_1-interrupt.ckpt", "resnet18-best.ckpt"]):
         shutil.copy(untrained["float32"], os.path.join("checkpoints", name))
         os.utime(os.path.join("checkpoints", name), (1000 + age, 1000 + age))
     os.symlink("gone.ckpt", os.path.join("checkpoints", "resnet18-3_1.ckpt"))  # a broken link is no checkpoint
@@ -185,3 +186,19 @@ def test_eval_csv_opens_as_a_table_of_the_report(untrained, synthetic_dir, tmp_p
     bad = str(tmp_path / "r.txt")
     expect_error(evaluate.main, ["-loc", untrained["float32"], "-data", synthetic_dir, "--csv", bad], capsys, "--csv",
                  "must end in .csv")
+
+
+def test_eval_reads_the_data_folder_of_the_models_run(untrained, synthetic_dir, tmp_path, capsys, monkeypatch):
+    """Without -data, the folder the checkpoint's run trained on (its args.json), also for an export named after it;
+    a missing data folder is an error that names -data."""
+    ckpt = tmp_path / "resnet8_qat-2_16.ckpt"
+    shutil.copy(untrained["float32"], ckpt)
+    (tmp_path / "resnet8_qat-args.json").write_text(json.dumps({"data_dir": synthetic_dir}))
+    evaluate.main(["-loc", str(ckpt), "--num_samples", "5"])
+    out = capsys.readouterr().out
+    assert f"note: data folder {synthetic_dir}, the one resnet8_qat's run trained on" in out
+    assert f"float32 {ckpt} on {synthetic_dir}" in out
+    (tmp_path / "resnet8_qat-args.json").write_text(json.dumps({"data_dir": str(tmp_path / "gone")}))
+    monkeypatch.chdir(tmp_path)  # (where no data/cifar-10-batches-bin is)
+    expect_error(evaluate.main, ["-loc", str(ckpt)], capsys, "data folder data/cifar-10-batches-bin does not exist",
+                 "give the folder of CIFAR-10's .bin files with -data")

@@ -112,8 +112,9 @@ def assert_whole(folder):
         assert os.path.getsize(os.path.join(folder, name)) > 0, name
     for path in glob.glob(os.path.join(folder, "*.ckpt")):
         ms.load_checkpoint(path, crc_check=True)
-    if os.path.exists(os.path.join(folder, "metrics.jsonl")):
-        with open(os.path.join(folder, "metrics.jsonl")) as f:
+    metrics = os.path.join(folder, "resnet8_qat-metrics.jsonl")
+    if os.path.exists(metrics):
+        with open(metrics) as f:
             return [json.loads(line) for line in f]
     return []
 
@@ -123,7 +124,7 @@ def test_a_full_disk_at_the_start_stops_train_with_1_before_training(small_disk,
     folder = small_disk / "run"
     result = run_script("train.py", "-data", synthetic_dir, "-dir", str(folder), "-e", "1", *RUN)
     assert result.returncode == 1, result.stderr
-    assert result.stderr.splitlines() == [f"error: could not write {folder}/args.json (No space left on device); "
+    assert result.stderr.splitlines() == [f"error: could not write {folder}/resnet8_qat-args.json (No space left on device); "
                                           "nothing was trained; free space or fix the save folder, then run again"]
     assert os.listdir(small_disk) == ["filler"]  # (the save folder the run made, empty, is removed)
 
@@ -158,7 +159,7 @@ def test_a_disk_that_fills_during_training_stops_it_with_1_and_keeps_what_was_sa
 
 
 def test_a_full_summary_disk_is_one_warning_and_training_goes_on(small_disk, synthetic_dir, tmp_path):
-    """TensorBoard's event files are a view of metrics.jsonl: a full disk under --summary_dir ends them, not the
+    """TensorBoard's event files are a view of the run's metrics: a full disk under --summary_dir ends them, not the
     run (tensorboardX's own writer thread died there in tracebacks, and took train.py with it)."""
     fill(small_disk)
     folder = tmp_path / "run"
@@ -168,7 +169,7 @@ def test_a_full_summary_disk_is_one_warning_and_training_goes_on(small_disk, syn
     assert result.stderr == ""
     warnings = [line for line in result.stdout.splitlines() if line.startswith("warning:")]
     assert warnings == [f"warning: stopped writing TensorBoard events into {small_disk / 'tb'} (No space left on "
-                        "device); training goes on, metrics.jsonl has the figures"]
+                        f"device); training goes on, {folder / 'resnet8_qat-metrics.jsonl'} has the figures"]
     assert [r["epoch"] for r in assert_whole(folder)] == [1, 2]
     assert "resnet8_qat-2_4.ckpt" in os.listdir(folder)
 
@@ -248,8 +249,8 @@ def test_a_second_run_into_the_same_folder_is_refused_and_the_first_keeps_its_fi
                                           f"(process {first.pid}); wait for it to end, or give another -dir"]
     stdout, stderr = first.communicate(timeout=600)
     assert first.returncode == 0, stderr
-    assert sorted(os.listdir(folder)) == ["args.json", "curves.png", "metrics.jsonl", "resnet8_qat-1_128.ckpt",
-                                          "resnet8_qat-2_128.ckpt"]
+    assert sorted(os.listdir(folder)) == ["resnet8_qat-1_128.ckpt", "resnet8_qat-2_128.ckpt", "resnet8_qat-args.json",
+                                          "resnet8_qat-curves.png", "resnet8_qat-metrics.jsonl"]
     assert [r["epoch"] for r in assert_whole(folder)] == [1, 2]
-    with open(os.path.join(folder, "args.json")) as f:
+    with open(os.path.join(folder, "resnet8_qat-args.json")) as f:
         assert json.load(f)["seed"] == 1  # the first run's

@@ -13,22 +13,23 @@ import eval as evaluate
 import export
 import train
 from conftest import ARCH, SMALL, expect_error, run_script, snapshot, train_in_subprocess
-from qatcifar import checkpoint, cli, int8, networks, quant
+from qatcifar import checkpoint, cli, files, int8, networks, quant
 
 
 @pytest.mark.slow
 def test_train_writes_checkpoints_and_arguments(trained, synthetic_dir):
     path, savedir = trained
     assert os.path.basename(path) == "resnet8_qat-4_12.ckpt" and os.path.isfile(path)
-    assert sorted(f for f in os.listdir(savedir) if f.endswith(".ckpt")) == ["best.ckpt"] + [
-        f"resnet8_qat-{epoch}_12.ckpt" for epoch in range(1, 5)]
-    with open(os.path.join(savedir, "args.json")) as f:
-        args = json.load(f)
+    record = files.RunFiles(savedir, "resnet8_qat")
+    assert sorted(f for f in os.listdir(savedir) if f.endswith(".ckpt")) == [
+        f"resnet8_qat-{epoch}_12.ckpt" for epoch in range(1, 5)] + ["resnet8_qat-best.ckpt"]
+    args = record.settings()
     assert args["epoch"] == 4 and args["qat"] is True and args["device"] == "CPU" and args["arch"] == "resnet8"
-    for name in ("best.ckpt", os.path.basename(path)):  # every checkpoint records its network
-        assert ms.load_checkpoint(os.path.join(savedir, name))["arch"] == "resnet8"
+    assert (args["weight_bits"], args["first_last_bits"], args["act_bits"], args["quantizer"]) == (7, 7, 8, "minmax")
+    for name in (record.best, path):  # every checkpoint records its network
+        assert ms.load_checkpoint(name)["arch"] == "resnet8"
     assert args["data_dir"] == synthetic_dir and args["optimizer"] == "adam"
-    with open(os.path.join(savedir, "metrics.jsonl")) as f:
+    with open(record.metrics) as f:
         records = [json.loads(line) for line in f]
     assert [r["epoch"] for r in records] == [1, 2, 3, 4] and records[-1]["step"] == 48
     assert records[-1]["lr"] == pytest.approx(0.001) and records[-1]["images_per_s"] > 0
@@ -59,7 +60,7 @@ def test_float_training_and_eval(synthetic_dir, tmp_path, capsys):
                        "--num_samples", "32", "--no-qat", "-opt", "momentum", "-lr", "0.01", "--eval_every", "0",
                        "--lr_schedule", "cosine", "--warmup_epochs", "1", "--label_smoothing", "0.1"])
     assert os.path.basename(path) == "resnet8-2_2.ckpt"
-    with open(tmp_path / "metrics.jsonl") as f:
+    with open(tmp_path / "resnet8-metrics.jsonl") as f:
         rates = [json.loads(line)["lr"] for line in f]
     assert rates == pytest.approx([0.01, 0.005])  # warmup 0.005, 0.01; cosine 0.01, 0.005
     out = capsys.readouterr().out
@@ -190,21 +191,24 @@ def test_lsq_w4a4_trains_exports_agrees_and_resumes(synthetic_dir, tmp_path, cap
 
 
 @pytest.mark.slow
-def test_rerun_into_same_folder_keeps_earlier_checkpoints_and_log(trained, synthetic_dir):
+def test_a_second_run_into_the_folder_keeps_its_own_record_and_touches_none_of_the_first(trained, synthetic_dir):
+    """One run, one record: the second run's best checkpoint, metrics, curves and args.json are its own (its best is
+    compared with nothing of the first run's, whose 4 epochs it cannot beat in one step), and every file of the first
+    run stays as it was."""
     _, savedir = trained
     before = snapshot(savedir)
-    with open(os.path.join(savedir, "metrics.jsonl")) as f:
-        log = f.readlines()
     # --pynative: the QAT cells also run op by op.
-    path = train_in_subprocess(*SMALL, "-data", synthetic_dir, "-dir", savedir, "-e", "1", "-bsize", "16",
-                               "--num_samples", "16", "--val_samples", "20", "--pynative")
+    path, out = train_in_subprocess(*SMALL, "-data", synthetic_dir, "-dir", savedir, "-e", "1", "-bsize", "16",
+                                    "--num_samples", "16", "--val_samples", "20", "--pynative", "--weight_bits", "5",
+                                    output=True)
     assert os.path.basename(path) == "resnet8_qat_1-1_1.ckpt"
     after = snapshot(savedir)
-    assert all(after[name] == stamp for name, stamp in before.items() if name.endswith(".ckpt"))  # best.ckpt too:
-    # one step on 16 images does not beat the 4-epoch run's best model, which therefore stays.
-    with open(os.path.join(savedir, "metrics.jsonl")) as f:
-        appended = f.readlines()
-    assert appended[:len(log)] == log and len(appended) == len(log) + 1
+    assert all(after[name] == stamp for name, stamp in before.items())
+    second = files.RunFiles(savedir, "resnet8_qat_1")
+    assert f"(best so far: {second.best})" in out and os.path.isfile(second.best) and os.path.isfile(second.curves)
+    with open(second.metrics) as f:
+        assert [json.loads(line)["epoch"] for line in f] == [1]
+    assert second.settings()["weight_bits"] == 5 and files.RunFiles(savedir, "resnet8_qat").settings()["epoch"] == 4
 
 
 # --- bad input: one `error:` line, exit 2, nothing in the save directory touched -------------

@@ -45,11 +45,12 @@ def two_workers(synthetic_dir, tmp_path_factory):
 def test_worker_0_alone_writes_the_checkpoints(two_workers):
     savedir, logged = two_workers
     # One set of checkpoints, written by worker 0 only: steps 2 and 4 of 64 / 2 workers / batch 8.
-    assert sorted(os.listdir(savedir)) == ["args.json", "best.ckpt", "curves.png", "metrics.jsonl",
-                                           "resnet8_qat-1_2.ckpt", "resnet8_qat-1_4.ckpt"]
+    assert sorted(os.listdir(savedir)) == ["resnet8_qat-1_2.ckpt", "resnet8_qat-1_4.ckpt", "resnet8_qat-args.json",
+                                           "resnet8_qat-best.ckpt", "resnet8_qat-curves.png",
+                                           "resnet8_qat-metrics.jsonl"]
     assert "data parallel: 2 workers, batch 8 per worker, global batch 16" in logged[0]
     assert "--scale_lr: learning rate 0.001 x 2 worker(s) = 0.002" in logged[0]
-    assert json.loads((savedir / "args.json").read_text())["learningRate"] == pytest.approx(0.002)
+    assert json.loads((savedir / "resnet8_qat-args.json").read_text())["learningRate"] == pytest.approx(0.002)
     assert "epoch 1/1 step 4/4" in logged[0] and "epoch 1/" not in logged[1]  # progress: worker 0 only
 
 

@@ -157,7 +157,7 @@ def test_an_adversarial_run_resumed_mid_epoch_ends_bit_identical(synthetic_dir, 
     assert got.pop("arch") == expected.pop("arch") == ARCH
     for name in expected:
         np.testing.assert_array_equal(got[name].asnumpy(), expected[name].asnumpy(), err_msg=name)
-    epochs = [[json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    epochs = [[json.loads(line) for line in (folder / "resnet8_qat-metrics.jsonl").read_text().splitlines()]
               for folder in (whole, resumed)]
     assert epochs[0][-1]["loss"] == epochs[1][-1]["loss"]  # epoch 2's mean loss, over the steps both ran
 
@@ -178,7 +178,7 @@ def continued(trained, synthetic_dir, tmp_path_factory):
         train_in_subprocess("-data", synthetic_dir, "-dir", str(folder), "-e", "8", "-bsize", "32", "--num_samples",
                             "384", "--val_samples", "200", "--eval_every", "4", "--val_attack", "pgd", "--resume",
                             "auto", "--adv_eps", ADV_EPS, *flags)
-        runs[name] = folder, json.loads((folder / "metrics.jsonl").read_text().splitlines()[-1])
+        runs[name] = folder, json.loads((folder / "resnet8_qat-metrics.jsonl").read_text().splitlines()[-1])
     return runs
 
 
@@ -202,5 +202,5 @@ def test_robust_validation_is_eval_py_s_attack_and_keeps_the_most_robust_model(c
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (result["clean_accuracy"], result["robust_accuracy"]) == (record["val_accuracy"],
                                                                      record["val_robust_accuracy"])
-    best = ms.load_checkpoint(str(folder / "best.ckpt"))
+    best = ms.load_checkpoint(str(folder / "resnet8_qat-best.ckpt"))
     assert float(best["val_robust_accuracy"].asnumpy()) == pytest.approx(record["val_robust_accuracy"])
