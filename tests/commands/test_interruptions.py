@@ -124,8 +124,9 @@ def test_a_full_disk_at_the_start_stops_train_with_1_before_training(small_disk,
     folder = small_disk / "run"
     result = run_script("train.py", "-data", synthetic_dir, "-dir", str(folder), "-e", "1", *RUN)
     assert result.returncode == 1, result.stderr
-    assert result.stderr.splitlines() == [f"error: could not write {folder}/resnet8_qat-args.json (No space left on device); "
-                                          "nothing was trained; free space or fix the save folder, then run again"]
+    assert result.stderr.splitlines() == [f"error: could not write {folder}/resnet8_qat-args.json (No space left on "
+                                          "device); nothing was trained; free space or fix the save folder, then run "
+                                          "again"]
     assert os.listdir(small_disk) == ["filler"]  # (the save folder the run made, empty, is removed)
 
 
