@@ -170,8 +170,8 @@ def check_sensitivity(args, path, reads):
         raise cli.InputError("--suggest_layer_bits FILE and --size_budget KB go together")
     args.sensitivity_bits = args.sensitivity_bits or sensitivity.DEFAULT_BITS
     if args.size_budget and args.sensitivity_bits == 8:
-        raise cli.InputError("--sensitivity_bits 8 gives no layer fewer bits than QAT's at most 8, so no suggestion "
-                             "can meet --size_budget; give fewer bits, like --sensitivity_bits 4")
+        raise cli.InputError("--sensitivity_bits 8 lowers no layer's bits (QAT trains at most 8), so no suggestion "
+                             "can shrink the file to --size_budget; give fewer, like --sensitivity_bits 4")
     if args.sensitivity and not path.endswith(".ckpt"):
         raise cli.InputError(f"--sensitivity changes a layer's weight bits, which only a QAT checkpoint can; {path} "
                              "is not one: give the .ckpt it was exported from")

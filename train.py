@@ -202,6 +202,7 @@ def record_quantization(run, net):
     """Record in `run` (and so in args.json) the quantization the network was built with, the resumed checkpoint's or
     the flags' with their defaults: --weight_bits (the most layers'), --first_last_bits, --act_bits, --quantizer, and
     every layer's weight bits (bits_per_layer). A float32 run records none."""
+    vars(run).pop("layer_bits_read", None)  # (--layer_bits' contents, read once: bits_per_layer records them)
     if not run.qat:
         return
     params = dict(net.parameters_and_names())

@@ -80,7 +80,7 @@ def test_the_sensitivity_chart_labels_each_bar_with_its_drop(tmp_path, monkeypat
     (["--sensitivity", "--sensitivity_bits", "1"], "--sensitivity_bits: must be an integer from 2 to 8"),
     (["--sensitivity_bits", "3"], "--sensitivity_bits comes from the layers' sensitivity; add --sensitivity"),
     (["--sensitivity", "--sensitivity_bits", "8", "--suggest_layer_bits", "never.json", "--size_budget", "50"],
-     "--sensitivity_bits 8 gives no layer fewer bits than QAT's at most 8, so no suggestion can meet --size_budget"),
+     "--sensitivity_bits 8 lowers no layer's bits (QAT trains at most 8), so no suggestion can shrink the file"),
 ])
 def test_bad_sensitivity_flags_are_one_line(flags, fragment, untrained, synthetic_dir, capsys):
     expect_error(evaluate.main, ["-loc", untrained["QAT"], "-data", synthetic_dir, *flags], capsys, fragment)
