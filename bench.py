@@ -86,7 +86,7 @@ def get_args_parser():
     parser.add_argument("--deploy", action="store_true",
                         help="instead: inference speed, size and memory of the deployable models")
     parser.add_argument("--seconds", type=cli.positive_float, default=None,
-                        help="with --deploy (or --arch A,B): least time of each latency and throughput measurement "
+                        help="with --deploy or --arch alone: least time of each latency and throughput measurement "
                              "(default 2)")
     parser.add_argument("--arch", type=arch_list, default=None, metavar="A[,B,...]",
                         help=f"alone: training and deployment figures of each network, one table "
@@ -112,7 +112,7 @@ def get_args_parser():
 
 
 # Flags that only some modes use: {dest: (default, the modes that use it)}; given elsewhere, they are refused.
-MODE_FLAGS = {"seconds": (2.0, ("--deploy", "--arch A,B")), "adv_steps": (adversarial.DEFAULT_PGD_STEPS,
+MODE_FLAGS = {"seconds": (2.0, ("--deploy", "--arch")), "adv_steps": (adversarial.DEFAULT_PGD_STEPS,
                                                                      ("--adversarial",)),
               "attack_images": (100, ("--adversarial",)), "epochs": (4, ("--validation",)),
               "val_samples": (500, ("--validation",))}
@@ -125,7 +125,7 @@ def check_mode_flags(parser, args):
                                       ("--lsq", args.lsq), ("--validation", args.validation)) if given]
     if len(modes) > 1:
         parser.error(f"{modes[0]} and {modes[1]} are separate measurements; run them one at a time")
-    mode = modes[0] if modes else "--arch A,B" if args.arch and len(args.arch) > 1 else None
+    mode = modes[0] if modes else "--arch" if args.arch else None  # (--arch alone: the table of networks)
     for dest, (default, users) in MODE_FLAGS.items():
         if getattr(args, dest) is None:
             setattr(args, dest, default)

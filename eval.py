@@ -114,6 +114,8 @@ def evaluate(args):
     dataset = cifar.create_dataset(args.data_dir, training=False, batch_size=batch_size,
                                         num_samples=args.num_samples)
     names = cifar.class_names(args.data_dir)
+    images = f"the first {args.num_samples}" if args.num_samples else "the"
+    print(f"evaluating {model.description} {path} on {images} test images of {args.data_dir}", flush=True)
     if args.attack:
         attack = attacks.Attack(model.network, args.attack, args.eps, args.steps, args.step_size, args.restarts,
                                 args.attack_seed)

@@ -135,11 +135,12 @@ def test_every_command_takes_ctrl_c_and_sigterm_one_way():
 
 def test_the_tests_follow_the_layout():
     """tests/unit/test_<module>.py for a library module, tests/commands/test_<command>[_<topic>].py for a command (and
-    test_interruptions.py, which cuts several short); shared helpers only in conftest.py (no test imports another)."""
+    test_interruptions.py, which cuts several short, and test_readme.py, which runs README.md's commands); shared
+    helpers only in conftest.py (no test imports another)."""
     unit = {os.path.basename(path)[5:-3] for path in glob.glob(os.path.join(ROOT, "tests", "unit", "test_*.py"))}
     assert unit <= LIBRARY, unit - LIBRARY
     for path in glob.glob(os.path.join(ROOT, "tests", "commands", "test_*.py")):
         name = os.path.basename(path)[5:-3]
-        assert name.split("_")[0] in COMMANDS or name in {"interruptions", "progress_bars"}, name
+        assert name.split("_")[0] in COMMANDS or name in {"interruptions", "progress_bars", "readme"}, name
     for path in glob.glob(os.path.join(ROOT, "tests", "**", "test_*.py"), recursive=True):
         assert not {name for name in imported_modules(path) if name.startswith("test_")}, path

@@ -69,7 +69,7 @@ def test_bench_flags_are_bounded_by_its_data(capsys):
     (["--lsq", "--deploy"], "--deploy and --lsq are separate measurements; run them one at a time"),
     (["--adversarial", "--lsq"], "--adversarial and --lsq are separate measurements"),
     (["--deploy", "--validation"], "--deploy and --validation are separate measurements"),
-    (["--seconds", "1"], "--seconds applies to --deploy and --arch A,B only; drop it, or add --deploy"),
+    (["--seconds", "1"], "--seconds applies to --deploy and --arch only; drop it, or add --deploy"),
     (["--lsq", "--seconds", "1"], "--seconds applies to --deploy"),
     (["--adv_steps", "3"], "--adv_steps applies to --adversarial only"),
     (["--deploy", "--attack_images", "5"], "--attack_images applies to --adversarial only"),

@@ -44,7 +44,7 @@ def test_a_signal_ends_eval_with_one_line(model, signum, untrained, int8_file, s
     would end in a KeyboardInterrupt traceback; SIGTERM ended both with 143 and no word."""
     path = untrained["QAT"] if model == "checkpoint" else int8_file
     process = start_script("eval.py", "-loc", path, "-data", synthetic_dir, env=UNBUFFERED)
-    wait_for_line(process, "running on CPU")
+    wait_for_line(process, "evaluating ")
     assert_interrupted(*interrupt(process, signum), "evaluation stopped; nothing was written")
 
 

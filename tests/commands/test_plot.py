@@ -42,7 +42,7 @@ def test_plot_py_refuses_what_it_cannot_draw(tmp_path, capsys):
                             ([str(tmp_path / "empty")], ["has finished an epoch"]),
                             ([str(tmp_path / "fifo")], ["resnet8-metrics.jsonl (not a regular file)"]),
                             ([str(tmp_path / "a"), "-o", files.RunFiles(str(tmp_path / "a"), "resnet8_qat").metrics],
-                             ["is a run's record", "give a path outside it"]),
+                             ["is a run's record, which this command reads; give another path"]),
                             ([str(tmp_path / "a"), "-o", str(tmp_path / "c.pdf")], ["must end in .png"]),
                             ([str(tmp_path / "a"), "-o", str(tmp_path / "taken.png")], ["exists", "--overwrite"])):
         expect_error(plot.main, argv, capsys, *fragments)

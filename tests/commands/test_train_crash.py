@@ -176,5 +176,5 @@ def test_diverged_training_stops_with_exit_3_and_saves_nothing(uninterrupted, sy
     assert result.returncode == 3, result.stderr[-2000:]
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: training diverged at step 14 "), \
         result.stderr
-    assert f"1 step(s) after resuming from {final}" in result.stderr and "good" not in result.stderr
+    assert f"2 step(s) after resuming from {final}" in result.stderr and "good" not in result.stderr
     assert not glob.glob(str(tmp_path / "*.ckpt")) and snapshot(uninterrupted) == before

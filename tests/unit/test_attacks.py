@@ -46,6 +46,9 @@ def test_eps_zero_leaves_the_images_and_the_accuracy(method, untrained, syntheti
 def test_attack_flags_are_checked_before_any_work(untrained, int8_file, synthetic_dir, tmp_path, capsys):
     ckpt = untrained["float32"]
     base = ["-loc", ckpt, "-data", synthetic_dir]
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "earlier.txt").write_text("kept")
     for flags, fragments in (
             (["--attack", "pgd", "--eps", "-0.1"], ["--eps", "from 0 to 1"]),
             (["--attack", "pgd", "--eps", "2"], ["--eps", "from 0 to 1"]),
@@ -55,7 +58,8 @@ def test_attack_flags_are_checked_before_any_work(untrained, int8_file, syntheti
             (["--eps", "8/255"], ["--eps belongs to an attack; add --attack pgd"]),
             (["--save_adversarial", str(tmp_path / "adv")], ["--save_adversarial belongs to an attack"]),
             (["--attack", "fgsm", "--steps", "5"], ["FGSM is one step", "--steps applies to --attack pgd"]),
-            (["--attack", "pgd", "--save_adversarial", synthetic_dir], ["is not empty", "choose an empty or new"]),
+            (["--attack", "pgd", "--save_adversarial", synthetic_dir], ["is the data folder (-data)"]),
+            (["--attack", "pgd", "--save_adversarial", str(full)], ["is not empty", "choose an empty or new"]),
             (["--attack", "pgd", "--save_adversarial", os.path.join(untrained["float32"], "adv")],
              ["cannot write", "is not a folder"])):
         expect_error(evaluate.main, base + flags, capsys, *fragments)
