@@ -159,3 +159,10 @@ def test_bench_deploy_reports_every_model():
     assert figures["int8_kernels"] == ort_kernels.describe()  # which kernels, and whether the probe finds them exact
     assert "ONNX Runtime's uint8 x int8 kernels here: " in result.stdout
     assert sum(line.startswith(tuple(deploy)) for line in result.stdout.splitlines()) == 6  # the table's rows
+
+
+def test_bench_says_first_that_it_measures_networks_of_its_own(capsys, monkeypatch):
+    monkeypatch.setattr(bench, "benchmark", lambda args: {})
+    bench.main([])
+    assert capsys.readouterr().out.splitlines()[0].startswith(
+        "note: bench.py measures networks it builds and trains for a few steps on synthetic data")

@@ -23,6 +23,7 @@ def line_about(lines, text):
     return found[0]
 
 
+@pytest.mark.slow  # (doctor.py in a process of its own, MindSpore imported: seconds)
 def test_this_machine_can_train_on_its_cpu(synthetic_dir, tmp_path):
     result = run_script("doctor.py", "-data", synthetic_dir, "-dir", str(tmp_path / "run"))
     assert result.returncode == 0, result.stdout + result.stderr
@@ -120,3 +121,17 @@ def test_a_stray_data_file_is_a_problem(synthetic_dir, tmp_path, capsys):
     (data / "data_batch_1 (copy).bin").write_bytes(b"x")
     status, lines = report(capsys, "-data", str(data), "-dir", str(tmp_path))
     assert status == 1 and "is not a CIFAR-10 file name" in line_about(lines, "data: ")
+
+
+def test_no_cifar10_yet_is_a_warning_that_names_the_data_folders_found(synthetic_dir, tmp_path, monkeypatch, capsys):
+    """After the quick start (data/demo, no download): not a problem, a warning naming data/demo and -data; a
+    -data that is asked for and missing is a problem."""
+    monkeypatch.chdir(tmp_path)
+    os.makedirs("data")
+    os.symlink(synthetic_dir, os.path.join("data", "demo"))
+    args = doctor.get_args_parser().parse_args([])
+    [(status, line)] = list(doctor.check_data(args))
+    assert status == "warning" and "no CIFAR-10 in data/cifar-10-batches-bin" in line
+    assert "found: data/demo" in line and "-data" in line
+    [(status, line)] = list(doctor.check_data(doctor.get_args_parser().parse_args(["-data", "data/gone"])))
+    assert status == "problem" and "data folder data/gone does not exist" in line

@@ -202,3 +202,10 @@ def test_eval_reads_the_data_folder_of_the_models_run(untrained, synthetic_dir, 
     monkeypatch.chdir(tmp_path)  # (where no data/cifar-10-batches-bin is)
     expect_error(evaluate.main, ["-loc", str(ckpt)], capsys, "data folder data/cifar-10-batches-bin does not exist",
                  "give the folder of CIFAR-10's .bin files with -data")
+
+
+def test_eval_of_an_int8_file_says_nothing_of_gpus(int8_file, synthetic_dir, capsys):
+    """The int8 reference and ONNX Runtime never use a GPU: no "no GPU backend" note for them."""
+    evaluate.main(["-loc", int8_file, "-data", synthetic_dir, "--num_samples", "5"])
+    out = capsys.readouterr().out
+    assert "GPU" not in out and f"evaluating int8 (integer inference) {int8_file} on the first 5 test images" in out

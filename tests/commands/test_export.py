@@ -234,6 +234,7 @@ def test_eval_refuses_a_mindir_of_another_network(shape, classes, synthetic_dir,
                  f"is a MindIR of another network: inputs [{list(shape)}], outputs [[1, {classes}]]")
 
 
+@pytest.mark.slow  # (a process of its own: seconds)
 def test_a_mindir_that_does_not_load_gets_one_line_from_the_script(untrained, synthetic_dir, tmp_path):
     """Its graph's input and output are right, its nodes gone: MindSpore's C++ loader logs ERROR lines of its own
     to file descriptor 2 (not seen by capsys: checked in a process)."""
