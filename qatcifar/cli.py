@@ -108,12 +108,22 @@ def add_device_argument(parser, help="auto: GPU when MindSpore has a GPU backend
 
 def int_range(low, high):
     """An argparse type: an integer from low to high; the error says the range."""
+    return _in_range(int, "an integer", low, high)
+
+
+def float_range(low, high):
+    """An argparse type: a number from low to high (NaN and infinities outside); the error says the range."""
+    return _in_range(float, "a number", low, high)
+
+
+def _in_range(kind, what, low, high):
     def parse(text):
-        value = _parse(int, text)
+        value = _parse(kind, text)
         if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be an integer from {low} to {high}, got {text}")
+            raise argparse.ArgumentTypeError(f"must be {what} from {low:g} to {high:g}, got {text}" if kind is float
+                                             else f"must be {what} from {low} to {high}, got {text}")
         return value
-    parse.__name__ = "integer"
+    parse.__name__ = what.split()[-1]
     return parse
 
 
@@ -134,17 +144,6 @@ def non_negative_float(text):
     if not (math.isfinite(value) and value >= 0):
         raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
     return value
-
-
-def float_range(low, high):
-    """An argparse type: a number from low to high; the error says the range."""
-    def parse(text):
-        value = _parse(float, text)
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be a number from {low:g} to {high:g}, got {text}")
-        return value
-    parse.__name__ = "number"
-    return parse
 
 
 def share(text):

@@ -15,15 +15,22 @@ from qatcifar import callbacks, checkpoint, files, quant, training
 def finished(tmp_path_factory):
     """The save folder of a QAT run of 4 epochs of 12 steps (384 images, batch 32), as train.py's Checkpointer
     and Validator write it, without the training: (its last checkpoint, the folder)."""
-    args = train.get_args_parser().parse_args([*SMALL, "-e", "4", "-bsize", "32", "--num_samples", "384"])
-    net = training.build_network(args, steps_per_epoch=12)
-    train_net = training.build_train_network(net, training.make_optimizer(net, args, steps_per_epoch=12), args)
     folder = str(tmp_path_factory.mktemp("finished"))
-    saver = callbacks.Checkpointer(train_net, folder, "resnet8_qat", steps_per_epoch=12, save_steps=0, keep=5,
-                                   first_step=0, guard=callbacks.Guard(0, 12))
-    saver.save(48)
+    path, net = training_checkpoint(folder, ["-e", "4", "-bsize", "32", "--num_samples", "384"], 12, 48)
     checkpoint.save(net, files.RunFiles(folder, "resnet8_qat").best, {"epoch_num": 4, "val_accuracy": 0.5})
-    return saver.latest, folder
+    return path, folder
+
+
+def training_checkpoint(folder, flags, steps_per_epoch, step, resumed=None):
+    """A training checkpoint of a run of train.py's `flags` (resnet8) at `step`, as its Checkpointer writes it
+    (without training), into `folder`: (its path, the network)."""
+    args = train.get_args_parser().parse_args([*SMALL, *flags])
+    net = training.build_network(args, steps_per_epoch, resumed)
+    train_net = training.build_train_network(net, training.make_optimizer(net, args, steps_per_epoch), args)
+    saver = callbacks.Checkpointer(train_net, folder, "resnet8_qat", steps_per_epoch, save_steps=0, keep=5,
+                                   first_step=0, guard=callbacks.Guard(0, steps_per_epoch))
+    saver.save(step)
+    return saver.latest, net
 
 
 @pytest.mark.parametrize("case, flags, fragments", [
@@ -77,19 +84,14 @@ def test_checkpoint_names_never_overwrite_another_series(tmp_path):
 def test_a_run_of_8_bit_weights_resumes_with_them(synthetic_dir, tmp_path):
     """A checkpoint written before layers recorded their weight bits (they were 8) resumes as the 8-bit run it is,
     and its checkpoints then record 8 bits."""
-    args = train.get_args_parser().parse_args([*SMALL, "-e", "1", "-bsize", "16", "--num_samples", "32"])
-    net = training.build_network(args, steps_per_epoch=2,
-                                  resumed={"weight_bits": 8, "layer_bits": (), "act_bits": 8, "quantizer": "minmax"})
-    train_net = training.build_train_network(net, training.make_optimizer(net, args, steps_per_epoch=2), args)
     folder = tmp_path / "run"
     folder.mkdir()
-    saver = callbacks.Checkpointer(train_net, str(folder), "resnet8_qat", steps_per_epoch=2, save_steps=1, keep=5,
-                                   first_step=0, guard=callbacks.Guard(0, 2))
-    saver.save(1)
-    params = checkpoint.read(saver.latest)
-    os.chmod(saver.latest, 0o600)
+    path, _ = training_checkpoint(str(folder), ["-e", "1", "-bsize", "16", "--num_samples", "32"], 2, 1,
+                                  resumed={"weight_bits": 8, "layer_bits": (), "act_bits": 8, "quantizer": "minmax"})
+    params = checkpoint.read(path)
+    os.chmod(path, 0o600)
     checkpoint.save_parameters({name: value for name, value in params.items()
-                                if not name.endswith(quant.BITS_SUFFIX)}, saver.latest)
+                                if not name.endswith(quant.BITS_SUFFIX)}, path)
     # No --arch: a resumed run trains the network its checkpoint records.
     final, stdout = train_in_subprocess("-data", synthetic_dir, "-dir", str(folder), "-e", "1", "-bsize", "16",
                                         "--num_samples", "32", "--eval_every", "0", "--resume", "auto", output=True)
@@ -108,16 +110,11 @@ def test_resume_refuses_a_checkpoint_that_cannot_train(name, value, fragment, sy
     """Step sizes whose exponential is infinite or 0, values that are not finite (the optimizer's too), a negative
     variance: refused before training, naming the parameter; once such a run started, "diverged at step 3" and
     called that checkpoint "the last good checkpoint"."""
-    args = train.get_args_parser().parse_args([*SMALL, "--quantizer", "lsq", "-e", "2", "-bsize", "32",
-                                               "--num_samples", "384"])
-    net = training.build_network(args, steps_per_epoch=12)
-    step = training.build_train_network(net, training.make_optimizer(net, args, steps_per_epoch=12), args)
     folder = tmp_path / "run"
     folder.mkdir()
-    saver = callbacks.Checkpointer(step, str(folder), "resnet8_qat", steps_per_epoch=12, save_steps=0, keep=5,
-                                   first_step=0, guard=callbacks.Guard(0, 12))
-    saver.save(12)
-    params = checkpoint.read(saver.latest)
+    flags = ["--quantizer", "lsq", "-e", "2", "-bsize", "32", "--num_samples", "384"]
+    path, _ = training_checkpoint(str(folder), flags, 12, 12)
+    params = checkpoint.read(path)
     params[name] = ms.Parameter(ms.Tensor(np.full(params[name].shape, value, np.float32)), name=name)
     damaged = str(folder / "resnet8_qat-1_12-damaged.ckpt")
     checkpoint.save_parameters(params, damaged)
