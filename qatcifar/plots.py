@@ -10,6 +10,7 @@ step loss), the learning rate, and the validation accuracy (and the robust accur
 as bars. Files are written atomically: a picture is whole or absent. Only matplotlib's
 object-oriented API is used (Figure and its Agg canvas), so nothing global changes on import.
 """
+import collections
 import json
 import os
 import time
@@ -22,6 +23,7 @@ from matplotlib.ticker import MaxNLocator
 from qatcifar import files
 
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%S"  # of a metrics record's "time"
+LEGEND_COLUMNS, LEGEND_ROW_INCHES = 2, 0.25  # several runs' legend, below the panels
 
 
 def read_metrics(path):
@@ -90,25 +92,31 @@ def drawable(record):
 
 
 def save_curves(runs, path, title=None):
-    """A figure of loss, learning rate and validation accuracy over epochs for each run ({label: records})."""
-    figure = Figure(figsize=(15, 4.5), layout="constrained")
+    """A figure of loss, learning rate and validation accuracy over epochs for each run ({label: records}). Several
+    runs share one legend below the panels, a run a line, with its best epoch."""
+    several = len(runs) > 1
+    rows = -(-len(runs) // LEGEND_COLUMNS) if several else 0
+    figure = Figure(figsize=(15, 4.5 + LEGEND_ROW_INCHES * rows), layout="constrained")
     loss, rate, accuracy = figure.subplots(1, 3)
+    handles = []
     for index, (label, records) in enumerate(runs.items()):
-        color = f"C{index}"
+        color = f"C{index % 10}"
         epochs = [r["epoch"] for r in records]
-        loss.plot(epochs, [r["loss"] for r in records], "o-", color=color, label=label, markersize=3)
+        best = plot_accuracy(accuracy, records, color, several)
+        named = f"{label}{f' (best: epoch {best[0]}, {best[1]:.1f}%)' if best and several else ''}"
+        handles += loss.plot(epochs, [r["loss"] for r in records], "o-", color=color, label=named, markersize=3)
         if all("loss_min" in r for r in records):
             loss.fill_between(epochs, [r["loss_min"] for r in records], [r["loss_max"] for r in records],
                               color=color, alpha=0.15, linewidth=0)
         rate.plot(epochs, [r["lr"] for r in records], "-", color=color, label=label)
-        plot_accuracy(accuracy, records, color, label, several=len(runs) > 1)
     loss.set(title="training loss (epoch mean; band: its steps' range)", xlabel="epoch", ylabel="loss")
     rate.set(title="learning rate (at the epoch's last step)", xlabel="epoch", ylabel="learning rate")
     rate.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3), useOffset=False)
     robust = any(all("val_robust_accuracy" in r for r in records if "val_accuracy" in r)
                  and any("val_accuracy" in r for r in records) for records in runs.values())
-    accuracy.set(title="validation accuracy" + (" (dashed: robust)" if robust else ""), xlabel="epoch",
-                 ylabel="accuracy (%)", ylim=(0, 103))
+    accuracy.set(title="validation accuracy" + (" (dashed: robust)" if robust else "") + (", star: best" if several
+                                                                                         else ""),
+                 xlabel="epoch", ylabel="accuracy (%)", ylim=(0, 103))
     epochs = [r["epoch"] for records in runs.values() for r in records]
     if epochs and min(epochs) == max(epochs):  # (one epoch: whole ones on the axis, not 0.945 to 1.05)
         loss.set_xlim(epochs[0] - 1, epochs[0] + 1)
@@ -117,29 +125,31 @@ def save_curves(runs, path, title=None):
     for axes in (loss, rate, accuracy):
         axes.grid(alpha=0.3)
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-        if axes.get_legend_handles_labels()[0]:
+        if not several and axes.get_legend_handles_labels()[0]:
             axes.legend(fontsize="small", loc="lower right" if axes is accuracy else "best")
+    if several:
+        figure.legend(handles=handles, loc="outside lower center", ncols=LEGEND_COLUMNS, fontsize="small")
     if title:
         figure.suptitle(title)
     save(figure, path)
 
 
-def plot_accuracy(axes, records, color, label, several):
+def plot_accuracy(axes, records, color, several):
+    """The validation accuracy of one run's records (and the robust accuracy), its best epoch starred; returns
+    (that epoch, its accuracy in %), or None where the run never validated."""
     validated = [r for r in records if "val_accuracy" in r]
     if not validated:
-        return
+        return None
     epochs = [r["epoch"] for r in validated]
-    prefix = f"{label}: " if several else ""
-    axes.plot(epochs, [100 * r["val_accuracy"] for r in validated], "o-", color=color, label=prefix + "clean",
-              markersize=4)
+    axes.plot(epochs, [100 * r["val_accuracy"] for r in validated], "o-", color=color, label="clean", markersize=4)
     key = "val_accuracy"
     if all("val_robust_accuracy" in r for r in validated):
-        key = "val_robust_accuracy"  # best.ckpt is then the most robust epoch
-        axes.plot(epochs, [100 * r[key] for r in validated], "s--", color=color, label=prefix + "robust",
-                  markersize=4)
+        key = "val_robust_accuracy"  # the run's best checkpoint is then the most robust epoch
+        axes.plot(epochs, [100 * r[key] for r in validated], "s--", color=color, label="robust", markersize=4)
     best = max(validated, key=lambda r: r[key])
     axes.plot([best["epoch"]], [100 * best[key]], "*", color=color, markersize=14, markeredgecolor="black",
-              label=f"{prefix}best: epoch {best['epoch']}, {100 * best[key]:.1f}%")
+              label=f"best: epoch {best['epoch']}, {100 * best[key]:.1f}%")
+    return best["epoch"], 100 * best[key]
 
 
 def save_confusion(confusion, names, path, title):
@@ -218,6 +228,10 @@ def run_label(settings):
         bits = f" W{weights}A{acts}" if weights and acts else ""
         fold = " bn_fold" if settings.get("bn_fold") else ""
         words.append(f"QAT{bits} {settings.get('quantizer') or 'minmax'}{fold}")
+        per_layer = settings.get("bits_per_layer") if isinstance(settings.get("bits_per_layer"), dict) else {}
+        edges = settings.get("first_last_bits")
+        others = collections.Counter(b for b in per_layer.values() if b not in (weights, edges))
+        words += [f"{count} layer{'s' if count > 1 else ''} at {b} bits" for b, count in sorted(others.items())]
     else:
         words.append("float32")
     if settings.get("adv_train") not in (None, "none"):
