@@ -102,7 +102,7 @@ def save_curves(runs, path, title=None):
     for index, (label, records) in enumerate(runs.items()):
         color = f"C{index % 10}"
         epochs = [r["epoch"] for r in records]
-        best = plot_accuracy(accuracy, records, color, several)
+        best = plot_accuracy(accuracy, records, color)
         named = f"{label}{f' (best: epoch {best[0]}, {best[1]:.1f}%)' if best and several else ''}"
         handles += loss.plot(epochs, [r["loss"] for r in records], "o-", color=color, label=named, markersize=3)
         if all("loss_min" in r for r in records):
@@ -134,7 +134,7 @@ def save_curves(runs, path, title=None):
     save(figure, path)
 
 
-def plot_accuracy(axes, records, color, several):
+def plot_accuracy(axes, records, color):
     """The validation accuracy of one run's records (and the robust accuracy), its best epoch starred; returns
     (that epoch, its accuracy in %), or None where the run never validated."""
     validated = [r for r in records if "val_accuracy" in r]
