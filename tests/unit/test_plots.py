@@ -116,3 +116,13 @@ def test_trim_metrics_removes_cut_lines_and_the_records_of_epochs_to_train_again
     assert plots.trim_metrics(path, epochs_done, saved) == (0, 0)  # nothing to remove: the file is not written again
     assert os.stat(path).st_mtime_ns == before.st_mtime_ns and os.stat(path).st_ino == before.st_ino
     assert plots.trim_metrics(str(tmp_path / "none.jsonl"), epochs_done, saved) == (0, 0)
+
+
+def test_the_robust_line_is_announced_only_where_it_is_drawn(tmp_path, monkeypatch):
+    titles = []
+    real_save = plots.save
+    monkeypatch.setattr(plots, "save", lambda figure, path: titles.append(figure.axes[2].get_title())
+                        or real_save(figure, path))
+    plots.save_curves({"run": metric_records(3)}, str(tmp_path / "a.png"), "resnet8_qat: resnet8, QAT W7A8 minmax")
+    plots.save_curves({"run": metric_records(3, robust=True)}, str(tmp_path / "b.png"))
+    assert titles == ["validation accuracy", "validation accuracy (dashed: robust)"]
