@@ -37,7 +37,7 @@ HINTS = {  # library name up to ".so": what provides it
     "libnvrtc": "CUDA 11.6's NVRTC" + PIP.format("nvidia-cuda-nvrtc-cu11"),
 }
 CUDA_HINT = "CUDA 11.6's {} library" + PIP.format("nvidia-{}-cu11")
-FREE_SPACE_MB = 1000  # a run's checkpoints: about 135 MB each with Adam's state, --keep 5 of them plus best.ckpt
+FREE_SPACE_MB = 1000  # a run's checkpoints: about 135 MB each with Adam's state, --keep 5 of them plus the best one
 MIN_FREE_MB = 200
 
 

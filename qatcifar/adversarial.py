@@ -52,7 +52,7 @@ def add_arguments(parser):
                        help="share of each batch replaced by its adversarial version, in (0, 1] (default 1)")
     group.add_argument("--val_attack", choices=attacks.METHODS, default=None,
                        help="also report robust accuracy at each validation, against eval.py's attack of that "
-                            "name at --adv_eps (pgd: 10 steps); best.ckpt is then the most robust model")
+                            "name at --adv_eps (pgd: 10 steps); <prefix>-best.ckpt is then the most robust model")
 
 
 

@@ -201,7 +201,7 @@ class Validator(Callback):
         self.net, self.dataset, self.every, self.epochs = net, dataset, every, epochs
         self.guard, self.writer, self.attack = guard, writer, attack
         self.path = best_path
-        self.key = "val_robust_accuracy" if attack else "val_accuracy"  # what best.ckpt is the best of
+        self.key = "val_robust_accuracy" if attack else "val_accuracy"  # what the best checkpoint is the best of
         self.best = previous_best(self.path, self.key) if writer else None
         self.results, self.last = {}, None
 

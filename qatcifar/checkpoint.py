@@ -9,7 +9,7 @@ train.py names its checkpoints `<prefix>-<epoch>_<step of the epoch>[-interrupt]
 prefix `<arch>_qat` (QAT) or `<arch>` (float32), `resnet8_qat` say, with `_1`, `_2`, ... appended
 when the save folder already holds another run's series. Every checkpoint records its network's
 name (ARCH_RECORD; a file without it holds a resnet18). A training checkpoint holds the network,
-the optimizer state and RUN_RECORDS; `best.ckpt` holds the network only. Every file is written by
+the optimizer state and RUN_RECORDS; a run's `<prefix>-best.ckpt` holds the network only. Every file is written by
 `write_atomically` and carries a CRC32 that `read` verifies.
 
 Helpers raise `cli.InputError` for bad input (a missing, corrupt or foreign file); write
@@ -235,9 +235,9 @@ def load_training_state(train_net, path, params, model_kind, quant_delay, steps_
     for `epochs` epochs in all, and train_net's optimizer.
     """
     if "step_num" not in params or "steps_per_epoch" not in params:
-        raise cli.InputError(f"--resume {path} holds no training state (best.ckpt and exported models keep only the "
-                             "network); resume from a periodic checkpoint, <prefix>-<epoch>_<step>.ckpt")
-    settings = "resume with the checkpoint's settings (see args.json beside it)"
+        raise cli.InputError(f"--resume {path} holds no training state (<prefix>-best.ckpt and exported models keep "
+                             "only the network); resume from a periodic checkpoint, <prefix>-<epoch>_<step>.ckpt")
+    settings = "resume with the checkpoint's settings (see its <prefix>-args.json beside it)"
     trained_as = kind(quant_config(path, params))
     if trained_as != model_kind:
         raise cli.InputError(f"--resume {path} was trained as {trained_as}, but this run trains {model_kind}; "

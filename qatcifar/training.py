@@ -82,12 +82,12 @@ def add_arguments(parser):
     parser.add_argument("--label_smoothing", type=cli.unit_interval, default=0.0,
                         help="label smoothing of the cross-entropy loss, in [0, 1)")
     parser.add_argument("--eval_every", type=cli.non_negative_int, default=None, metavar="N",
-                        help="validate on the test split every N epochs and keep best.ckpt; 0: never "
-                             "(default: 1 when the data folder has test_batch.bin, else 0)")
+                        help="validate on the test split every N epochs and keep the best as <prefix>-best.ckpt; 0: "
+                             "never (default: 1 when the data folder has test_batch.bin, else 0)")
     parser.add_argument("--val_samples", type=cli.positive_int, default=None, metavar="N",
                         help="validate on the first N test images (default: all)")
     parser.add_argument("--keep", type=cli.positive_int, default=5, metavar="N",
-                        help="keep the newest N periodic checkpoints (best.ckpt is kept besides)")
+                        help="keep the newest N periodic checkpoints (<prefix>-best.ckpt is kept besides)")
     parser.add_argument("--summary_dir", metavar="DIR", help="write the run's scalars as TensorBoard events into DIR")
     parser.add_argument("--log_every", type=cli.positive_int, default=50, metavar="N",
                         help="print a progress line every N steps (and at the end of each epoch)")
