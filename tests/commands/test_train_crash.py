@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 
 from conftest import SHORT_RUN, run_script, snapshot, start_script, train_in_subprocess, wait_for_line
+from qatcifar import files
 
 FINAL = "resnet8_qat-3_4.ckpt"  # SHORT_RUN's last checkpoint, step 12
-METRICS = "resnet8_qat-metrics.jsonl"  # its metrics
+METRICS = "resnet8_qat-metrics.jsonl"  # its metrics, in a folder of its own
 pytestmark = pytest.mark.slow
 
 
@@ -110,7 +111,7 @@ def resumed_to_the_end(interrupted, killed_during_step, synthetic_dir):
     flipped[len(data) // 2] ^= 0x10
     with open(os.path.join(folder, "resnet8_qat_8-3_4.ckpt"), "wb") as f:
         f.write(flipped)
-    with open(os.path.join(folder, METRICS), "a") as f:
+    with open(files.RunFiles.of_model(newest).metrics, "a") as f:  # (the run of the checkpoint to resume)
         stale = {"epoch": 3, "step": 12, "loss": 0.5, "lr": 0.001, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
                  "stale": True}
         f.write(json.dumps(stale) + '\n{"epoch": 3, "st\n')
@@ -145,21 +146,23 @@ def test_resume_auto_skips_corrupt_checkpoints(resumed_to_the_end):
     assert "resnet8_qat_7-3_4.ckpt: it does not load" in out
     assert "resnet8_qat_8-3_4.ckpt: it does not load (its CRC32 does not match its contents" in out
     assert f"resuming from {newest}" in out
-    assert f"{METRICS}: removed 1 line(s) cut short (not whole JSON records)" in out
-    assert f"{METRICS}: removed 1 record(s) of epochs after" in out
+    metrics = files.RunFiles.of_model(newest).metrics
+    assert f"{metrics}: removed 1 line(s) cut short (not whole JSON records)" in out
+    assert f"{metrics}: removed 1 record(s) of epochs after" in out
 
 
 def test_the_resumed_run_ends_as_the_uninterrupted_one(resumed_to_the_end, uninterrupted):
-    folder, _, path, _ = resumed_to_the_end
+    folder, newest, path, _ = resumed_to_the_end
+    record = files.RunFiles.of_model(newest)  # (resnet8_qat_1 where the first run was killed before a checkpoint)
     # Network, observers, optimizer moments and step count, bit for bit.
-    assert os.path.basename(path) == FINAL
+    assert os.path.basename(path) == f"{record.prefix}-3_4.ckpt"
     assert_same_parameters(path, os.path.join(uninterrupted, FINAL))
     state = ms.load_checkpoint(path)
     assert state["global_step"].asnumpy().item() == 12 and state["layer1.0.conv1.output_quant.steps"].asnumpy() == 12
-    with open(os.path.join(folder, METRICS)) as f, open(os.path.join(uninterrupted, METRICS)) as g:
+    with open(record.metrics) as f, open(os.path.join(uninterrupted, METRICS)) as g:
         last, expected = json.loads(f.readlines()[-1]), json.loads(g.readlines()[-1])
     assert (last["step"], last["lr"]) == (expected["step"], expected["lr"])
-    with open(os.path.join(folder, METRICS)) as f:  # each epoch once, the run's own; the cut line gone
+    with open(record.metrics) as f:  # each epoch once, the run's own; the cut line gone
         records = [json.loads(line) for line in f]
     epochs = [r["epoch"] for r in records]  # (an epoch whose last step was interrupted has no record)
     assert epochs == sorted(set(epochs)) and epochs[-1] == 3 and not any("stale" in r for r in records)
