@@ -6,7 +6,7 @@
 Prints one JSON line: latency at batch 1 (`b1_p50_ms`, `b1_p95_ms`, over at least --seconds and
 20 runs, after warm-up runs that compile MindSpore's graph), throughput at batch 100 (`b100_ips`)
 and the process's peak memory (`peak_rss_mb`). The process imports only the runtime the format
-needs: ONNX Runtime for .onnx, NumPy for the int8 reference (.npz), MindSpore for .ckpt and
+needs: ONNX Runtime for .onnx, LiteRT for .tflite, NumPy for the int8 reference (.npz), MindSpore for .ckpt and
 .mindir, so that its peak memory is what a device would need. `bench.py --deploy` runs it once
 per model and thread count.
 
@@ -26,7 +26,7 @@ from qatcifar import cli, interrupts  # (its argument parsing; neither imports M
 
 IMAGE = (3, 32, 32)
 MIN_RUNS = 20
-SUFFIXES = (".onnx", ".npz", ".ckpt", ".mindir")
+SUFFIXES = (".onnx", ".tflite", ".npz", ".ckpt", ".mindir")
 
 
 def bounded(kind, low):
@@ -44,31 +44,15 @@ def bounded(kind, low):
 
 def load(path, threads):
     """logits(images) of the model file: normalized float32 (N, 3, 32, 32) in, numpy logits out."""
-    if path.endswith(".onnx"):
-        import onnxruntime as ort
+    from qatcifar import inference  # (imports the format's runtime only: see inference.FORMATS)
 
-        options = ort.SessionOptions()
+    if inference.uses_mindspore(path):  # a checkpoint or a MindIR graph, as eval.py runs them
+        import mindspore as ms
+
+        cli.setup_device("CPU")
         if threads:
-            options.intra_op_num_threads = threads
-        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-        name = session.get_inputs()[0].name
-        return lambda images: session.run(None, {name: images})[0]
-    if path.endswith(".npz"):
-        from qatcifar import int8
-
-        model = int8.load(path)
-        return lambda images: int8.run(model, images)
-    import mindspore as ms
-
-    from qatcifar import (
-        cli,  # MindSpore: a checkpoint or a MindIR graph, as eval.py runs them
-        inference,
-    )
-
-    cli.setup_device("CPU")
-    if threads:
-        ms.device_context.cpu.op_tuning.threads_num(threads)
-    return inference.load_model(path).logits
+            ms.device_context.cpu.op_tuning.threads_num(threads)
+    return inference.runner(path, threads)
 
 
 def latency_ms(logits, seconds):

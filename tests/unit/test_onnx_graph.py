@@ -18,7 +18,7 @@ from conftest import (
     first_test_images,
     high_contrast,
 )
-from qatcifar import cifar, inference
+from qatcifar import cifar, inference, model_onnx
 
 
 def metadata(path):
@@ -118,7 +118,7 @@ def test_onnx_export_and_eval_refuse_bad_input(untrained, float_onnx, synthetic_
     expect_error(evaluate.main, ["-loc", str(garbage), "-data", synthetic_dir], capsys,
                  "is not an ONNX model ONNX Runtime can load")
     expect_error(evaluate.main, ["-loc", untrained["float32"], "--threads", "1", "-data", synthetic_dir], capsys,
-                 "--threads sets ONNX Runtime's threads", "is not an .onnx model")
+                 "--threads sets ONNX Runtime's and LiteRT's threads", "is neither an .onnx nor a .tflite model")
     expect_error(evaluate.main, ["-loc", float_onnx[1], "--threads", "0"], capsys, "--threads", "from 1 to")
     # A model without this pipeline's normalization, and a model of another network.
     stripped = onnx.load(float_onnx[1])
@@ -136,7 +136,7 @@ def test_onnx_export_and_eval_refuse_bad_input(untrained, float_onnx, synthetic_
     expect_error(evaluate.main, ["-loc", str(tmp_path / "mnist.onnx"), "-data", synthetic_dir], capsys,
                  "is a model for other data: input [1, 28, 28], 784 classes")
     with open(tmp_path / "huge.onnx", "wb") as f:
-        f.truncate(inference.MAX_ONNX_BYTES + 1)  # (sparse: no disk used)
+        f.truncate(model_onnx.MAX_ONNX_BYTES + 1)  # (sparse: no disk used)
     expect_error(evaluate.main, ["-loc", str(tmp_path / "huge.onnx"), "-data", synthetic_dir], capsys,
                  "more than a ResNet-18 model")
 
