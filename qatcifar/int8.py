@@ -24,6 +24,17 @@ bits (scale: input scale x weight scale / 2^k), and the accumulator is shifted l
 the bias is added (file version 2; ONNX's QLinearConv has no such field, and ONNX export
 refuses those activations anyway). Only the network's input (quantize) and the logits
 (dequantize) touch floating point.
+
+File version 3 computes what TensorFlow Lite's reference kernels compute (TensorFlow Lite Micro's
+arithmetic, `tflite_arithmetic`), so that the same numbers come out of this reference, a .tflite
+export run by TFLite Micro, and the C export: scales are float32 numbers; a multiplier is a
+rounding doubling high multiply by an int32 followed by a rounding right shift (TFLite's
+MultiplyByQuantizedMultiplier, `tflite_requantize`); an addition rescales both inputs, shifted
+left by 20 bits, to twice the larger input scale before it rescales the sum (TFLite's int8 ADD);
+the mean is TFLite's float32 computation from the sum of the int8 values (its reference MEAN);
+the input is quantized as TFLite's QUANTIZE does (float32 division, rounding half away from
+zero). Files of versions 1 and 2 run as they always did (rounding half up, one multiplier per
+addition with 16 extra fraction bits, an integer mean).
 """
 import io
 import json
@@ -34,8 +45,11 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 FORMAT = "qat-resnet-int8"
-VERSION = 2  # the newest this module writes and runs; a file takes the oldest that holds it (`version`)
-VERSIONS = {1: "8-bit activations", 2: "biases with fraction bits (bias_bits), for activations of fewer bits"}
+VERSION = 3  # the newest this module writes and runs
+VERSIONS = {1: "8-bit activations", 2: "biases with fraction bits (bias_bits), for activations of fewer bits",
+            3: "TensorFlow Lite's arithmetic, bias_bits as in version 2"}
+TFLITE_VERSION = 3  # the first version whose arithmetic is TFLite's
+TFLITE_ADD_SHIFT = 20  # TFLite's int8 ADD shifts its inputs left by this many bits before rescaling them
 MAX_BIAS_BITS = 16
 HEADER_KEY = "header.json"
 ADD_PRECISION_BITS = 16  # extra fraction bits of residual additions, rounded away once at the end
@@ -126,16 +140,17 @@ def load(path):
         raise ValueError(f"{HEADER_KEY} is not JSON") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT or header.get("version") not in VERSIONS:
         found = (header.get("format"), header.get("version")) if isinstance(header, dict) else type(header).__name__
-        raise ValueError(f"format {found}, expected {FORMAT!r} version {' or '.join(map(str, VERSIONS))}")
+        *older, newest = map(str, VERSIONS)
+        raise ValueError(f"format {found}, expected {FORMAT!r} version {', '.join(older)} or {newest}")
     _unpack_weights(header, arrays)
     model = {"header": header, "arrays": arrays}
     check(model)
     return model
 
 
-def version(graph):
-    """The file version a graph needs: 2 where a layer has bias_bits, else 1."""
-    return 2 if any(node.get("bias_bits") for node in graph) else 1
+def tflite_arithmetic(header):
+    """Whether a file's numbers are TFLite's (version 3 on), else the reference's of versions 1 and 2."""
+    return header.get("version", 1) >= TFLITE_VERSION
 
 
 def check_members(archive):
@@ -324,9 +339,45 @@ def requantize(values, multiplier):
     return (product + (np.int64(1) << (right - 1))) >> right
 
 
-def quantize_input(x, tensor):
+def tflite_multiplier(multiplier):
+    """TFLite's QuantizeMultiplier: real multipliers (> 0, float64) as int64 m0 in [2^30, 2^31) and shifts, with
+    multiplier = m0 * 2^(shift - 31), the mantissa rounded half away from zero; below 2^-32, 0 (m0 = 0, shift 0)."""
+    mantissa, shift = np.frexp(np.asarray(multiplier, dtype=np.float64))
+    m0 = np.floor(mantissa * (1 << 31) + 0.5).astype(np.int64)  # (exact: the mantissa has 53 bits)
+    carry = m0 == (1 << 31)
+    m0, shift = np.where(carry, m0 // 2, m0), np.where(carry, shift + 1, shift).astype(np.int64)
+    tiny = shift < -31
+    return np.where(tiny, 0, m0), np.where(tiny, 0, shift)
+
+
+def tflite_requantize(values, multiplier):
+    """TFLite's MultiplyByQuantizedMultiplier of int32 values (in int64): a left shift where the multiplier is >= 1,
+    the rounding doubling high multiply by m0 (SaturatingRoundingDoublingHighMul: the product plus 2^30, or 1 - 2^30
+    below zero, divided by 2^31 toward zero), then a right shift that rounds half away from zero
+    (RoundingDivideByPOT)."""
+    m0, shift = tflite_multiplier(multiplier)
+    left, right = np.maximum(shift, 0), np.maximum(-shift, 0)
+    product = (values << left) * m0  # |values << left| < 2^31 (check), m0 < 2^31
+    nudged = product + np.where(product >= 0, 1 << 30, 1 - (1 << 30))
+    high = np.where(nudged >= 0, nudged >> 31, -((-nudged) >> 31))
+    mask = (np.int64(1) << right) - 1
+    threshold = (mask >> 1) + (high < 0)
+    return (high >> right) + ((high & mask) > threshold)
+
+
+def round_half_away(x):
+    """std::round, TFLite's TfLiteRound, of float32 values: halves away from zero (np.round takes them to even),
+    exactly (the integer part and the fraction are exact in float32)."""
+    whole = np.floor(np.abs(x))
+    return np.copysign(whole + (np.abs(x) - whole >= 0.5), x).astype(x.dtype)
+
+
+def quantize_input(x, tensor, tflite=False):
+    """uint8 levels of float32 images; `tflite`: as TFLite's QUANTIZE, rounding halves away from zero."""
     top = 2 ** tensor.get("bits", 8) - 1
-    return np.clip(np.round(x / np.float32(tensor["scale"])) + tensor["zero_point"], 0, top).astype(np.uint8)
+    levels = x / np.float32(tensor["scale"])
+    levels = round_half_away(levels) if tflite else np.round(levels)
+    return np.clip(levels + tensor["zero_point"], 0, top).astype(np.uint8)
 
 
 def conv(q, zero_point, weight, bias, stride, padding, bias_bits=0):
@@ -356,36 +407,41 @@ def to_uint8(q, tensor, relu):
 
 def run(model, images):
     """Logits (float32, N x classes) of normalized float32 images (N, 3, 32, 32)."""
+    return run_all(model, images)["logits"]
+
+
+def scale_of(tensor, tflite):
+    """A tensor's scale as the file's arithmetic takes it: TFLite's are float32 numbers."""
+    return float(np.float32(tensor["scale"])) if tflite else tensor["scale"]
+
+
+def run_all(model, images):
+    """Every tensor of the graph for normalized float32 images (N, 3, 32, 32): {name: uint8 array} of the
+    activations, "logits" (float32) and "logits.acc", the classifier's int64 accumulators (bias included)."""
     header, arrays = model["header"], model["arrays"]
-    tensors = header["tensors"]
+    tensors, tflite = header["tensors"], tflite_arithmetic(header)
+    rescale = tflite_requantize if tflite else requantize
     values = {}
     for node in header["graph"]:
         op = node["op"]
         out = tensors.get(node["output"])
         if op == "quantize":
-            values[node["output"]] = quantize_input(images, out)
+            values[node["output"]] = quantize_input(images, out, tflite)
         elif op == "conv":
             source = tensors[node["input"]]
             weight_scale = arrays[node["weight_scale"]].astype(np.float64)
             fraction = node.get("bias_bits", 0)
             acc = conv(values[node["input"]], source["zero_point"], arrays[node["weight"]],
                        arrays[node["bias"]].astype(np.int64), node["stride"], node["padding"], fraction)
-            multiplier = (source["scale"] * weight_scale / out["scale"] / 2 ** fraction)[None, :, None, None]
-            values[node["output"]] = to_uint8(requantize(acc, multiplier), out, node["relu"])
+            multiplier = (scale_of(source, tflite) * weight_scale / scale_of(out, tflite)
+                          / 2 ** fraction)[None, :, None, None]
+            values[node["output"]] = to_uint8(rescale(acc, multiplier), out, node["relu"])
         elif op == "add":
-            total = 0
-            for name in node["inputs"]:
-                source = tensors[name]
-                centered = values[name].astype(np.int64) - source["zero_point"]
-                total = total + requantize(centered << ADD_PRECISION_BITS, source["scale"] / out["scale"])
-            half = np.int64(1) << (ADD_PRECISION_BITS - 1)
-            values[node["output"]] = to_uint8((total + half) >> ADD_PRECISION_BITS, out, node["relu"])
+            total = (tflite_add if tflite else add)(values, [(name, tensors[name]) for name in node["inputs"]], out)
+            values[node["output"]] = to_uint8(total, out, node["relu"])
         elif op == "mean":
-            source = tensors[node["input"]]
-            centered = values[node["input"]].astype(np.int64) - source["zero_point"]
-            count = centered.shape[2] * centered.shape[3]
-            multiplier = source["scale"] / (count * out["scale"])
-            values[node["output"]] = to_uint8(requantize(centered.sum(axis=(2, 3)), multiplier), out, relu=False)
+            values[node["output"]] = (tflite_mean if tflite else mean)(values[node["input"]], tensors[node["input"]],
+                                                                       out)
         elif op == "dense":
             source = tensors[node["input"]]
             centered = values[node["input"]].astype(np.float64) - source["zero_point"]
@@ -393,7 +449,49 @@ def run(model, images):
             acc = ((centered @ arrays[node["weight"]].T.astype(np.float64)).astype(np.int64) << fraction) \
                 + arrays[node["bias"]]
             weight_scale = arrays[node["weight_scale"]].astype(np.float64)
-            values[node["output"]] = (acc * (source["scale"] * weight_scale / 2 ** fraction)).astype(np.float32)
+            values["logits.acc"] = acc
+            step = scale_of(source, tflite) * weight_scale / 2 ** fraction
+            values[node["output"]] = (acc * step).astype(np.float32)
         else:
             raise ValueError(f"unknown operation {op!r} in the int8 graph")
-    return values[header["graph"][-1]["output"]]
+    values["logits"] = values[header["graph"][-1]["output"]]
+    return values
+
+
+def add(values, sources, out):
+    """Versions 1 and 2: the sum of the inputs rescaled to the output's scale with ADD_PRECISION_BITS extra bits,
+    rounded once (without the output's zero point)."""
+    total = 0
+    for name, source in sources:
+        centered = values[name].astype(np.int64) - source["zero_point"]
+        total = total + requantize(centered << ADD_PRECISION_BITS, source["scale"] / out["scale"])
+    return (total + (np.int64(1) << (ADD_PRECISION_BITS - 1))) >> ADD_PRECISION_BITS
+
+
+def tflite_add(values, sources, out):
+    """TFLite's int8 ADD of two inputs (without the output's zero point): each, shifted left by TFLITE_ADD_SHIFT,
+    rescaled to twice the larger input scale, their sum rescaled to the output's."""
+    scales = [scale_of(source, True) for _, source in sources]
+    twice = 2 * max(scales)
+    total = sum(tflite_requantize((values[name].astype(np.int64) - source["zero_point"]) << TFLITE_ADD_SHIFT,
+                                  scale / twice) for (name, source), scale in zip(sources, scales, strict=True))
+    return tflite_requantize(total, twice / ((1 << TFLITE_ADD_SHIFT) * scale_of(out, True)))
+
+
+def mean(q, source, out):
+    """Versions 1 and 2: the sum of the centered values times one multiplier, to the output's uint8."""
+    centered = q.astype(np.int64) - source["zero_point"]
+    multiplier = source["scale"] / (centered.shape[2] * centered.shape[3] * out["scale"])
+    return to_uint8(requantize(centered.sum(axis=(2, 3)), multiplier), out, relu=False)
+
+
+def tflite_mean(q, source, out):
+    """TFLite's reference MEAN of int8 values (what TFLite Micro computes), in float32: the sum of the int8 values
+    divided by their count, times the ratio of the scales, plus the input zero point's share, rounded half away from
+    zero, plus the output's zero point, saturated."""
+    count = np.float32(q.shape[2] * q.shape[3])
+    total = (q.astype(np.int32) - 128).sum(axis=(2, 3))
+    scale = np.float32(source["scale"]) / np.float32(out["scale"])
+    bias = np.float32(-(source["zero_point"] - 128)) * scale
+    levels = round_half_away(total.astype(np.float32) / count * scale + bias) + np.float32(out["zero_point"] - 128)
+    return np.clip(levels + 128, 0, 2 ** out.get("bits", 8) - 1).astype(np.uint8)

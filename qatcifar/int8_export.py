@@ -27,7 +27,7 @@ def int8_model(net, config):
     """The header and arrays of the int8 file, from a QAT ResNet in eval mode and its QuantConfig."""
     graph = Int8Graph(net, config)
     networks.walk(net, graph)
-    header = {"format": int8.FORMAT, "version": int8.version(graph.nodes), **network_record(net),
+    header = {"format": int8.FORMAT, "version": int8.VERSION, **network_record(net),
               "weight_bits": config.weight_bits, "num_classes": net.fc.out_channels,
               "input_shape": [3, cifar.IMAGE_SIZE, cifar.IMAGE_SIZE],
               "normalization": {"mean": cifar.CIFAR10_MEAN, "std": cifar.CIFAR10_STD},
@@ -56,7 +56,8 @@ class Int8Graph:
                                  "smaller --quant_delay")
         scale, zero_point = observer.qparams()
         name = f"t{len(self.tensors)}"
-        self.tensors[name] = {"scale": float(scale.asnumpy()), "zero_point": int(zero_point.asnumpy())}
+        # (a float32 number, as TFLite stores scales and the file's arithmetic takes them: int8.py)
+        self.tensors[name] = {"scale": float(np.float32(scale.asnumpy())), "zero_point": int(zero_point.asnumpy())}
         if observer.num_bits != quant.ACT_BITS:  # (fewer levels: saturated at 2^bits - 1)
             self.tensors[name]["bits"] = observer.num_bits
         return name

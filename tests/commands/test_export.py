@@ -48,7 +48,7 @@ def test_int8_file_is_small_integer_and_agrees(trained_exports, synthetic_dir, t
     model = int8.load(path)
     arrays, graph = model["arrays"], model["header"]["graph"]
     assert [node["op"] for node in graph].count("conv") == 9 and not any("bn" in name for name in arrays)
-    assert model["header"]["weight_bits"] == 7 and model["header"]["version"] == 1  # (8-bit activations: as ever)
+    assert model["header"]["weight_bits"] == 7 and model["header"]["version"] == int8.VERSION
     assert not [n for n in graph if "bias_bits" in n]
     for node in graph:
         if "weight" in node:

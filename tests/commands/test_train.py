@@ -153,7 +153,7 @@ def test_4_bit_activations_train_and_run_in_the_int8_file(synthetic_dir, tmp_pat
         predictions[name] = np.load(tmp_path / f"{name}.npy")
     # Biases with 8 fraction bits (int8.py): rounded to the accumulator's step, they moved one value in a few hundred
     # by a level, one fifteenth of a range among 15 levels, compounding over the layers (92.5-98 % agreement).
-    assert int8.load(output)["header"]["version"] == 2
+    assert int8.load(output)["header"]["version"] == int8.VERSION
     assert (predictions["int8"] == predictions["checkpoint"]).mean() >= 0.99
     result = run_script("train.py", *run, "-e", "2", "--resume", "auto", "--act_bits", "6", "--bn_fold")
     assert result.returncode == 2 and "trained 4-bit activations, not --act_bits 6" in result.stderr
@@ -173,7 +173,7 @@ def test_lsq_w4a4_trains_exports_agrees_and_resumes(synthetic_dir, tmp_path, cap
     assert len(steps) == 2 * 9 + 4 and all(np.isfinite(value).all() for value in steps.values())  # 9 conv, fc, joins
     output = export.main(["-loc", path, "--format", "int8", "-o", str(tmp_path / "m.int8.npz")])
     header = int8.load(output)["header"]
-    assert header["version"] == 2 and all(n.get("bias_bits") == 8 for n in header["graph"] if "bias" in n)
+    assert header["version"] == int8.VERSION and all(n.get("bias_bits") == 8 for n in header["graph"] if "bias" in n)
     predictions = {}
     for name, model_path in (("checkpoint", path), ("int8", output)):
         evaluate.main(["-loc", model_path, "-data", synthetic_dir, "--num_samples", "200",

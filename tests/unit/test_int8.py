@@ -53,7 +53,7 @@ def set_key(mapping, key, value):
 
 
 TAMPERINGS = {
-    "header a list": (lambda h, a: [h], "(format list, expected 'qat-resnet-int8' version 1 or 2)"),
+    "header a list": (lambda h, a: [h], "(format list, expected 'qat-resnet-int8' version 1, 2 or 3)"),
     "stride 0": (lambda h, a: set_key(node(h, "layer2.0.conv1"), "stride", 0),
                  "operation 5 ('conv', 'layer2.0.conv1'): weight (32, 16, 3, 3), stride 0"),
     "empty graph": (lambda h, a: set_key(h, "graph", []), "the header has no graph"),
