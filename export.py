@@ -1,7 +1,8 @@
-"""Export a checkpoint for deployment: a MindIR graph, a true int8 model file, or an ONNX model.
+"""Export a checkpoint for deployment: a MindIR graph, a true int8 model file, an ONNX model, or a TFLite model.
 
     python export.py -loc checkpoints/resnet18_qat-40_1562.ckpt --format int8     # -> ...-40_1562.int8.npz
     python export.py -loc checkpoints/resnet18_qat-40_1562.ckpt --format onnx     # -> ...-40_1562.onnx
+    python export.py -loc checkpoints/resnet8_qat-2_16.ckpt --format tflite        # -> ...-2_16.tflite
     python export.py -loc CKPT --format mindir -o model.mindir
     python export.py -loc FLOAT.ckpt --format int8 --calibrate 512 -data data/cifar-10-batches-bin   # PTQ
 
@@ -17,6 +18,12 @@
   int8 model above in QDQ form, which ONNX Runtime runs with integer kernels; from a float32
   checkpoint a float32 graph (see qatcifar/onnx_graph.py). The class names (from -data) and the
   normalization travel in the file's metadata.
+- `tflite`: the int8 model as a fully-int8 TFLite flatbuffer (qatcifar/tflite_graph.py) for
+  LiteRT, TensorFlow Lite Micro and the edge compilers that start from .tflite; a float32 input
+  quantized inside the model, or with --tflite_input int8 the int8 image itself (firmware). Its
+  int8 logits cover the range the int8 model's logits take on the first LOGITS_IMAGES training
+  images of -data (a bound from the weights where -data has none). From a QAT or calibrated
+  checkpoint with 8-bit activations.
 
 The output is written under a temporary name and renamed into place when complete; an existing
 file is replaced only with --overwrite, the checkpoint itself never.
@@ -32,9 +39,10 @@ import mindspore as ms
 import numpy as np
 import onnx
 
-from qatcifar import checkpoint, cifar, files, int8, int8_export, networks, onnx_graph, ptq, quant
+from qatcifar import checkpoint, cifar, files, int8, int8_export, networks, onnx_graph, ptq, quant, tflite_graph
 
-FORMATS = {"mindir": ".mindir", "int8": ".int8.npz", "onnx": ".onnx"}
+FORMATS = {"mindir": ".mindir", "int8": ".int8.npz", "onnx": ".onnx", "tflite": ".tflite"}
+LOGITS_IMAGES = 500  # training images whose int8 logits give the range of a .tflite model's int8 logits
 CALIBRATION_BATCH = 64
 MAX_BATCH = 65536  # a fixed batch is traced with a zero batch of that size: 786 MB at most
 
@@ -44,16 +52,19 @@ def get_args_parser():
     parser.add_argument("-loc", "--check_point", required=True, help="Model checkpoint file (.ckpt)")
     parser.add_argument("--format", choices=sorted(FORMATS), default="int8", help="what to write")
     parser.add_argument("-o", "--output", default=None,
-                        help="output file, ending in .mindir, .npz or .onnx as --format says (default: the "
-                             "checkpoint's path with .mindir, .int8.npz or .onnx)")
+                        help="output file, ending in .mindir, .npz, .onnx or .tflite as --format says (default: the "
+                             "checkpoint's path with .mindir, .int8.npz, .onnx or .tflite)")
+    parser.add_argument("--tflite_input", choices=("float32", "int8"), default=None,
+                        help="tflite: the model's input, a normalized float32 image quantized inside the model (the "
+                             "default), or the int8 image itself with int8 logits out (for firmware)")
     parser.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
     parser.add_argument("-data", "--data_dir", default=None,
-                        help="int8 and onnx: the data folder whose batches.meta.txt names the classes in the model "
-                             "file (CIFAR-10's names if it has none); default: the folder the checkpoint's train.py "
-                             f"run trained on, as its args.json says, else {cifar.DEFAULT_DATA_DIR}")
+                        help="int8, onnx and tflite: the data folder whose batches.meta.txt names the classes in the "
+                             "model file (CIFAR-10's names if it has none); default: the folder the checkpoint's "
+                             f"train.py run trained on, as its args.json says, else {cifar.DEFAULT_DATA_DIR}")
     parser.add_argument("--calibrate", type=cli.int_range(1, 50000), default=None, metavar="N",
-                        help="int8 and onnx of a float32 checkpoint: post-training quantization, its activation "
-                             "ranges measured on the first N training images of -data (a few hundred do)")
+                        help="int8, onnx and tflite of a float32 checkpoint: post-training quantization, its "
+                             "activation ranges measured on the first N training images of -data (a few hundred do)")
     parser.add_argument("--calibration", choices=ptq.METHODS, default=None,
                         help="with --calibrate: an activation's range is its lowest and highest value (minmax, the "
                              "default) or its 0.01th and 99.99th percentiles (percentile)")
@@ -102,15 +113,21 @@ def export(args):
                                  "--calibrate N -data DIR (post-training quantization on N training images), or "
                                  "train a QAT one (without --no-qat)")
         header, arrays = int8_export.int8_model(net, config)
-        if args.format == "onnx" and config.act_bits < quant.ACT_BITS:
-            raise cli.InputError(f"{args.check_point} has {config.act_bits}-bit activations, which an ONNX model "
-                                 "cannot hold: its uint8 QuantizeLinear saturates at 255, not at "
+        if args.format in ("onnx", "tflite") and config.act_bits < quant.ACT_BITS:
+            what = "an ONNX" if args.format == "onnx" else "a TFLite"
+            raise cli.InputError(f"{args.check_point} has {config.act_bits}-bit activations, which {what} model "
+                                 f"cannot hold: its 8-bit tensors saturate at level 255, not at "
                                  f"{2 ** config.act_bits - 1}; export --format int8 (the integer reference runs it)")
         header.update(source=source, class_names=names)
         if args.calibrate:
             header["calibration"] = {"method": args.calibration or "minmax", "images": images}
         if args.format == "int8":
             write(output, lambda tmp: int8.save(tmp, header, arrays), args.overwrite)
+        elif args.format == "tflite":
+            network = int8_export.network_record(net)
+            kind = "int8 TFLite, post-training" if args.calibrate else "int8 TFLite"
+            model = tflite_model(header, arrays, int8_export.metadata(kind, source, names, network), args)
+            write(output, lambda tmp: write_bytes(tmp, model), args.overwrite)
         else:
             network = int8_export.network_record(net)
             kind = "int8 QDQ, post-training" if args.calibrate else "int8 QDQ"
@@ -130,10 +147,40 @@ def export(args):
     return output
 
 
+def tflite_model(header, arrays, metadata, args):
+    """The .tflite bytes of the int8 model; its logits' range measured on LOGITS_IMAGES training images of -data."""
+    try:
+        tflite_graph.check(header)
+    except tflite_graph.Refused as e:
+        raise cli.InputError(f"{args.check_point} cannot be a TFLite model: {e}; export --format int8 (the integer "
+                             "reference runs it)") from None
+    model = {"header": header, "arrays": arrays}
+    try:
+        cifar.check_data_dir(args.data_dir, True)
+    except cifar.DatasetError:
+        low, high = int8.logits_bound(model)
+        print(f"note: {args.data_dir} has no training images to measure the logits' range on: the int8 logits of the "
+              f"TFLite model cover their bound from the weights, {low:.1f} to {high:.1f} (coarser steps); give -data "
+              "for finer ones")
+    else:
+        batches = cifar.calibration_dataset(args.data_dir, LOGITS_IMAGES, CALIBRATION_BATCH)
+        logits = np.concatenate([int8.run(model, images) for images, _ in
+                                 batches.create_tuple_iterator(num_epochs=1, output_numpy=True)])
+        low, high = float(logits.min()), float(logits.max())
+    return tflite_graph.from_int8(header, arrays, metadata, (low, high), int8_input=args.tflite_input == "int8")
+
+
+def write_bytes(path, data):
+    with open(path, "wb") as f:
+        f.write(data)
+
+
 def check_calibration(args):
     """Before any work: --calibrate makes an int8 model of a float32 checkpoint, from the training images of -data."""
     if args.calibration and not args.calibrate:
         raise cli.InputError("--calibration chooses how --calibrate measures activation ranges; add --calibrate N")
+    if args.tflite_input and args.format != "tflite":
+        raise cli.InputError(f"--tflite_input chooses a TFLite model's input; add --format tflite (not {args.format})")
     if args.calibrate and args.format == "mindir":
         raise cli.InputError("--calibrate makes an int8 model; give --format int8 or --format onnx")
     if args.calibrate:

@@ -180,19 +180,29 @@ def mindspore_log_quiet(native=True):
     import mindspore as ms
     logger = ms.log._get_logger()  # (private: MindSpore's logger is named after the process id)
     disabled, logger.disabled = logger.disabled, True
-    saved = None
-    if native:
-        sys.stderr.flush()
-        saved = os.dup(2)
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
+    try:
+        if native:
+            with native_quiet():
+                yield
+        else:
+            yield
+    finally:
+        logger.disabled = disabled
+
+
+@contextlib.contextmanager
+def native_quiet():
+    """Within the block nothing reaches file descriptor 2 (what C++ libraries log there: MindSpore's, LiteRT's INFO
+    line on its CPU delegate), for every thread: for short calls only."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 2)
     try:
         yield
     finally:
-        if saved is not None:
-            os.dup2(saved, 2)
-            os.close(saved)
-        logger.disabled = disabled
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def setup_device(name="auto", pynative=False):

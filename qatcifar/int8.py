@@ -31,7 +31,7 @@ export run by TFLite Micro, and the C export: scales are float32 numbers; a mult
 rounding doubling high multiply by an int32 followed by a rounding right shift (TFLite's
 MultiplyByQuantizedMultiplier, `tflite_requantize`); an addition rescales both inputs, shifted
 left by 20 bits, to twice the larger input scale before it rescales the sum (TFLite's int8 ADD);
-the mean is TFLite's float32 computation from the sum of the int8 values (its reference MEAN);
+the mean's multiplier takes the division by the count into its int32 and its shift (TFLite's MEAN);
 the input is quantized as TFLite's QUANTIZE does (float32 division, rounding half away from
 zero). Files of versions 1 and 2 run as they always did (rounding half up, one multiplier per
 addition with 16 extra fraction bits, an integer mean).
@@ -355,7 +355,11 @@ def tflite_requantize(values, multiplier):
     the rounding doubling high multiply by m0 (SaturatingRoundingDoublingHighMul: the product plus 2^30, or 1 - 2^30
     below zero, divided by 2^31 toward zero), then a right shift that rounds half away from zero
     (RoundingDivideByPOT)."""
-    m0, shift = tflite_multiplier(multiplier)
+    return _multiply(values, *tflite_multiplier(multiplier))
+
+
+def _multiply(values, m0, shift):
+    """TFLite's MultiplyByQuantizedMultiplier of values by m0 * 2^(shift - 31) (tflite_requantize)."""
     left, right = np.maximum(shift, 0), np.maximum(-shift, 0)
     product = (values << left) * m0  # |values << left| < 2^31 (check), m0 < 2^31
     nudged = product + np.where(product >= 0, 1 << 30, 1 - (1 << 30))
@@ -458,6 +462,20 @@ def run_all(model, images):
     return values
 
 
+def logits_bound(model):
+    """The lowest and the highest logit the classifier can give, its inputs anywhere within their levels."""
+    header, arrays = model["header"], model["arrays"]
+    node = header["graph"][-1]
+    source = header["tensors"][node["input"]]
+    weight = arrays[node["weight"]].astype(np.float64)
+    ends = np.array([0, 2 ** source.get("bits", 8) - 1], np.float64) - source["zero_point"]
+    bias = arrays[node["bias"]] / 2 ** node.get("bias_bits", 0)
+    step = scale_of(source, tflite_arithmetic(header)) * arrays[node["weight_scale"]].astype(np.float64)
+    low = (np.minimum(weight * ends[0], weight * ends[1]).sum(axis=1) + bias) * step
+    high = (np.maximum(weight * ends[0], weight * ends[1]).sum(axis=1) + bias) * step
+    return float(low.min()), float(high.max())
+
+
 def add(values, sources, out):
     """Versions 1 and 2: the sum of the inputs rescaled to the output's scale with ADD_PRECISION_BITS extra bits,
     rounded once (without the output's zero point)."""
@@ -486,12 +504,12 @@ def mean(q, source, out):
 
 
 def tflite_mean(q, source, out):
-    """TFLite's reference MEAN of int8 values (what TFLite Micro computes), in float32: the sum of the int8 values
-    divided by their count, times the ratio of the scales, plus the input zero point's share, rounded half away from
-    zero, plus the output's zero point, saturated."""
-    count = np.float32(q.shape[2] * q.shape[3])
-    total = (q.astype(np.int32) - 128).sum(axis=(2, 3))
-    scale = np.float32(source["scale"]) / np.float32(out["scale"])
-    bias = np.float32(-(source["zero_point"] - 128)) * scale
-    levels = round_half_away(total.astype(np.float32) / count * scale + bias) + np.float32(out["zero_point"] - 128)
-    return np.clip(levels + 128, 0, 2 ** out.get("bits", 8) - 1).astype(np.uint8)
+    """TFLite's int8 MEAN (its reference kernel, what TensorFlow Lite Micro computes): the sum of the centered values
+    times the multiplier of input scale / output scale, whose int32 is multiplied by 2^k / count (k: the highest
+    power of 2 in the count, at most 32 and 31 + its shift) and truncated, its shift lowered by k."""
+    count = q.shape[2] * q.shape[3]
+    m0, shift = tflite_multiplier(scale_of(source, True) / scale_of(out, True))
+    k = min(count.bit_length() - 1, 32, 31 + int(shift))
+    m0, shift = (int(m0) << k) // count, int(shift) - k
+    total = q.astype(np.int64).sum(axis=(2, 3)) - source["zero_point"] * count
+    return to_uint8(_multiply(total, np.int64(m0), np.int64(shift)), out, relu=False)
