@@ -296,9 +296,12 @@ def deployment(args):
         for name, source, form, output in (("int8_reference", files["mindspore_qat"], "int8", "model.int8.npz"),
                                            ("onnx_float32", files["mindspore_float32"], "onnx", "float32.onnx"),
                                            ("onnx_int8", files["mindspore_qat"], "onnx", "int8.onnx"),
-                                           ("onnx_int8_8bit", eight_bit, "onnx", "int8-8bit.onnx")):
+                                           ("onnx_int8_8bit", eight_bit, "onnx", "int8-8bit.onnx"),
+                                           ("tflite_int8", files["mindspore_qat"], "tflite", "int8.tflite")):
             files[name] = os.path.join(tmp, output)
-            run_script(f"the {name} export", "export.py", "-loc", source, "--format", form, "-o", files[name])
+            run_script(f"the {name} export", "export.py", "-loc", source, "--format", form, "-o", files[name],
+                       "-data", args.data)
+        arena = micro_arena(files["tflite_int8"])
         deploy = {name: measure(path, args.seconds)
                   for name, path in cli.progress(list(files.items()), len(files), "measuring", unit="model")}
     onnx_int8, ms_float, onnx_float = deploy["onnx_int8"], deploy["mindspore_float32"], deploy["onnx_float32"]
@@ -308,7 +311,9 @@ def deployment(args):
                "int8_over_float_onnx_b100": onnx_int8["b100_ips"] / onnx_float["b100_ips"],
                "int8_onnx_over_mindspore_b1": ms_float["b1_p50_ms"] / onnx_int8["b1_p50_ms"],
                "int8_onnx_over_mindspore_b1_1thread": ms_float["b1_p50_ms_1thread"] / onnx_int8["b1_p50_ms_1thread"],
-               "onnx_int8_file_over_float32": onnx_int8["file_mb"] / onnx_float["file_mb"]}
+               "onnx_int8_file_over_float32": onnx_int8["file_mb"] / onnx_float["file_mb"],
+               "tflite_over_onnx_int8_b1": deploy["tflite_int8"]["b1_p50_ms"] / onnx_int8["b1_p50_ms"],
+               "tflm_arena_bytes": arena}
     report_deployment(results)
     if args.json:
         print(json.dumps(results))
@@ -335,6 +340,14 @@ def measure(path, seconds):
             "b1_p50_ms_1thread": one["b1_p50_ms"], "b1_p95_ms_1thread": one["b1_p95_ms"],
             "b100_ips": every[f"b{EVAL_BATCH}_ips"], "file_mb": os.path.getsize(path) / 1e6,
             "peak_rss_mb": every["peak_rss_mb"]}
+
+
+def micro_arena(path):
+    """The bytes of tensor arena TensorFlow Lite Micro needs for a .tflite model (model_tflite.micro_arena)."""
+    from qatcifar import model_tflite
+
+    with open(path, "rb") as f:
+        return model_tflite.micro_arena(f.read())
 
 
 def cpu_model():
@@ -368,6 +381,11 @@ def report_deployment(r):
     print(f"the ONNX int8 file is {100 * r['onnx_int8_file_over_float32']:.1f}% the size of ONNX float32's")
     print(f"8-bit weights (stored as uint8) take {r['int8_8bit_over_7bit_b1']:.2f}x the batch-1 latency of 7-bit "
           "ones (int8)")
+    ratio = r["tflite_over_onnx_int8_b1"]  # (LiteRT's time over ONNX Runtime's)
+    print(f"LiteRT takes {ratio:.2f}x the batch-1 latency of ONNX Runtime (TFLite int8 against ONNX int8): "
+          f"{'ONNX Runtime' if ratio > 1 else 'LiteRT'} is faster")
+    print(f"TensorFlow Lite Micro needs a tensor arena of {r['tflm_arena_bytes']:,} bytes "
+          f"({cli.size_text(r['tflm_arena_bytes'])}) for the TFLite model")
 
 
 # --- --arch: a table to choose a network by ---------------------------------------------------------
@@ -386,13 +404,15 @@ def choice_table(args):
             runs = alternating_runs(args, ("float", "qat"), folder)
             files = {}
             for kind, form, output in (("float", "onnx", "float32.onnx"), ("qat", "onnx", "int8.onnx"),
-                                       ("qat", "int8", "model.int8.npz")):
+                                       ("qat", "int8", "model.int8.npz"), ("qat", "tflite", "int8.tflite")):
                 files[output] = os.path.join(folder, output)
                 run_script(f"the {name} {output} export", "export.py", "--format", form, "-o", files[output],
-                           "-loc", os.path.join(folder, f"{kind}-{args.repeats - 1}.ckpt"))  # the last run's
+                           "-loc", os.path.join(folder, f"{kind}-{args.repeats - 1}.ckpt"), "-data", args.data)
             networks[name] = {**network_size(name), "train_ips_float": median_ips(args, runs["float"]),
                               "train_ips_qat": median_ips(args, runs["qat"]),
                               "int8_file_kb": os.path.getsize(files["model.int8.npz"]) / 1e3,
+                              "tflite_kb": os.path.getsize(files["int8.tflite"]) / 1e3,
+                              "tflm_arena_bytes": micro_arena(files["int8.tflite"]),
                               "onnx_int8": measure(files["int8.onnx"], args.seconds),
                               "onnx_float32": measure(files["float32.onnx"], args.seconds),
                               "device": runs["qat"][0]["device"]}
@@ -422,6 +442,9 @@ def report_choice(r):
               f"{q['b100_ips']:>11.0f} {f['b1_p50_ms']:>13.2f} {f['b100_ips']:>14.0f} {q['peak_rss_mb']:>8.0f}")
     print("(int8 file: the ONNX int8 model, the int8.npz file in the JSON; train images/s: QAT, then float32; "
           "peak MB: the int8 model's process)")
+    for name, n in r["networks"].items():
+        print(f"{name}: TFLite int8 file {n['tflite_kb']:.0f} KB, TensorFlow Lite Micro's tensor arena "
+              f"{n['tflm_arena_bytes'] / 1e3:.1f} KB")
 
 
 # --- --adversarial: the cost of adversarial training and of attacks ---------------------------------

@@ -23,7 +23,8 @@ from qatcifar import cli, interrupts
 
 PARTIAL = re.compile(r"\.partial-(?P<pid>\d+)")  # write_atomically's temporary folders
 # train.py's checkpoints and best network, and the models export.py writes beside them under their names
-MODEL_NAME = re.compile(r"^(?P<prefix>.+)-(?:\d+_\d+(?:-interrupt)?|best)(?:\.ckpt|\.int8\.npz|\.onnx|\.tflite|\.mindir)$")
+MODEL_NAME = re.compile(r"^(?P<prefix>.+)-(?:\d+_\d+(?:-interrupt)?|best)"
+                        r"(?:\.ckpt|\.int8\.npz|\.onnx|\.tflite|\.mindir)$")
 
 
 class RunFiles:

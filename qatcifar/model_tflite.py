@@ -8,6 +8,8 @@ and are transposed here; an int8 input is quantized as TFLite's QUANTIZE would, 
 """
 import json
 import os
+import re
+import sys
 
 import numpy as np
 
@@ -57,6 +59,33 @@ def logits_function(running):
             out = (out.astype(np.float32) - zero_point) * np.float32(scale)
         return out.astype(np.float32)
     return logits
+
+
+def micro_arena(content, arena=16 << 20):
+    """The bytes of tensor arena TensorFlow Lite Micro's interpreter allocates for the model and one inference (its
+    allocation report, RecordingMicroAllocator's total): what a microcontroller must set aside besides the model."""
+    import tempfile
+
+    from tflite_micro.python.tflite_micro import runtime
+
+    interpreter = runtime.Interpreter.from_bytes(content, arena_size=arena)
+    details = interpreter.get_input_details(0)
+    interpreter.set_input(np.zeros(details["shape"], details["dtype"]), 0)
+    interpreter.invoke()
+    with tempfile.TemporaryFile("w+") as report:  # (it prints to file descriptor 2)
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(report.fileno(), 2)
+        try:
+            interpreter.print_allocations()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        report.seek(0)
+        found = re.search(r"Arena allocation total (\d+) bytes", report.read())
+    if not found:
+        raise ValueError("TensorFlow Lite Micro printed no allocation report")
+    return int(found[1])
 
 
 def read_model(path):

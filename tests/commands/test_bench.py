@@ -145,7 +145,7 @@ def test_bench_deploy_reports_every_model():
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     deploy = figures["deploy"]
     assert list(deploy) == ["mindspore_float32", "mindspore_qat", "int8_reference", "onnx_float32", "onnx_int8",
-                            "onnx_int8_8bit"]
+                            "onnx_int8_8bit", "tflite_int8"]
     for model in deploy.values():
         assert set(model) == {"b1_p50_ms", "b1_p95_ms", "b1_p50_ms_1thread", "b1_p95_ms_1thread", "b100_ips",
                               "file_mb", "peak_rss_mb"}
@@ -158,7 +158,12 @@ def test_bench_deploy_reports_every_model():
     assert set(figures["int8_isa"]) <= {"avx512_vnni", "avx_vnni", "amx_int8"} and figures["cpu_count"] >= 1
     assert figures["int8_kernels"] == ort_kernels.describe()  # which kernels, and whether the probe finds them exact
     assert "ONNX Runtime's uint8 x int8 kernels here: " in result.stdout
-    assert sum(line.startswith(tuple(deploy)) for line in result.stdout.splitlines()) == 6  # the table's rows
+    assert sum(line.startswith(tuple(deploy)) for line in result.stdout.splitlines()) == 7  # the table's rows
+    assert deploy["tflite_int8"]["file_mb"] <= 0.1  # MLPerf Tiny's reference .tflite: 99 KB
+    assert figures["tflite_over_onnx_int8_b1"] == deploy["tflite_int8"]["b1_p50_ms"] / deploy["onnx_int8"]["b1_p50_ms"]
+    assert 20_000 < figures["tflm_arena_bytes"] < 200_000  # resnet8's activations: 32 KB the largest pair
+    faster = "ONNX Runtime" if figures["tflite_over_onnx_int8_b1"] > 1 else "LiteRT"
+    assert f"{faster} is faster" in result.stdout
 
 
 def test_bench_says_first_that_it_measures_networks_of_its_own(capsys, monkeypatch):
