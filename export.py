@@ -182,7 +182,7 @@ def check_calibration(args):
     if args.tflite_input and args.format != "tflite":
         raise cli.InputError(f"--tflite_input chooses a TFLite model's input; add --format tflite (not {args.format})")
     if args.calibrate and args.format == "mindir":
-        raise cli.InputError("--calibrate makes an int8 model; give --format int8 or --format onnx")
+        raise cli.InputError("--calibrate makes an int8 model; give --format int8, onnx or tflite")
     if args.calibrate:
         cifar.check_data_dir(args.data_dir, True)
 

@@ -146,6 +146,8 @@ def test_4_bit_activations_train_and_run_in_the_int8_file(synthetic_dir, tmp_pat
     assert sorted({t.get("bits", 8) for t in tensors.values()}) == [4, 8]
     expect_error(export.main, ["-loc", path, "--format", "onnx", "-o", str(tmp_path / "m.onnx")], capsys,
                  "has 4-bit activations, which an ONNX model cannot hold", "saturate at level 255, not at 15")
+    expect_error(export.main, ["-loc", path, "--format", "tflite", "-o", str(tmp_path / "m.tflite")], capsys,
+                 "has 4-bit activations, which a TFLite model cannot hold")
     predictions = {}
     for name, model_path in (("checkpoint", path), ("int8", output)):
         evaluate.main(["-loc", model_path, "-data", synthetic_dir, "--num_samples", "200",
