@@ -443,7 +443,7 @@ def report_choice(r):
     print("(int8 file: the ONNX int8 model, the int8.npz file in the JSON; train images/s: QAT, then float32; "
           "peak MB: the int8 model's process)")
     for name, n in r["networks"].items():
-        print(f"{name}: TFLite int8 file {n['tflite_kb']:.0f} KB, TensorFlow Lite Micro's tensor arena "
+        print(f"TFLite int8 file of {name}: {n['tflite_kb']:.0f} KB, TensorFlow Lite Micro's tensor arena "
               f"{n['tflm_arena_bytes'] / 1e3:.1f} KB")
 
 

@@ -134,6 +134,7 @@ def test_bench_tabulates_networks_to_choose_from(capsys):
         for model in (network["onnx_int8"], network["onnx_float32"]):
             assert 0 < model["b1_p50_ms"] and model["b100_ips"] > 0 and model["file_mb"] > 0
         assert network["onnx_int8"]["file_mb"] < network["onnx_float32"]["file_mb"]
+        assert 0 < network["tflite_kb"] <= 100 and 20_000 < network["tflm_arena_bytes"] < 200_000
     rows = [line.split()[0] for line in out.splitlines() if line.startswith("resnet")]
     assert rows == [ARCH]  # one row a network
 

@@ -91,7 +91,7 @@ def test_export_rejects_bad_input(untrained, tmp_path, capsys):
     expect_error(export.main, ["-loc", str(garbage), "-o", str(tmp_path / "x.npz")], capsys,
                  "not a readable MindSpore checkpoint")
     expect_error(export.main, ["-loc", str(tmp_path / "model.mindir")], capsys, "is not a .ckpt file")
-    expect_error(export.main, ["-loc", ckpt, "--format", "tflite"], capsys, "invalid choice: 'tflite'")
+    expect_error(export.main, ["-loc", ckpt, "--format", "coreml"], capsys, "invalid choice: 'coreml'")
     expect_error(export.main, ["-loc", ckpt, "-o", str(tmp_path / "missing" / "x.npz")], capsys, "does not exist")
     expect_error(export.main, ["-loc", ckpt, "-o", str(tmp_path / "folder.npz")], capsys, "is a folder")
     expect_error(export.main, ["-loc", ckpt, "-o", str(garbage / "x.npz")], capsys, "does not exist")
