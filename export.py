@@ -3,6 +3,7 @@
     python export.py -loc checkpoints/resnet18_qat-40_1562.ckpt --format int8     # -> ...-40_1562.int8.npz
     python export.py -loc checkpoints/resnet18_qat-40_1562.ckpt --format onnx     # -> ...-40_1562.onnx
     python export.py -loc checkpoints/resnet8_qat-2_16.ckpt --format tflite        # -> ...-2_16.tflite
+    python export.py -loc checkpoints/resnet8_qat-2_16.ckpt --format c             # -> folder ...-2_16_c/
     python export.py -loc CKPT --format mindir -o model.mindir
     python export.py -loc FLOAT.ckpt --format int8 --calibrate 512 -data data/cifar-10-batches-bin   # PTQ
 
@@ -24,9 +25,15 @@
   int8 logits cover the range the int8 model's logits take on the first LOGITS_IMAGES training
   images of -data (a bound from the weights where -data has none). From a QAT or calibrated
   checkpoint with 8-bit activations.
+- `c`: a folder of portable C99 (qatcifar/c_export.py): the int8 model's constants and a fixed
+  sequence of integer kernels over one static arena, no heap, no floating point in the network,
+  computing the int8 file's int32 logits bit for bit, for a microcontroller's firmware; eval.py
+  and predict.py build it for this machine and run it (qatcifar/model_c.py). From a QAT or
+  calibrated checkpoint, any bits.
 
 The output is written under a temporary name and renamed into place when complete; an existing
-file is replaced only with --overwrite, the checkpoint itself never.
+file is replaced only with --overwrite, the checkpoint itself never (and an existing folder only
+if it is a C folder export.py wrote).
 """
 from qatcifar import cli, interrupts  # noqa: I001  (first: cli quiets MindSpore's log before it loads)
 
@@ -39,9 +46,21 @@ import mindspore as ms
 import numpy as np
 import onnx
 
-from qatcifar import checkpoint, cifar, files, int8, int8_export, networks, onnx_graph, ptq, quant, tflite_graph
+from qatcifar import (
+    c_export,
+    checkpoint,
+    cifar,
+    files,
+    int8,
+    int8_export,
+    networks,
+    onnx_graph,
+    ptq,
+    quant,
+    tflite_graph,
+)
 
-FORMATS = {"mindir": ".mindir", "int8": ".int8.npz", "onnx": ".onnx", "tflite": ".tflite"}
+FORMATS = {"mindir": ".mindir", "int8": ".int8.npz", "onnx": ".onnx", "tflite": ".tflite", "c": "_c"}  # (c: a folder)
 LOGITS_IMAGES = 500  # training images whose int8 logits give the range of a .tflite model's int8 logits
 CALIBRATION_BATCH = 64
 MAX_BATCH = 65536  # a fixed batch is traced with a zero batch of that size: 786 MB at most
@@ -52,12 +71,13 @@ def get_args_parser():
     parser.add_argument("-loc", "--check_point", required=True, help="Model checkpoint file (.ckpt)")
     parser.add_argument("--format", choices=sorted(FORMATS), default="int8", help="what to write")
     parser.add_argument("-o", "--output", default=None,
-                        help="output file, ending in .mindir, .npz, .onnx or .tflite as --format says (default: the "
-                             "checkpoint's path with .mindir, .int8.npz, .onnx or .tflite)")
+                        help="output file, ending in .mindir, .npz, .onnx or .tflite as --format says, or c's folder "
+                             "(default: the checkpoint's path with .mindir, .int8.npz, .onnx, .tflite or _c)")
     parser.add_argument("--tflite_input", choices=("float32", "int8"), default=None,
                         help="tflite: the model's input, a normalized float32 image quantized inside the model (the "
                              "default), or the int8 image itself with int8 logits out (for firmware)")
-    parser.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the output file if it exists (a folder: only a C folder export.py wrote)")
     parser.add_argument("-data", "--data_dir", default=None,
                         help="int8, onnx and tflite: the data folder whose batches.meta.txt names the classes in the "
                              "model file (CIFAR-10's names if it has none); default: the folder the checkpoint's "
@@ -107,7 +127,7 @@ def export(args):
         image = (ms.Tensor(np.zeros(shape, np.float32)) if args.batch
                  else ms.Tensor(shape=(None, *shape[1:]), dtype=ms.float32))  # a dynamic batch dimension
         write(output, lambda tmp: ms.export(net, image, file_name=tmp, file_format="MINDIR"), args.overwrite)
-    elif args.format == "int8" or config is not None:  # onnx of a QAT checkpoint: the int8 model in QDQ form
+    elif args.format != "onnx" or config is not None:  # onnx of a QAT checkpoint: the int8 model in QDQ form
         if config is None:
             raise cli.InputError(f"{args.check_point} is a float32 checkpoint; quantize it after training with "
                                  "--calibrate N -data DIR (post-training quantization on N training images), or "
@@ -123,6 +143,10 @@ def export(args):
             header["calibration"] = {"method": args.calibration or "minmax", "images": images}
         if args.format == "int8":
             write(output, lambda tmp: int8.save(tmp, header, arrays), args.overwrite)
+        elif args.format == "c":
+            network = int8_export.network_record(net)
+            kind = "int8 C, post-training" if args.calibrate else "int8 C"
+            return write_c(output, header, arrays, int8_export.metadata(kind, source, names, network), args)
         elif args.format == "tflite":
             network = int8_export.network_record(net)
             kind = "int8 TFLite, post-training" if args.calibrate else "int8 TFLite"
@@ -170,6 +194,24 @@ def tflite_model(header, arrays, metadata, args):
     return tflite_graph.from_int8(header, arrays, metadata, (low, high), int8_input=args.tflite_input == "int8")
 
 
+def write_c(folder, header, arrays, metadata, args):
+    """The C folder of the int8 model (qatcifar/c_export.py); its path. Refused where the kernels cannot compute it."""
+    try:
+        int8.check({"header": header, "arrays": arrays})
+        c_export.check(header, arrays)
+        with files.output(folder, "-o"):
+            files.write_folder_atomically(folder, lambda tmp: c_export.write_folder(tmp, header, arrays, metadata),
+                                          args.overwrite)
+    except (ValueError, c_export.Refused) as e:
+        raise cli.InputError(f"{args.check_point} cannot be exported as C: {e}; export --format int8 (the integer "
+                             "reference runs it)") from None
+    record = files.load_json(os.path.join(folder, c_export.MANIFEST))
+    print(f"wrote {folder}: C99 of {header.get('arch')} (model.h, model.c, qat_kernels.c): "
+          f"{record['constant_bytes']:,} bytes of constants ({record['weight_bytes']:,} of weights) for flash, an "
+          f"arena of {record['arena_bytes']:,} bytes for RAM; see its model.h")
+    return folder
+
+
 def write_bytes(path, data):
     with open(path, "wb") as f:
         f.write(data)
@@ -182,19 +224,24 @@ def check_calibration(args):
     if args.tflite_input and args.format != "tflite":
         raise cli.InputError(f"--tflite_input chooses a TFLite model's input; add --format tflite (not {args.format})")
     if args.calibrate and args.format == "mindir":
-        raise cli.InputError("--calibrate makes an int8 model; give --format int8, onnx or tflite")
+        raise cli.InputError("--calibrate makes an int8 model; give --format int8, onnx, tflite or c")
     if args.calibrate:
         cifar.check_data_dir(args.data_dir, True)
 
 
 def check_output(path, args):
-    """Before any work: -o has the format's suffix and names a new file (or --overwrite), not the checkpoint."""
+    """Before any work: -o has the format's suffix and names a new file (or --overwrite), not the checkpoint; c's a
+    new folder, or with --overwrite one that export.py wrote."""
+    reads = ((args.check_point, "the checkpoint being exported"), (args.data_dir, "the data folder (-data)"))
+    if args.format == "c":
+        files.check_new_folder(path, "-o", args.overwrite, reads,
+                               replaceable=lambda folder: os.path.isfile(os.path.join(folder, c_export.MANIFEST)))
+        return
     suffix = {"int8": ".npz"}.get(args.format, FORMATS[args.format])  # what eval.py and qatcifar/inference.py go by
     if not path.endswith(suffix):
         raise cli.InputError(f"output {path} does not end in {suffix}, the suffix of --format {args.format}; "
                              f"give a -o ending in {suffix}")
-    files.check_new_file(path, "-o", args.overwrite, ((args.check_point, "the checkpoint being exported"),
-                                                     (args.data_dir, "the data folder (-data)")))
+    files.check_new_file(path, "-o", args.overwrite, reads)
 
 
 def write(path, write_file, overwrite):

@@ -1,9 +1,11 @@
 """Writing files, atomically, and the save folder: everything the toolkit writes goes through here (no MindSpore).
 
 - `write_atomically(path, write)`: write(tmp) into a hidden `.partial-<pid>` folder beside `path`,
-  flush it to disk, rename it into place; a crash leaves the old file or the whole new one.
+  flush it to disk, rename it into place; a crash leaves the old file or the whole new one
+  (`write_folder_atomically`: the same for a folder of files).
   Folders of writes a dead process left (`remove_stale_partials`) are removed by the next write there.
-- `check_new_file`, `check_save_dir`: an output checked before any work (never one of the command's inputs);
+- `check_new_file`, `check_new_folder`, `check_save_dir`: an output checked before any work (never one of the
+  command's inputs);
   `output(path, flag)`: a failure to write it (a full disk) as one InputError; `why(error)`: the few words that
   say why.
 - `read_small`, `load_json`: the small files the toolkit reads, regular files only, bounded in size and nesting.
@@ -106,6 +108,45 @@ def write_atomically(path, write, mode=None, overwrite=True):
             shutil.rmtree(folder, ignore_errors=True)
 
 
+def write_folder_atomically(path, write, overwrite=False):
+    """write(tmp) fills a new folder tmp (in a `.partial-<pid>` folder beside `path`), whose files are flushed to disk
+    and which is then renamed to `path`: a crash leaves no folder, or the previous one, or the whole new one. An
+    existing `path` is replaced only with `overwrite` (moved aside, then removed; put back if the rename fails);
+    without it, FileExistsError. Raises what writing raises."""
+    directory = os.path.dirname(os.path.abspath(path))
+    folder = os.path.join(directory, f".partial-{os.getpid()}")
+    tmp, old = os.path.join(folder, os.path.basename(path)), os.path.join(folder, ".replaced")
+    with contextlib.suppress(OSError):
+        remove_stale_partials(directory)
+    with interrupts.temporary(folder):
+        try:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(folder)
+            os.mkdir(tmp)
+            write(tmp)
+            for name in os.listdir(tmp):
+                with open(os.path.join(tmp, name), "rb") as f:
+                    os.fsync(f.fileno())
+            os.chmod(tmp, 0o755)
+            if os.path.lexists(path):
+                if not overwrite:
+                    raise FileExistsError(errno.EEXIST, "exists", path)
+                os.rename(path, old)
+            try:
+                os.rename(tmp, path)
+            except OSError:
+                if os.path.lexists(old):
+                    os.rename(old, path)
+                raise
+            descriptor = os.open(directory, os.O_RDONLY)
+            try:
+                os.fsync(descriptor)
+            finally:
+                os.close(descriptor)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def write_array(path, array):
     """An array's bytes into a new file (numpy's tofile says "N requested and 0 written" where the disk is full;
     this raises the OSError that says why)."""
@@ -175,6 +216,28 @@ def check_new_file(path, flag, overwrite, reads=(), suffix=None):
             pass
     except OSError as e:
         raise cli.InputError(f"cannot write into {folder} ({e.strerror}); give a writable {flag}") from None
+
+
+def check_new_folder(path, flag, overwrite, reads=(), replaceable=lambda path: False):
+    """Before any work, for an output folder given with `flag`: raise InputError unless `path` is none of the inputs
+    (check_not_input), lies in an existing, writable folder, and is new, or with `overwrite` a folder that
+    replaceable(path) says this command wrote (never one of other files)."""
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise cli.InputError(f"{flag} {path} is a file; give the name of a new folder")
+    check_not_input(path, flag, reads)
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise cli.InputError(f"{flag}: folder {parent} does not exist; create it or give another path")
+    if os.path.lexists(path) and not overwrite:
+        raise cli.InputError(f"{flag} {path} exists; give another {flag}, or add --overwrite to replace it")
+    if os.path.lexists(path) and not replaceable(path):
+        raise cli.InputError(f"{flag} {path} is a folder this command did not write; --overwrite replaces only "
+                             f"those: give another {flag}")
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise cli.InputError(f"cannot write into {parent} ({e.strerror}); give a writable {flag}") from None
 
 
 def check_not_input(path, flag, reads):

@@ -8,8 +8,9 @@
 
 One module per format, picked by the file's suffix (FORMATS): `model_checkpoint` (a MindSpore
 checkpoint, any other suffix), `model_mindir` (`.mindir`, MindSpore's graph), `model_int8` (`.npz`,
-the int8 file run by int8.py's integer reference), `model_onnx` (`.onnx`, ONNX Runtime on the CPU)
-and `model_tflite` (`.tflite`, LiteRT). Each has the same small interface:
+the int8 file run by int8.py's integer reference), `model_onnx` (`.onnx`, ONNX Runtime on the CPU),
+`model_tflite` (`.tflite`, LiteRT) and `model_c` (a folder: export.py's C, built for this machine). Each
+has the same small interface:
 
     MINDSPORE        whether it runs in MindSpore (the command then sets up its device)
     THREADS          whether --threads sets its runtime's threads
@@ -34,6 +35,7 @@ from qatcifar.archs import ARCHS
 # A format's module is imported when a file of that format is loaded: each needs its own runtime only.
 FORMATS = {".onnx": "model_onnx", ".mindir": "model_mindir", ".npz": "model_int8", ".tflite": "model_tflite"}
 OTHER = "model_checkpoint"  # any other suffix: a MindSpore checkpoint
+FOLDER = "model_c"  # a folder: export.py's C
 
 
 @dataclass
@@ -47,21 +49,23 @@ class Model:
 
 
 def format_module(path):
-    """The module of the model file's format (by its suffix)."""
+    """The module of the model file's format (by its suffix; a folder's: FOLDER)."""
     suffix = next((suffix for suffix in FORMATS if path.endswith(suffix)), None)
-    return importlib.import_module(f"qatcifar.{FORMATS.get(suffix, OTHER)}")
+    return importlib.import_module(f"qatcifar.{FOLDER if os.path.isdir(path) else FORMATS.get(suffix, OTHER)}")
 
 
 def uses_mindspore(path):
     """Whether a model file runs in MindSpore (a checkpoint, a MindIR graph): the other runtimes need neither
     MindSpore's device nor its context."""
     suffix = next((suffix for suffix in FORMATS if path.endswith(suffix)), None)
-    return suffix in (None, ".mindir")
+    return suffix in (None, ".mindir") and not os.path.isdir(path)
 
 
 def load_model(path, threads=None):
-    """A Model of a model file (see FORMATS); `threads`: its runtime's, where it takes them (default: its own)."""
-    files.check_file(path)
+    """A Model of a model file (see FORMATS) or C folder; `threads`: its runtime's, where it takes them (default: its
+    own)."""
+    if not os.path.isdir(path):
+        files.check_file(path)
     module = format_module(path)
     if threads and not module.THREADS:
         raise cli.InputError(f"--threads sets ONNX Runtime's and LiteRT's threads; {path} is neither an .onnx nor a "

@@ -70,7 +70,7 @@ def foreign_checkpoints(tmp_path):
 
 @pytest.mark.parametrize("which, fragments", [
     ("missing", ["does not exist"]),
-    ("folder", ["is not a file"]),
+    ("folder", ["is a folder without model.json", "export.py --format c"]),
     ("empty", ["is an empty file"]),
     ("garbage", ["is not a readable MindSpore checkpoint"]),
     ("flipped", ["is not a readable MindSpore checkpoint (its CRC32 does not match its contents"]),

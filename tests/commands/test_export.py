@@ -143,7 +143,7 @@ def test_int8_export_of_a_float_checkpoint_needs_calibrate(untrained, synthetic_
             ([float32], ["float32 checkpoint; quantize it after training with --calibrate N -data DIR"]),
             ([qat, "--calibrate", "8", "-data", synthetic_dir], ["is a QAT checkpoint", "without --calibrate"]),
             ([float32, "--calibrate", "8", "--format", "mindir", "-o", str(tmp_path / "m.mindir")],
-             ["--calibrate makes an int8 model; give --format int8, onnx or tflite"]),
+             ["--calibrate makes an int8 model; give --format int8, onnx, tflite or c"]),
             ([qat, "--tflite_input", "int8"], ["--tflite_input chooses a TFLite model's input", "add --format tflite"]),
             ([float32, "--calibration", "percentile"], ["--calibration chooses how --calibrate", "add --calibrate N"]),
             ([float32, "--calibrate", "8", "-data", str(tmp_path / "none")], ["does not exist"]),
