@@ -18,6 +18,7 @@ On synthetic CIFAR-format files it writes into a temporary folder, it measures
     python bench.py --deploy --json      # instead: inference as deployed, five models
     python bench.py --adversarial        # instead: the cost of adversarial training and of attacks
     python bench.py --lsq --arch resnet8 # instead: a QAT step with learned step sizes against min/max's
+    python bench.py --mcu --arch resnet8 # instead: the C export on an emulated Cortex-M4
 
 --deploy trains a float32 and a QAT checkpoint two steps each (speed does not depend on the
 weights), exports the int8 file and both ONNX models, and measures each model, as its own
@@ -38,6 +39,14 @@ the QAT checkpoint: FGSM and PGD-10, against the clean forward pass.
 
 --lsq times train.py's QAT training step with learned step sizes (--quantizer lsq) against min/max
 observers (the default), in fresh processes, alternating, as above; the same bits for both.
+
+--mcu trains each network (--arch, default resnet8) two steps with 7-bit and with 4-bit weights
+(train.py), exports the C folder (export.py --format c) and measures it as a Cortex-M4 would run it
+(qatcifar/mcu.py: Debian's arm-none-eabi-gcc, QEMU's mps2-an386 board): flash (model data and code,
+arm-none-eabi-size), static RAM (the arena and the 4-bit weights' scratch), the stack's high-water mark
+and the instructions per image (QEMU counts instructions, not cycles) of the plain C kernels and of
+the M4's SMLAD kernel, whether their logits equal the host build's, and the host build's batch-1
+latency beside ONNX Runtime's int8 model; one table, one JSON line.
 """
 from qatcifar import cli, interrupts  # noqa: I001  (first: cli quiets MindSpore's log before it loads)
 
@@ -53,11 +62,14 @@ import sys
 import tempfile
 import time
 
-from qatcifar import adversarial, checkpoint, cifar, files, measure, networks, ort_kernels, quant
+from qatcifar import adversarial, checkpoint, cifar, files, int8, mcu, measure, networks, ort_kernels, quant
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 EVAL_BATCH = measure.EVAL_BATCH  # (the measurements' batch)
 IMAGES = cli.int_range(1, cifar.RECORDS_PER_FILE)  # its synthetic data: 10,000 training and test images
+MCU_ARCH = "resnet8"  # --mcu's default network: MLPerf Tiny's for microcontrollers
+MCU_IMAGES = 3  # --mcu: test images per build on the board (the instruction count barely depends on the image)
+MCU_WEIGHT_BITS = (7, 4)  # --mcu: train.py's default, and packed 4-bit weights
 
 
 class MeasurementFailed(Exception):
@@ -90,8 +102,9 @@ def get_args_parser():
                              "(default 2)")
     parser.add_argument("--arch", type=arch_list, default=None, metavar="A[,B,...]",
                         help=f"alone: training and deployment figures of each network, one table "
-                             f"({','.join(networks.ARCHS)}); with --deploy, --adversarial, --lsq or --validation: the "
-                             f"one network they measure (default {networks.DEFAULT_ARCH})")
+                             f"({','.join(networks.ARCHS)}); with --mcu: the networks it measures (default "
+                             f"{MCU_ARCH}); with --deploy, --adversarial, --lsq or --validation: the one network they "
+                             f"measure (default {networks.DEFAULT_ARCH})")
     parser.add_argument("--adversarial", action="store_true",
                         help="instead: adversarial training steps (FGSM-RS, PGD-k) against clean ones, and attacks "
                              "per image")
@@ -102,6 +115,9 @@ def get_args_parser():
                         help="with --adversarial: images per attack measurement (default 100)")
     parser.add_argument("--lsq", action="store_true",
                         help="instead: QAT training steps with learned step sizes (LSQ) against min/max observers")
+    parser.add_argument("--mcu", action="store_true",
+                        help="instead: the C export (7-bit and 4-bit weights) on an emulated Cortex-M4: flash, RAM, "
+                             "stack, instructions per image, and the host build's latency")
     parser.add_argument("--validation", action="store_true",
                         help="also time train.py with and without validation after every epoch")
     parser.add_argument("--epochs", type=cli.positive_int, default=None,
@@ -112,7 +128,7 @@ def get_args_parser():
 
 
 # Flags that only some modes use: {dest: (default, the modes that use it)}; given elsewhere, they are refused.
-MODE_FLAGS = {"seconds": (2.0, ("--deploy", "--arch")), "adv_steps": (adversarial.DEFAULT_PGD_STEPS,
+MODE_FLAGS = {"seconds": (2.0, ("--deploy", "--arch", "--mcu")), "adv_steps": (adversarial.DEFAULT_PGD_STEPS,
                                                                      ("--adversarial",)),
               "attack_images": (100, ("--adversarial",)), "epochs": (4, ("--validation",)),
               "val_samples": (500, ("--validation",))}
@@ -122,7 +138,8 @@ def check_mode_flags(parser, args):
     """One mode at a time (--deploy, --adversarial, --lsq; --validation only with the default measurements), and no
     flag that the mode does not use; then fill in the defaults of MODE_FLAGS (parser.error: one line, exit 2)."""
     modes = [flag for flag, given in (("--deploy", args.deploy), ("--adversarial", args.adversarial),
-                                      ("--lsq", args.lsq), ("--validation", args.validation)) if given]
+                                      ("--lsq", args.lsq), ("--validation", args.validation), ("--mcu", args.mcu))
+             if given]
     if len(modes) > 1:
         parser.error(f"{modes[0]} and {modes[1]} are separate measurements; run them one at a time")
     mode = modes[0] if modes else "--arch" if args.arch else None  # (--arch alone: the table of networks)
@@ -130,7 +147,8 @@ def check_mode_flags(parser, args):
         if getattr(args, dest) is None:
             setattr(args, dest, default)
         elif mode not in users:
-            parser.error(f"--{dest} applies to {' and '.join(users)} only; drop it, or add {users[0]}")
+            names = " and ".join(users) if len(users) < 3 else f"{', '.join(users[:-1])} and {users[-1]}"
+            parser.error(f"--{dest} applies to {names} only; drop it, or add {users[0]}")
 
 
 def arch_list(text):
@@ -155,10 +173,10 @@ def main(argv=None):
           "folder: speed, size and memory do not depend on the weights; your checkpoints are not read", flush=True)
     try:
         work = (deployment if args.deploy else adversarial_cost if args.adversarial else quantizer_cost if args.lsq
-                else benchmark if args.validation or not args.arch else choice_table)
+                else mcu_table if args.mcu else benchmark if args.validation or not args.arch else choice_table)
         return interrupts.run(work, args,
                        interrupted="no figures (the temporary data folder is removed)")
-    except MeasurementFailed as e:
+    except (MeasurementFailed, mcu.Failed) as e:
         interrupts.fail(str(e), code=1)
 
 
@@ -330,16 +348,18 @@ def without_weight_bits(path, output):
 
 def measure(path, seconds):
     """qatcifar.latency on one model file: one thread (latency only), then all threads."""
-    def latency(*argv, env=None):
-        return json.loads(run_script(f"the measurement of {os.path.basename(path)}", "-m", "qatcifar.latency", path,
-                                     "--seconds",
-                                     str(seconds), *argv, env=env).strip().splitlines()[-1])
-    one = latency("--threads", "1", "--batch", "0", env=ONE_THREAD)
-    every = latency("--batch", str(EVAL_BATCH))
+    one = latency(path, seconds, "--threads", "1", "--batch", "0", env=ONE_THREAD)
+    every = latency(path, seconds, "--batch", str(EVAL_BATCH))
     return {"b1_p50_ms": every["b1_p50_ms"], "b1_p95_ms": every["b1_p95_ms"],
             "b1_p50_ms_1thread": one["b1_p50_ms"], "b1_p95_ms_1thread": one["b1_p95_ms"],
             "b100_ips": every[f"b{EVAL_BATCH}_ips"], "file_mb": os.path.getsize(path) / 1e6,
             "peak_rss_mb": every["peak_rss_mb"]}
+
+
+def latency(path, seconds, *argv, env=None):
+    """The figures of `python -m qatcifar.latency path` (a model file or C folder) in a fresh process."""
+    return json.loads(run_script(f"the measurement of {os.path.basename(path)}", "-m", "qatcifar.latency", path,
+                                 "--seconds", str(seconds), *argv, env=env).strip().splitlines()[-1])
 
 
 def micro_arena(path):
@@ -510,6 +530,81 @@ def quantizer_cost(args):
     if args.json:
         print(json.dumps(results))
     return results
+
+
+# --- --mcu: the C export on an emulated Cortex-M4 -------------------------------------------------------------
+
+
+
+def mcu_table(args):
+    """Per network and weight bits: the C folder's flash, RAM, stack and instructions per image on the emulated
+    Cortex-M4, and the host build's latency beside ONNX Runtime's int8; prints the table and returns the figures."""
+    try:
+        versions = mcu.toolchain()
+    except mcu.Unavailable as e:
+        raise cli.InputError(f"bench.py --mcu needs {e}") from None
+    results = {"networks": {}, "cpu": cpu_model(), "toolchain": versions, "mcu_images": MCU_IMAGES,
+               "board": f"QEMU {mcu.BOARD} (Cortex-M4)", "cflags": " ".join(mcu.CFLAGS)}
+    with tempfile.TemporaryDirectory() as tmp:
+        write_data(args, tmp)
+        images = first_test_images(args.data, MCU_IMAGES)
+        for name in args.arch or [MCU_ARCH]:
+            for bits in MCU_WEIGHT_BITS:
+                folder = os.path.join(tmp, f"{name}-{bits}")
+                results["networks"][f"{name} {bits}-bit"] = mcu_network(args, name, bits, folder, images)
+    report_mcu(results)
+    if args.json:
+        print(json.dumps(results))
+    return results
+
+
+def mcu_network(args, name, bits, folder, images):
+    """One network's C folder, trained two steps with `bits`-bit weights, measured on the board and on the host."""
+    from qatcifar import model_c
+
+    run_script(f"the {name} {bits}-bit training", "train.py", "--arch", name, "-data", args.data, "-dir", folder,
+               "-e", "1", "-bsize", "32", "--num_samples", "64", "--weight_bits", str(bits), "--quant_delay", "0",
+               "--eval_every", "0", "--device", args.device)
+    (run,) = files.RunFiles.in_folder(folder)
+    checkpoint_path = os.path.join(folder, f"{run.prefix}-1_2.ckpt")
+    exported = {form: os.path.join(folder, output) for form, output in (("c", "model_c"), ("onnx", "int8.onnx"))}
+    for form, output in exported.items():
+        run_script(f"the {name} {form} export", "export.py", "-loc", checkpoint_path, "--format", form, "-o", output,
+                   "-data", args.data)
+    host = model_c.runner(exported["c"])
+    host(images)
+    record = model_c.manifest(exported["c"])
+    levels = int8.quantize_input(images, record["input"], record["tflite_arithmetic"]).transpose(0, 2, 3, 1)
+    work = os.path.join(folder, "mcu")
+    os.mkdir(work)
+    return {"weight_bits": bits, "arena_bytes": record["arena_bytes"], "scratch_bytes": record["scratch_bytes"],
+            "constant_bytes": record["constant_bytes"], **mcu.measure(exported["c"], levels, host.acc, work),
+            **{f"host_{form}_b1_ms": latency(path, args.seconds, "--threads", "1", "--batch", "0",
+                                             env=ONE_THREAD)["b1_p50_ms"] for form, path in exported.items()}}
+
+
+def first_test_images(data_dir, count):
+    dataset = cifar.create_dataset(data_dir, training=False, batch_size=count, num_samples=count)
+    return next(dataset.create_tuple_iterator(num_epochs=1, output_numpy=True))[0]
+
+
+def report_mcu(r):
+    tools = r["toolchain"]
+    print(f"C export on {r['board']}: {tools['arm-none-eabi-gcc']}, {r['cflags']}; {tools['qemu-system-arm']}; "
+          f"host {r['cpu']}")
+    print("(instructions: QEMU counts instructions, not cycles; exact: the board's int32 logits equal the host "
+          f"build's on {r['mcu_images']} test images)")
+    print(f"{'network':<16} {'flash KB':>9} {'RAM KB':>7} {'stack B':>8} {'M instr SMLAD':>14} {'M instr plain':>14} "
+          f"{'exact':>6} {'host b1 ms':>11} {'ONNX int8 b1 ms':>16}")
+    for name, n in r["networks"].items():
+        smlad, plain = n.get("smlad"), n.get("plain")
+        board = (f"{smlad['stack_bytes']:>8} {smlad['instructions'] / 1e6:>14.1f} {plain['instructions'] / 1e6:>14.1f} "
+                 f"{'yes' if smlad['exact'] and plain['exact'] else 'NO':>6}" if n["fits"]
+                 else f"{'does not fit the board':>45}")
+        print(f"{name:<16} {n['flash_bytes'] / 1e3:>9.1f} {n['ram_bytes'] / 1e3:>7.1f} {board} "
+              f"{n['host_c_b1_ms']:>11.2f} {n['host_onnx_b1_ms']:>16.2f}")
+    print("(flash: model data and code, text + data of model.o and qat_kernels.o; RAM: the arena and 4-bit weights' "
+          "scratch; latencies: one thread)")
 
 
 # --- --validation: the cost of validating during training (train.py's own figures) ----------------

@@ -209,21 +209,26 @@ def top(tensor):
 
 
 def add_layer(node, inputs, tensors, tflite):
-    """The constants of an addition of `inputs` (in the order the C code passes them)."""
+    """The constants of an addition of `inputs` (in the order the C code passes them): each input's table of its
+    levels rescaled (as int8.tflite_add, or int8.add, rescales them), then the sum's rescaling."""
     out = tensors[node["output"]]
     sources = [tensors[name] for name in inputs]
-    layer = {"zero": [s["zero_point"] for s in sources], "relu": node["relu"], "out_zero": out["zero_point"],
-             "out_max": top(out), "out_m0": 0, "out_shift": 0}
+    levels = np.arange(256, dtype=np.int64)
     if tflite:  # (as int8.tflite_add)
-        scales = [int8.scale_of(s, True) for s in sources]
+        scales = [int8.scale_of(source, True) for source in sources]
         twice = 2 * max(scales)
-        m0, shift = multipliers([scale / twice for scale in scales], True, 255 << int8.TFLITE_ADD_SHIFT)
+        terms = [int8.tflite_requantize((levels - source["zero_point"]) << int8.TFLITE_ADD_SHIFT, scale / twice)
+                 for source, scale in zip(sources, scales, strict=True)]
         out_m0, out_shift = multipliers(twice / ((1 << int8.TFLITE_ADD_SHIFT) * int8.scale_of(out, True)), True,
-                                        255 << int8.TFLITE_ADD_SHIFT)  # (each term at most half its input)
-        layer.update(out_m0=int(out_m0), out_shift=int(out_shift))
+                                        int(np.abs(terms[0]).max() + np.abs(terms[1]).max()))
     else:  # (as int8.add)
-        m0, shift = multipliers([s["scale"] / out["scale"] for s in sources], False)
-    return {**layer, "m0": [int(v) for v in m0], "shift": [int(v) for v in shift]}
+        terms = [int8.requantize((levels - source["zero_point"]) << int8.ADD_PRECISION_BITS,
+                                 source["scale"] / out["scale"]) for source in sources]
+        out_m0 = out_shift = 0
+    if int(np.abs(terms[0]).max() + np.abs(terms[1]).max()) >= 1 << 31:
+        raise Refused(f"addition {node.get('name')!r} rescales its inputs beyond int32")
+    return {"terms": terms, "relu": node["relu"], "out_zero": out["zero_point"], "out_max": top(out),
+            "out_m0": int(out_m0), "out_shift": int(out_shift)}
 
 
 def mean_layer(node, tensors, shape, tflite):
@@ -308,8 +313,8 @@ class Source:
 
 def conv_source(src, name, layer, in_shape, out_shape, tflite):
     weight = int8.pack(layer["weight"]) if layer["packed"] else layer["weight"]
-    if layer["packed"]:  # (a window row of a block's weights, unpacked)
-        src.scratch_bytes = max(src.scratch_bytes, layer["k"] * in_shape[2] * BLOCK)
+    if layer["packed"]:  # (a block's weights, unpacked)
+        src.scratch_bytes = max(src.scratch_bytes, layer["k"] ** 2 * in_shape[2] * BLOCK)
     fields = {"weight": src.array(f"{name}_weight", "int8_t", weight.view(np.int8) if layer["packed"] else weight,
                                   weights=True),
               "scratch": "scratch" if layer["packed"] else "0",
@@ -326,9 +331,10 @@ def conv_source(src, name, layer, in_shape, out_shape, tflite):
 
 
 def add_source(src, name, layer, tflite):
-    fields = {"tflite": int(tflite), "relu": int(layer["relu"]), "zero": "{%d, %d}" % tuple(layer["zero"]),
-              "out_zero": layer["out_zero"], "out_max": layer["out_max"], "m0": "{%d, %d}" % tuple(layer["m0"]),
-              "out_m0": layer["out_m0"], "shift": "{%d, %d}" % tuple(layer["shift"]), "out_shift": layer["out_shift"]}
+    terms = [src.array(f"{name}_term{i}", "int32_t", term) for i, term in enumerate(layer["terms"])]
+    fields = {"term": f"{{{terms[0]}, {terms[1]}}}", "tflite": int(tflite), "relu": int(layer["relu"]),
+              "out_zero": layer["out_zero"], "out_max": layer["out_max"], "out_m0": layer["out_m0"],
+              "out_shift": layer["out_shift"]}
     return src.layer("qat_add", name, fields)
 
 
@@ -391,7 +397,7 @@ def model_source(header, arrays, steps, shapes, offsets):
 
 {chr(10).join(src.data)}
 static uint8_t arena[MODEL_ARENA_BYTES];
-{"static int8_t scratch[MODEL_SCRATCH_BYTES];  /* 4-bit weights unpacked, a window row at a time */" + chr(10)
+{"static int8_t scratch[MODEL_SCRATCH_BYTES];  /* 4-bit weights unpacked, four output channels at a time */" + chr(10)
  if src.scratch_bytes else ""}
 {chr(10).join(src.layers)}
 uint8_t *model_input(void)

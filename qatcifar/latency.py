@@ -87,16 +87,17 @@ def peak_rss_mb():
 
 
 def main(argv=None):
-    parser = cli.ArgumentParser(prog="python -m qatcifar.latency", description=__doc__.split("\n")[0])
-    parser.add_argument("model", help="a .onnx, .npz (int8), .ckpt or .mindir file")
+    parser = cli.ArgumentParser(prog="-m qatcifar.latency", description=__doc__.split("\n")[0])
+    parser.add_argument("model", help="a .onnx, .tflite, .npz (int8), .ckpt or .mindir file, or a C folder")
     parser.add_argument("--threads", type=bounded(int, 1), default=None, help="CPU threads (default: the runtime's)")
     parser.add_argument("--batch", type=bounded(int, 0), default=100, help="throughput's batch size (0: no throughput)")
     parser.add_argument("--seconds", type=bounded(float, 0), default=2.0, help="least time of each measurement")
     args = parser.parse_args(argv)
-    if not os.path.isfile(args.model) or not args.model.endswith(SUFFIXES):
+    if not os.path.isdir(args.model) and (not os.path.isfile(args.model) or not args.model.endswith(SUFFIXES)):
         problem = "is not a model file" if os.path.isfile(args.model) else "is not a file" if os.path.exists(
             args.model) else "does not exist"
-        parser.error(f"{args.model} {problem} ({', '.join(SUFFIXES)}); give one train.py or export.py wrote")
+        parser.error(f"{args.model} {problem} ({', '.join(SUFFIXES)}, or a C folder); give one train.py or export.py "
+                     "wrote")
     interrupts.run(functools.partial(measure, parser), args, interrupted="no figures")
 
 

@@ -109,3 +109,22 @@ def run(elf, levels, workdir):
     logits = np.fromfile(logits_path, np.int32).reshape(figures["images"], -1)
     return {"logits": logits, "instructions": figures["ticks"] * INSTRUCTIONS_PER_TICK / max(figures["images"], 1),
             "instructions_max": figures["most"] * INSTRUCTIONS_PER_TICK, "stack_bytes": figures["stack"]}
+
+
+def toolchain():
+    """The versions of the cross-compiler and of QEMU (their first lines)."""
+    require()
+    return {tool: _run([tool, "--version"], tool).splitlines()[0] for tool in ("arm-none-eabi-gcc", "qemu-system-arm")}
+
+
+def measure(folder, levels, expected, workdir):
+    """A C folder's figures on the board: flash and static RAM (`sizes`), and per kernel build ("smlad", "plain")
+    its instructions per image on `levels`, its stack, and whether its logits equal `expected` (N, classes)."""
+    figures = sizes(folder, workdir)
+    if figures["flash_bytes"] > BOARD_CODE_BYTES:
+        return {**figures, "fits": False}
+    for name, plain in (("smlad", False), ("plain", True)):
+        result = run(build(folder, workdir, plain=plain), levels, workdir)
+        figures[name] = {"instructions": result["instructions"], "stack_bytes": result["stack_bytes"],
+                         "exact": bool(np.array_equal(result["logits"], expected)), "images": len(levels)}
+    return {**figures, "fits": True}

@@ -28,7 +28,7 @@ typedef struct {
     const int8_t *weight;      /* blocks of 4 output channels, [ceil(O/4)][k][k] then, where C is a multiple of 4,
                                   [C/4][4 outputs][4 inputs], else [C][4 outputs]; int8, or packed: the same order,
                                   two 4-bit values a byte, the first in the low half */
-    int8_t *scratch;           /* packed: room for one window row of a block's weights unpacked (k C 4), else 0 */
+    int8_t *scratch;           /* packed: room for one block's weights unpacked (k k C 4 bytes), else 0 */
     const int32_t *bias;       /* [O], with bias_bits fraction bits */
     const int32_t *weight_sum; /* [O], each output channel's weights summed (the input's zero point times it) */
     qat_multiplier scale;      /* [O], input scale x weight scale / output scale / 2^bias_bits */
@@ -37,10 +37,15 @@ typedef struct {
     uint8_t in_zero, out_zero, out_max;
 } qat_conv;
 
+/* A residual addition of two inputs: each input's level rescaled by a table computed at export (TFLite's: the
+ * centered level shifted left by 20 bits times input scale / twice the larger input scale; versions 1 and 2: with 16
+ * fraction bits, times input scale / output scale), the sum then rescaled once (TFLite: out_m0 and out_shift;
+ * versions 1 and 2: the 16 fraction bits rounded away). */
 typedef struct {
-    uint8_t tflite, relu, zero[2], out_zero, out_max;
-    int32_t m0[2], out_m0;     /* versions 1, 2: m0[i] with right shift[i]; TFLite: also the sum's out_m0 */
-    int8_t shift[2], out_shift;
+    const int32_t *term[2];    /* [256] each */
+    uint8_t tflite, relu, out_zero, out_max;
+    int32_t out_m0;
+    int8_t out_shift;
 } qat_add;
 
 typedef struct {

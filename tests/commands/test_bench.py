@@ -69,7 +69,7 @@ def test_bench_flags_are_bounded_by_its_data(capsys):
     (["--lsq", "--deploy"], "--deploy and --lsq are separate measurements; run them one at a time"),
     (["--adversarial", "--lsq"], "--adversarial and --lsq are separate measurements"),
     (["--deploy", "--validation"], "--deploy and --validation are separate measurements"),
-    (["--seconds", "1"], "--seconds applies to --deploy and --arch only; drop it, or add --deploy"),
+    (["--seconds", "1"], "--seconds applies to --deploy, --arch and --mcu only; drop it, or add --deploy"),
     (["--lsq", "--seconds", "1"], "--seconds applies to --deploy"),
     (["--adv_steps", "3"], "--adv_steps applies to --adversarial only"),
     (["--deploy", "--attack_images", "5"], "--attack_images applies to --adversarial only"),
@@ -172,3 +172,26 @@ def test_bench_says_first_that_it_measures_networks_of_its_own(capsys, monkeypat
     bench.main([])
     assert capsys.readouterr().out.splitlines()[0].startswith(
         "note: bench.py measures networks it builds and trains for a few steps on synthetic data")
+
+
+def test_bench_mcu_without_the_cross_tools_is_one_error_line_naming_the_packages(monkeypatch, capsys):
+    from qatcifar import mcu
+
+    monkeypatch.setattr(mcu, "TOOLS", {**mcu.TOOLS, "no-such-arm-gcc": "a-package"})
+    expect_error(bench.main, ["--mcu"], capsys, "bench.py --mcu needs no-such-arm-gcc not installed",
+                 "apt-get install a-package")
+
+
+def test_bench_mcu_tabulates_each_network_and_says_what_does_not_fit(capsys):
+    build = {"instructions": 31e6, "stack_bytes": 260, "exact": True, "images": 3}
+    board = {"flash_bytes": 87_600, "ram_bytes": 32_768, "fits": True, "smlad": build, "plain": dict(build),
+             "host_c_b1_ms": 5.0, "host_onnx_b1_ms": 0.2}
+    figures = {"networks": {"resnet8 7-bit": board, "resnet18 7-bit": {
+        **board, "flash_bytes": 11_300_000, "ram_bytes": 300_000, "fits": False}}, "cpu": "a CPU",
+        "toolchain": {"arm-none-eabi-gcc": "gcc 12", "qemu-system-arm": "QEMU 7.2"}, "mcu_images": 3,
+        "board": "QEMU mps2-an386 (Cortex-M4)", "cflags": "-O2"}
+    bench.report_mcu(figures)
+    lines = capsys.readouterr().out.splitlines()
+    row = next(line for line in lines if line.startswith("resnet8 7-bit")).split()
+    assert row[2:9] == ["87.6", "32.8", "260", "31.0", "31.0", "yes", "5.00"]
+    assert "does not fit the board" in next(line for line in lines if line.startswith("resnet18"))
