@@ -38,3 +38,29 @@ def test_small_files_are_read_bounded(tmp_path):
     with pytest.raises(ValueError, match="nested too deeply"):
         files.load_json(str(tmp_path / "deep"))
     assert files.load_json(str(tmp_path / "ok")) == {"fc": 4}
+
+
+def test_a_folder_is_written_whole_or_not_at_all(tmp_path):
+    """write_folder_atomically (export.py --format c): a write that fails leaves no folder and no partial one; an
+    existing folder is replaced only with overwrite, and stays as it was when the new one fails."""
+    target = tmp_path / "model_c"
+
+    def write(files_):
+        def into(folder):
+            for name, text in files_.items():
+                if text is None:
+                    raise OSError(28, "No space left on device")
+                (tmp_path / folder / name).write_text(text)
+        return into
+
+    with pytest.raises(OSError):
+        files.write_folder_atomically(str(target), write({"model.h": "x", "model.c": None}))
+    assert os.listdir(tmp_path) == []
+    files.write_folder_atomically(str(target), write({"model.h": "old"}))
+    with pytest.raises(FileExistsError):
+        files.write_folder_atomically(str(target), write({"model.h": "new"}))
+    with pytest.raises(OSError):
+        files.write_folder_atomically(str(target), write({"model.h": "new", "model.c": None}), overwrite=True)
+    assert os.listdir(target) == ["model.h"] and (target / "model.h").read_text() == "old"
+    files.write_folder_atomically(str(target), write({"model.c": "new"}), overwrite=True)
+    assert os.listdir(tmp_path) == ["model_c"] and os.listdir(target) == ["model.c"]

@@ -167,3 +167,18 @@ def test_a_layer_of_4_bit_weights_is_stored_packed_and_loads_as_it_was(int8_file
         arrays["layer1.0.conv1.weight"].shape, 7, np.int8)}))
     with pytest.raises(ValueError, match="weights from 7 to 7 are not 3-bit values|not 3-bit"):
         int8.load(str(tmp_path / "wide.int8.npz"))
+
+
+DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_files_of_older_versions_give_the_logits_the_code_of_their_time_gave(version):
+    """tests/data: a ResNet-8 int8 file of version 1 (8-bit activations) and of version 2 (4-bit weights and
+    activations, biases with fraction bits), and the logits int8.py gave them before version 3 (commit 0ea008c) on
+    16 fixed images: the arithmetic of older files is kept bit for bit."""
+    images = (((np.arange(16 * 3 * 32 * 32) * 7919) % 1000) / 250.0 - 2.0).astype(np.float32).reshape(16, 3, 32, 32)
+    model = int8.load(os.path.join(DATA, f"version{version}.int8.npz"))
+    assert model["header"]["version"] == version
+    with np.load(os.path.join(DATA, "old_versions_logits.npz")) as expected:
+        assert np.array_equal(int8.run(model, images), expected[f"version{version}"])
