@@ -141,6 +141,7 @@ def test_int8_export_of_a_float_checkpoint_needs_calibrate(untrained, synthetic_
     float32, qat = untrained["float32"], untrained["QAT"]
     for argv, fragments in (
             ([float32], ["float32 checkpoint; quantize it after training with --calibrate N -data DIR"]),
+            ([float32, "--format", "c"], ["float32 checkpoint; quantize it after training"]),
             ([qat, "--calibrate", "8", "-data", synthetic_dir], ["is a QAT checkpoint", "without --calibrate"]),
             ([float32, "--calibrate", "8", "--format", "mindir", "-o", str(tmp_path / "m.mindir")],
              ["--calibrate makes an int8 model; give --format int8, onnx, tflite or c"]),
