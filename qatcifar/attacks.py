@@ -22,7 +22,7 @@ import mindspore.nn as nn
 import mindspore.ops as ops
 import numpy as np
 
-from qatcifar import cifar, cli, files
+from qatcifar import cifar, cli, files, inference
 
 METHODS = ("fgsm", "pgd")
 DEFAULTS = {"eps": 8 / 255, "steps": 10, "restarts": 1, "attack_seed": 0}
@@ -57,7 +57,7 @@ def resolve(args, path):
     pgd_only = [flag for flag in given if flag in ("--steps", "--step_size", "--restarts", "--attack_seed")]
     if args.attack == "fgsm" and pgd_only:
         raise cli.InputError(f"FGSM is one step of size --eps; {pgd_only[0]} applies to --attack pgd")
-    if path.endswith((".npz", ".onnx", ".mindir")):
+    if not inference.is_checkpoint(path):
         raise cli.InputError(f"{path} has no gradients to attack (only checkpoints do); attack the QAT checkpoint it "
                              "was exported from with --save_adversarial DIR, then evaluate this file on those images "
                              "with eval.py -data DIR")

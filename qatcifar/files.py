@@ -26,7 +26,7 @@ from qatcifar import cli, interrupts
 PARTIAL = re.compile(r"\.partial-(?P<pid>\d+)")  # write_atomically's temporary folders
 # train.py's checkpoints and best network, and the models export.py writes beside them under their names
 MODEL_NAME = re.compile(r"^(?P<prefix>.+)-(?:\d+_\d+(?:-interrupt)?|best)"
-                        r"(?:\.ckpt|\.int8\.npz|\.onnx|\.tflite|\.mindir)$")
+                        r"(?:\.ckpt|\.int8\.npz|\.onnx|\.tflite|\.mindir|_c)$")  # (_c: a C folder)
 
 
 class RunFiles:
@@ -49,8 +49,8 @@ class RunFiles:
     @classmethod
     def of_model(cls, path):
         """The run that wrote a checkpoint (`<prefix>-<epoch>_<step>.ckpt`, `<prefix>-best.ckpt`) or a model exported
-        beside it under its name (`<prefix>-2_32.int8.npz`, `.onnx`, `.mindir`), or None."""
-        folder, name = os.path.split(path)
+        beside it under its name (`<prefix>-2_32.int8.npz`, `.onnx`, `.mindir`, the C folder `_c`), or None."""
+        folder, name = os.path.split(path.rstrip(os.sep) or path)
         match = MODEL_NAME.match(name)
         return cls(folder, match["prefix"]) if match else None
 

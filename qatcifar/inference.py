@@ -54,6 +54,12 @@ def format_module(path):
     return importlib.import_module(f"qatcifar.{FOLDER if os.path.isdir(path) else FORMATS.get(suffix, OTHER)}")
 
 
+def is_checkpoint(path):
+    """Whether a model file is a MindSpore checkpoint (any other suffix, not a folder): the one format with
+    gradients, which attacks need."""
+    return not os.path.isdir(path) and not any(path.endswith(suffix) for suffix in FORMATS)
+
+
 def uses_mindspore(path):
     """Whether a model file runs in MindSpore (a checkpoint, a MindIR graph): the other runtimes need neither
     MindSpore's device nor its context."""

@@ -277,3 +277,8 @@ def test_the_folder_is_a_model_for_eval_not_a_file_with_a_suffix(clean_folder):
     with open(os.path.join(clean_folder, "model.h")) as f:
         header = f.read()
     assert "#define MODEL_INPUT_BYTES 3072" in header and "#define MODEL_ARENA_BYTES 32768" in header
+
+
+def test_an_attack_on_the_folder_is_refused_it_has_no_gradients(clean_folder, synthetic_dir, capsys):
+    expect_error(evaluate.main, ["-loc", clean_folder, "-data", synthetic_dir, "--attack", "pgd"], capsys,
+                 "has no gradients to attack")
