@@ -6,6 +6,7 @@
     python eval.py -loc checkpoints/resnet18_qat-40_1562.mindir
     python eval.py -loc checkpoints/resnet18_qat-40_1562.onnx --threads 1   # ONNX Runtime (CPU)
     python eval.py -loc CKPT --attack pgd --eps 8/255 --steps 10 --save_adversarial data/adv   # robustness
+    python eval.py -loc checkpoints/resnet8_qat-2_16.onnx --attack square --queries 1000  # any model file
 
 The format follows the file name (.ckpt, .mindir, .npz, .onnx; see qatcifar/inference.py). Whether a checkpoint
 is a QAT model is read from the checkpoint itself (its observer parameters); the network must
@@ -14,9 +15,10 @@ match it exactly. Prints the accuracy per class, the confusion matrix and the ac
 "params": n, "macs": n, ...} (the network's name, parameters and multiply-accumulates per image, as
 the file records them; null for a MindIR graph).
 
-With --attack (a checkpoint only; see qatcifar/attacks.py), every evaluated image is also attacked, and
-the report adds the robust accuracy, the accuracy on the adversarial images; --save_adversarial
-writes them as a CIFAR-format folder on which `eval.py -data DIR` evaluates any model file.
+With --attack (see qatcifar/attacks.py; FGSM and PGD differentiate a checkpoint, Square needs only scores and
+attacks any model file), every evaluated image is also attacked, and the report adds the robust accuracy, the
+accuracy on the adversarial images; --save_adversarial writes them as a CIFAR-format folder on which
+`eval.py -data DIR` evaluates any model file.
 """
 from qatcifar import cli, interrupts  # noqa: I001  (first: cli quiets MindSpore's log before it loads)
 
@@ -69,7 +71,8 @@ def get_args_parser():
                              "least sensitive layers --sensitivity_bits until the int8 file fits the budget")
     layers.add_argument("--size_budget", type=cli.positive_float, default=None, metavar="KB",
                         help="with --suggest_layer_bits: the int8 file's size to reach, in kilobytes (1,000 bytes)")
-    attack = parser.add_argument_group("adversarial robustness (checkpoints only; pixel units: 8/255 or 0.0314)")
+    attack = parser.add_argument_group("adversarial robustness (fgsm and pgd: checkpoints only; square: any model file; "
+                                       "pixel units: 8/255 or 0.0314)")
     attack.add_argument("--attack", choices=attacks.METHODS, default=None,
                         help="also attack every image (L-infinity) and report the robust accuracy")
     attack.add_argument("--eps", type=attacks.pixel_fraction, default=None, help="the attack's bound (default 8/255)")
@@ -78,7 +81,10 @@ def get_args_parser():
                         help="pgd: size of a step (default 2.5 x eps / steps)")
     attack.add_argument("--restarts", type=cli.int_range(1, 100), default=None,
                         help="pgd: random starts; an image counts as broken if any breaks it (default 1)")
-    attack.add_argument("--attack_seed", type=cli.seed, default=None, help="pgd: seed of the random starts (default 0)")
+    attack.add_argument("--queries", type=cli.int_range(1, 100000), default=None,
+                        help=f"square: queries per image, at most (default {attacks.SQUARE_QUERIES})")
+    attack.add_argument("--attack_seed", type=cli.seed, default=None,
+                        help="pgd and square: seed of the random starts and windows (default 0)")
     attack.add_argument("--save_adversarial", metavar="DIR", default=None,
                         help="write the attacked images as a CIFAR-format test folder (new or empty): the first "
                              "--num_samples images attacked, the rest as they were")
@@ -117,8 +123,7 @@ def evaluate(args):
     images = f"the first {args.num_samples}" if args.num_samples else "the"
     print(f"evaluating {model.description} {path} on {images} test images of {args.data_dir}", flush=True)
     if args.attack:
-        attack = attacks.Attack(model.network, args.attack, args.eps, args.steps, args.step_size, args.restarts,
-                                args.attack_seed)
+        attack = attacks.build(args, model)
         predictions, robust, labels, records = attacks.evaluate(attack, dataset, keep=bool(args.save_adversarial))
     else:
         predictions, labels = inference.predict(model, dataset)
@@ -246,6 +251,8 @@ def describe(attack):
     eps = f"eps {s['eps']:.4f} = {255 * s['eps']:.1f}/255"
     if s["method"] == "fgsm":
         return f"FGSM ({eps})"
+    if s["method"] == "square":
+        return f"Square ({eps}, at most {s['queries']} queries, p_init {s['p_init']}, seed {s['seed']})"
     return (f"PGD ({eps}, {s['steps']} steps of {s['step_size']:.4f}, {s['restarts']} restart"
             f"{'s' if s['restarts'] > 1 else ''}, seed {s['seed']})")
 

@@ -1,4 +1,5 @@
-"""Adversarial attacks on a MindSpore network (float32 or QAT), L-infinity, in pixel space: FGSM and PGD.
+"""Adversarial attacks, L-infinity, in pixel space: FGSM and PGD on a MindSpore network (float32 or QAT), and the
+registry of eval.py's attacks (METHODS; `build`): Square, gradient-free, on any model file (attack_square.py).
 
     >>> attack = attacks.Attack(net, "pgd", eps=8 / 255, steps=10)
     >>> adversarial = attack(images, labels)        # normalized float32 images in and out (numpy)
@@ -24,8 +25,10 @@ import numpy as np
 
 from qatcifar import cifar, cli, files, inference
 
-METHODS = ("fgsm", "pgd")
+METHODS = ("fgsm", "pgd", "square")
+GRADIENT = ("fgsm", "pgd")  # the attacks that differentiate the network: checkpoints only
 DEFAULTS = {"eps": 8 / 255, "steps": 10, "restarts": 1, "attack_seed": 0}
+SQUARE_QUERIES = 5000  # attack_square.DEFAULT_QUERIES (attack_square imports this module)
 NOTE_FILE = "ADVERSARIAL.txt"
 MEAN = np.array(cifar.CIFAR10_MEAN, np.float32).reshape(1, 3, 1, 1)
 STD = np.array(cifar.CIFAR10_STD, np.float32).reshape(1, 3, 1, 1)
@@ -48,26 +51,45 @@ def resolve(args, path):
     """Before any work: check eval.py's attack flags against each other and the model file, fill in the defaults,
     and check that --save_adversarial names a new or empty folder. Raises cli.InputError."""
     flags = {"--eps": args.eps, "--steps": args.steps, "--step_size": args.step_size, "--restarts": args.restarts,
-             "--attack_seed": args.attack_seed, "--save_adversarial": args.save_adversarial}
+             "--attack_seed": args.attack_seed, "--save_adversarial": args.save_adversarial,
+             "--queries": args.queries}
     given = [flag for flag, value in flags.items() if value is not None]
     if not args.attack:
         if given:
-            raise cli.InputError(f"{given[0]} belongs to an attack; add --attack pgd (or fgsm)")
+            raise cli.InputError(f"{given[0]} belongs to an attack; add --attack pgd (or fgsm, square)")
         return
-    pgd_only = [flag for flag in given if flag in ("--steps", "--step_size", "--restarts", "--attack_seed")]
-    if args.attack == "fgsm" and pgd_only:
-        raise cli.InputError(f"FGSM is one step of size --eps; {pgd_only[0]} applies to --attack pgd")
-    if not inference.is_checkpoint(path):
-        raise cli.InputError(f"{path} has no gradients to attack (only checkpoints do); attack the QAT checkpoint it "
-                             "was exported from with --save_adversarial DIR, then evaluate this file on those images "
-                             "with eval.py -data DIR")
+    pgd_only = [flag for flag in given if flag in ("--steps", "--step_size", "--restarts")]
+    if args.attack in ("fgsm", "square") and pgd_only:
+        what = "FGSM is one step of size --eps" if args.attack == "fgsm" else "Square takes --queries, not steps"
+        raise cli.InputError(f"{what}; {pgd_only[0]} applies to --attack pgd")
+    if args.attack == "fgsm" and args.attack_seed is not None:
+        raise cli.InputError("FGSM is one step of size --eps, with no random start; --attack_seed applies to --attack "
+                             "pgd and square")
+    if args.queries is not None and args.attack != "square":
+        raise cli.InputError(f"--queries is the Square attack's budget; {args.attack.upper()} takes steps: drop it, "
+                             "or give --attack square")
+    if args.attack in GRADIENT and not inference.is_checkpoint(path):
+        raise cli.InputError(f"{path} has no gradients to attack (only checkpoints do): attack it with --attack "
+                             "square (gradient-free), or attack the QAT checkpoint it was exported from with "
+                             "--save_adversarial DIR, then evaluate this file on those images with eval.py -data DIR")
     for name, value in DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if args.queries is None:
+        args.queries = SQUARE_QUERIES
     if args.step_size is None:
         args.step_size = 2.5 * args.eps / args.steps  # Madry et al.'s 2/255 for 8/255 in 10 steps (7 steps there)
     if args.save_adversarial:
         cifar.check_new_folder(args.save_adversarial)
+
+
+def build(args, model):
+    """The attack eval.py runs (resolve'd args) on a loaded inference.Model."""
+    if args.attack == "square":
+        from qatcifar.attack_square import Square
+
+        return Square(model.logits, args.eps, args.queries, args.attack_seed)
+    return Attack(model.network, args.attack, args.eps, args.steps, args.step_size, args.restarts, args.attack_seed)
 
 
 def to_pixels(images):
@@ -166,7 +188,11 @@ class Attack:
         return to_normalized(best)
 
     def predict(self, pixels):
-        return self.net(ms.Tensor(to_normalized(pixels))).asnumpy().argmax(axis=1)
+        return self.logits(to_normalized(pixels)).argmax(axis=1)
+
+    def logits(self, images):
+        """The network's scores of normalized images (numpy in and out)."""
+        return self.net(ms.Tensor(images)).asnumpy()
 
 
 def evaluate(attack, dataset, keep=False):
@@ -180,9 +206,9 @@ def evaluate(attack, dataset, keep=False):
     attack.on_steps = bar.update
     try:
         for images, batch_labels in batches:
-            clean.append(attack.net(ms.Tensor(images)).asnumpy().argmax(axis=1))
+            clean.append(attack.logits(images).argmax(axis=1))
             adversarial = attack(images, batch_labels)
-            robust.append(attack.net(ms.Tensor(adversarial)).asnumpy().argmax(axis=1))
+            robust.append(attack.logits(adversarial).argmax(axis=1))
             labels.append(batch_labels)
             if keep:
                 records.append(to_uint8(adversarial, images, attack.eps))
