@@ -71,20 +71,22 @@ def get_args_parser():
                              "least sensitive layers --sensitivity_bits until the int8 file fits the budget")
     layers.add_argument("--size_budget", type=cli.positive_float, default=None, metavar="KB",
                         help="with --suggest_layer_bits: the int8 file's size to reach, in kilobytes (1,000 bytes)")
-    attack = parser.add_argument_group("adversarial robustness (fgsm and pgd: checkpoints only; square: any model file; "
+    attack = parser.add_argument_group("adversarial robustness (square: any model file; the others: checkpoints only; "
                                        "pixel units: 8/255 or 0.0314)")
     attack.add_argument("--attack", choices=attacks.METHODS, default=None,
                         help="also attack every image (L-infinity) and report the robust accuracy")
     attack.add_argument("--eps", type=attacks.pixel_fraction, default=None, help="the attack's bound (default 8/255)")
-    attack.add_argument("--steps", type=cli.int_range(1, 1000), default=None, help="pgd: steps (default 10)")
+    attack.add_argument("--steps", type=cli.int_range(1, 1000), default=None,
+                        help="pgd and apgd: steps (default 10; apgd: 100)")
     attack.add_argument("--step_size", type=attacks.pixel_fraction, default=None,
                         help="pgd: size of a step (default 2.5 x eps / steps)")
     attack.add_argument("--restarts", type=cli.int_range(1, 100), default=None,
-                        help="pgd: random starts; an image counts as broken if any breaks it (default 1)")
+                        help="pgd and apgd: random starts; an image counts as broken if any breaks it (default 1)")
     attack.add_argument("--queries", type=cli.int_range(1, 100000), default=None,
-                        help=f"square: queries per image, at most (default {attacks.SQUARE_QUERIES})")
+                        help=f"square (and autoattack's): queries per image, at most (default "
+                             f"{attacks.SQUARE_QUERIES})")
     attack.add_argument("--attack_seed", type=cli.seed, default=None,
-                        help="pgd and square: seed of the random starts and windows (default 0)")
+                        help="pgd, apgd, square, autoattack: seed of the random starts and windows (default 0)")
     attack.add_argument("--save_adversarial", metavar="DIR", default=None,
                         help="write the attacked images as a CIFAR-format test folder (new or empty): the first "
                              "--num_samples images attacked, the rest as they were")
@@ -242,8 +244,13 @@ def report_attack(attack, names, labels, robust, clean_accuracy):
           f"{describe(attack)}; clean {100 * clean_accuracy:.2f}%")
     print("robust accuracy per class: " + ", ".join(f"{name} {100 * value:.1f}%" for name, value in
                                                    per_class(names, confusion).items() if value is not None))
-    return {"clean_accuracy": clean_accuracy, "robust_accuracy": robust_accuracy, "attack": attack.settings(),
-            "per_class_robust": per_class(names, confusion), "confusion_robust": confusion.tolist()}
+    result = {"clean_accuracy": clean_accuracy, "robust_accuracy": robust_accuracy, "attack": attack.settings(),
+              "per_class_robust": per_class(names, confusion), "confusion_robust": confusion.tolist()}
+    if getattr(attack, "stages", None):  # AutoAttack: the robust accuracy after each of its attacks
+        result["stages"] = {name: unbroken / attack.images for name, unbroken in attack.stages.items()}
+        print("AutoAttack, robust accuracy after each attack: " + ", ".join(
+            f"{name} {100 * value:.2f}%" for name, value in result["stages"].items()))
+    return result
 
 
 def describe(attack):
@@ -253,6 +260,13 @@ def describe(attack):
         return f"FGSM ({eps})"
     if s["method"] == "square":
         return f"Square ({eps}, at most {s['queries']} queries, p_init {s['p_init']}, seed {s['seed']})"
+    if s["method"].startswith("apgd"):
+        targets = f", {s['targets']} target classes" if "targets" in s else ""
+        return (f"{s['method'].upper()} ({eps}, {s['steps']} steps{targets}, {s['restarts']} restart"
+                f"{'s' if s['restarts'] > 1 else ''}, seed {s['seed']})")
+    if s["method"] == "autoattack":
+        return (f"AutoAttack, standard version without FAB-T ({eps}: APGD-CE, APGD-T, Square of "
+                f"{s['parts']['square']['queries']} queries; seed {s['seed']})")
     return (f"PGD ({eps}, {s['steps']} steps of {s['step_size']:.4f}, {s['restarts']} restart"
             f"{'s' if s['restarts'] > 1 else ''}, seed {s['seed']})")
 

@@ -103,14 +103,17 @@ class Square:
         side = min(max(side, 1), size - 1)
         rows, cols = self.rng.integers(0, size - side, n), self.rng.integers(0, size - side, n)
         delta = best - clean
-        windows = np.stack([delta[i, :, r:r + side, c:c + side] for i, (r, c) in enumerate(zip(rows, cols))])
+        windows, patch, current = (crop(a, rows, cols, side) for a in (delta, clean, best))
         unchanged = np.ones(n, bool)
         while unchanged.any():
             signs = self.eps * self.rng.choice([-1.0, 1.0], (int(unchanged.sum()), channels, 1, 1))
             windows[unchanged] = signs.astype(np.float32)
-            patch = np.stack([clean[i, :, r:r + side, c:c + side] for i, (r, c) in enumerate(zip(rows, cols))])
-            current = np.stack([best[i, :, r:r + side, c:c + side] for i, (r, c) in enumerate(zip(rows, cols))])
             unchanged = (np.abs(np.clip(patch + windows, 0, 1) - current) < 1e-7).reshape(n, -1).all(axis=1)
-        for i, (r, c) in enumerate(zip(rows, cols)):
+        for i, (r, c) in enumerate(zip(rows, cols, strict=True)):
             delta[i, :, r:r + side, c:c + side] = windows[i]
         return np.clip(clean + delta, 0, 1).astype(np.float32)
+
+
+def crop(array, rows, cols, side):
+    """Each image's square window at (rows[i], cols[i]) of `side` pixels: (N, C, side, side), a copy."""
+    return np.stack([array[i, :, r:r + side, c:c + side] for i, (r, c) in enumerate(zip(rows, cols, strict=True))])

@@ -25,8 +25,9 @@ import numpy as np
 
 from qatcifar import cifar, cli, files, inference
 
-METHODS = ("fgsm", "pgd", "square")
-GRADIENT = ("fgsm", "pgd")  # the attacks that differentiate the network: checkpoints only
+METHODS = ("fgsm", "pgd", "apgd-ce", "apgd-dlr", "square", "autoattack")
+GRADIENT = ("fgsm", "pgd", "apgd-ce", "apgd-dlr", "autoattack")  # they differentiate the network: checkpoints only
+APGD_STEPS = 100  # APGD's steps, as AutoAttack runs it
 DEFAULTS = {"eps": 8 / 255, "steps": 10, "restarts": 1, "attack_seed": 0}
 SQUARE_QUERIES = 5000  # attack_square.DEFAULT_QUERIES (attack_square imports this module)
 NOTE_FILE = "ADVERSARIAL.txt"
@@ -62,16 +63,23 @@ def resolve(args, path):
     if args.attack in ("fgsm", "square") and pgd_only:
         what = "FGSM is one step of size --eps" if args.attack == "fgsm" else "Square takes --queries, not steps"
         raise cli.InputError(f"{what}; {pgd_only[0]} applies to --attack pgd")
+    if args.attack.startswith("apgd") and args.step_size is not None:
+        raise cli.InputError("APGD sets its own step sizes; --step_size applies to --attack pgd")
+    if args.attack == "autoattack" and pgd_only:
+        raise cli.InputError(f"AutoAttack's standard version fixes its steps and restarts; {pgd_only[0]} applies to "
+                             "--attack pgd (or apgd-ce, apgd-dlr)")
     if args.attack == "fgsm" and args.attack_seed is not None:
         raise cli.InputError("FGSM is one step of size --eps, with no random start; --attack_seed applies to --attack "
                              "pgd and square")
-    if args.queries is not None and args.attack != "square":
+    if args.queries is not None and args.attack not in ("square", "autoattack"):
         raise cli.InputError(f"--queries is the Square attack's budget; {args.attack.upper()} takes steps: drop it, "
                              "or give --attack square")
     if args.attack in GRADIENT and not inference.is_checkpoint(path):
         raise cli.InputError(f"{path} has no gradients to attack (only checkpoints do): attack it with --attack "
                              "square (gradient-free), or attack the QAT checkpoint it was exported from with "
                              "--save_adversarial DIR, then evaluate this file on those images with eval.py -data DIR")
+    if args.steps is None and args.attack.startswith("apgd"):
+        args.steps = APGD_STEPS
     for name, value in DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -89,6 +97,14 @@ def build(args, model):
         from qatcifar.attack_square import Square
 
         return Square(model.logits, args.eps, args.queries, args.attack_seed)
+    if args.attack.startswith("apgd"):
+        from qatcifar.attack_apgd import APGD
+
+        return APGD(model.network, args.eps, args.steps, args.attack[len("apgd-"):], args.restarts, args.attack_seed)
+    if args.attack == "autoattack":
+        from qatcifar.attack_auto import AutoAttack
+
+        return AutoAttack(model.network, args.eps, args.attack_seed, args.queries)
     return Attack(model.network, args.attack, args.eps, args.steps, args.step_size, args.restarts, args.attack_seed)
 
 
@@ -201,7 +217,8 @@ def evaluate(attack, dataset, keep=False):
     clean, robust, labels, records = [], [], [], []
     attack.rng = np.random.default_rng(attack.seed)  # the same random starts for the same images, every time
     batches = dataset.create_tuple_iterator(num_epochs=1, output_numpy=True)
-    bar = cli.bar(dataset.get_dataset_size() * attack.restarts * attack.steps, f"attacking ({attack.describe()})",
+    units = attack.units() if hasattr(attack, "units") else attack.restarts * attack.steps
+    bar = cli.bar(dataset.get_dataset_size() * units, f"attacking ({attack.describe()})",
                   unit="step")  # (in attack steps of a batch: a long attack moves within a batch)
     attack.on_steps = bar.update
     try:
