@@ -35,7 +35,8 @@ int8 and float32 models of those checkpoints as --deploy does (batch-1 latency, 
 
 --adversarial times train.py's QAT training step clean, with FGSM from a random start and with
 PGD-k (--adv_train; fresh processes, alternating, as above), and eval.py's attacks per image on
-the QAT checkpoint: FGSM and PGD-10, against the clean forward pass.
+the QAT checkpoint: FGSM, PGD-10, APGD-CE-100 and 100 queries of Square, against the clean forward
+pass.
 
 --lsq times train.py's QAT training step with learned step sizes (--quantizer lsq) against min/max
 observers (the default), in fresh processes, alternating, as above; the same bits for both.
@@ -488,7 +489,9 @@ def adversarial_cost(args):
     report_compilation(results)
     print(f"eval.py per image (batch {min(EVAL_BATCH, args.attack_images)}, {args.attack_images} images): clean "
           f"{1000 * attack['clean_s_per_image']:.1f} ms, FGSM {1000 * attack['fgsm_s_per_image']:.1f} ms, PGD-10 "
-          f"{1000 * attack['pgd_s_per_image']:.1f} ms")
+          f"{1000 * attack['pgd_s_per_image']:.1f} ms, APGD-CE-100 {1000 * attack['apgd_ce_s_per_image']:.0f} ms, "
+          f"Square {1000 * attack['square_100_s_per_image']:.0f} ms per 100 queries (AutoAttack: APGD-CE, 9 x "
+          "APGD-T and up to 5,000 queries of Square on the images each leaves unbroken)")
     if args.json:
         print(json.dumps(results))
     return results

@@ -20,10 +20,10 @@ class AutoAttack:
     method = "autoattack"
     restarts = 1
 
-    def __init__(self, net, eps, seed=0, queries=None):
+    def __init__(self, net, eps, seed=0, queries=None, steps=100):
         self.net, self.eps, self.seed = net, eps, seed
-        self.parts = {"apgd-ce": APGD(net, eps, loss="ce", seed=seed), "apgd-dlr": APGD(net, eps, loss="dlr",
-                                                                                          seed=seed)}
+        self.parts = {loss_name: APGD(net, eps, steps, loss, seed=seed)
+                      for loss_name, loss in (("apgd-ce", "ce"), ("apgd-dlr", "dlr"))}
         self.parts["square"] = Square(self.parts["apgd-ce"].logits, eps, queries or DEFAULT_QUERIES, seed)
         self.stages = dict.fromkeys(STAGES, 0)  # images unbroken after each stage, over the batches so far
         self.images = 0

@@ -19,6 +19,7 @@ P_INIT = 0.8  # the first windows' share of the image: AutoAttack's standard ver
 DEFAULT_QUERIES = 5000
 # Where p halves, as fractions of 10,000 queries (the paper's schedule, scaled to the budget)
 SCHEDULE = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
+MAX_DRAWS = 100  # signs redrawn for a window that would not change the image (two draws almost always do)
 
 
 def window_share(p_init, query, queries):
@@ -74,6 +75,9 @@ class Square:
         best = clean.copy()
         margin = margins(self.logits(images), labels)
         todo = margin > 0  # (misclassified images are left as they are)
+        if self.eps == 0:  # (no window can change an image)
+            self.on_steps(self.steps)
+            return images.copy()
         n, channels, height, width = clean.shape
         if todo.any():
             stripes = self.eps * self.rng.choice([-1.0, 1.0], (n, channels, 1, width)).astype(np.float32)
@@ -97,15 +101,16 @@ class Square:
 
     def proposal(self, clean, best, query, size):
         """Each image's perturbation with one random square window set to +-eps (a sign per channel), redrawn until
-        it changes the image."""
+        it changes the image (at most MAX_DRAWS times)."""
         n, channels = clean.shape[:2]
         side = int(round(np.sqrt(window_share(self.p_init, query, self.steps) * size * size)))
         side = min(max(side, 1), size - 1)
         rows, cols = self.rng.integers(0, size - side, n), self.rng.integers(0, size - side, n)
         delta = best - clean
         windows, patch, current = (crop(a, rows, cols, side) for a in (delta, clean, best))
-        unchanged = np.ones(n, bool)
-        while unchanged.any():
+        unchanged, draws = np.ones(n, bool), 0
+        while unchanged.any() and draws < MAX_DRAWS:
+            draws += 1
             signs = self.eps * self.rng.choice([-1.0, 1.0], (int(unchanged.sum()), channels, 1, 1))
             windows[unchanged] = signs.astype(np.float32)
             unchanged = (np.abs(np.clip(patch + windows, 0, 1) - current) < 1e-7).reshape(n, -1).all(axis=1)

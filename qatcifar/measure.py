@@ -71,8 +71,11 @@ def timed_ips(model, dataset):
 
 
 def attack_worker(args):
-    """Seconds per image of the clean forward pass, FGSM and PGD-10 on a checkpoint, as eval.py --attack runs them
-    (batch 100), each after a warm-up batch that compiles its graph."""
+    """Seconds per image of the clean forward pass, FGSM, PGD-10, APGD-CE-100 and 100 queries of Square on a
+    checkpoint, as eval.py --attack runs them (batch 100), each after a warm-up batch that compiles its graph."""
+    from qatcifar.attack_apgd import APGD
+    from qatcifar.attack_square import Square
+
     cli.setup_device(args.device)
     net = inference.load_model(args.checkpoint).network
     dataset = cifar.create_dataset(args.data, training=False, batch_size=EVAL_BATCH,
@@ -80,10 +83,15 @@ def attack_worker(args):
     images, labels = next(dataset.create_tuple_iterator(num_epochs=1, output_numpy=True))
     inference.predict(net, dataset)  # warm-up: graph compilation
     seconds = {"clean": timed(lambda: inference.predict(net, dataset))}
-    for method in attacks.METHODS:
+    for method in ("fgsm", "pgd"):
         attack = attacks.Attack(net, method, eps=8 / 255, steps=10)
         attack(images, labels)  # warm-up: graph compilation
         seconds[method] = timed(lambda: attacks.evaluate(attack, dataset))  # noqa: B023 (called at once)
+    # APGD-CE-100, and 100 queries of Square, at eps 0 where nothing breaks: every image takes the whole budget
+    for name, attack in (("apgd_ce", APGD(net, 0.0, steps=100)), ("square_100", Square(attacks.Attack(
+            net, "fgsm", 0.0).logits, 1e-6, queries=100))):
+        attack(images[:2], labels[:2])  # warm-up: graph compilation
+        seconds[name] = timed(lambda: attacks.evaluate(attack, dataset))  # noqa: B023 (called at once)
     return {f"{name}_s_per_image": s / args.attack_images for name, s in seconds.items()}
 
 

@@ -95,7 +95,7 @@ def test_bench_reports_the_cost_of_adversarial_training_and_attacks(capsys):
     assert set(steps) == {"qat", "fgsm", "pgd"} and all(s > 0 for s in steps.values())
     assert results["fgsm_over_clean"] == steps["fgsm"] / steps["qat"]
     assert results["pgd_over_clean"] == steps["pgd"] / steps["qat"]
-    assert all(results[f"{name}_s_per_image"] > 0 for name in ("clean", "fgsm", "pgd"))
+    assert all(results[f"{name}_s_per_image"] > 0 for name in ("clean", "fgsm", "pgd", "apgd_ce", "square_100"))
 
 
 def test_bench_reports_the_cost_of_learned_step_sizes(monkeypatch, capsys):
