@@ -107,18 +107,23 @@ class Square:
         side = min(max(side, 1), size - 1)
         rows, cols = self.rng.integers(0, size - side, n), self.rng.integers(0, size - side, n)
         delta = best - clean
-        windows, patch, current = (crop(a, rows, cols, side) for a in (delta, clean, best))
+        where = window_index(rows, cols, side, channels)
+        windows, patch, current = delta[where], clean[where], best[where]
         unchanged, draws = np.ones(n, bool), 0
         while unchanged.any() and draws < MAX_DRAWS:
             draws += 1
             signs = self.eps * self.rng.choice([-1.0, 1.0], (int(unchanged.sum()), channels, 1, 1))
             windows[unchanged] = signs.astype(np.float32)
             unchanged = (np.abs(np.clip(patch + windows, 0, 1) - current) < 1e-7).reshape(n, -1).all(axis=1)
-        for i, (r, c) in enumerate(zip(rows, cols, strict=True)):
-            delta[i, :, r:r + side, c:c + side] = windows[i]
+        delta[where] = windows
         return np.clip(clean + delta, 0, 1).astype(np.float32)
 
 
-def crop(array, rows, cols, side):
-    """Each image's square window at (rows[i], cols[i]) of `side` pixels: (N, C, side, side), a copy."""
-    return np.stack([array[i, :, r:r + side, c:c + side] for i, (r, c) in enumerate(zip(rows, cols, strict=True))])
+def window_index(rows, cols, side, channels):
+    """The index of each image's square window at (rows[i], cols[i]) of `side` pixels, every channel: for an
+    (N, C, H, W) array, a (N, C, side, side) selection (numpy's advanced indexing: a copy to read, in place to
+    write)."""
+    n = len(rows)
+    r = (rows[:, None] + np.arange(side))[:, None, :, None]
+    c = (cols[:, None] + np.arange(side))[:, None, None, :]
+    return np.arange(n)[:, None, None, None], np.arange(channels)[None, :, None, None], r, c
