@@ -21,7 +21,6 @@ not needed afterwards, so a block holds its input and one intermediate, not thre
 import hashlib
 import json
 import os
-import shutil
 
 import numpy as np
 
@@ -265,7 +264,6 @@ def input_table(tensor, normalization, tflite):
 
 # --- the C text ------------------------------------------------------------------------------------------------
 
-CTYPES = {np.int8: "int8_t", np.uint8: "uint8_t", np.int32: "int32_t", np.int64: "int32_t"}
 PER_LINE = 24  # array values per line
 
 
@@ -506,9 +504,3 @@ def write_folder(folder, header, arrays, metadata):
     with open(os.path.join(folder, MANIFEST), "w") as f:
         json.dump(manifest, f, indent=1)
     return manifest
-
-
-def copy_kernels(folder):
-    """The kernels' sources into `folder` (a harness that builds them without model.c: the tests)."""
-    for name in SOURCES:
-        shutil.copy(os.path.join(KERNELS, name), folder)
