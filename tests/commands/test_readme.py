@@ -10,5 +10,5 @@ def test_the_quick_start_runs_as_written():
     result = run_script("tests/readme.py", "--section", "Quick start", timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     ran = [line for line in result.stdout.splitlines() if line.startswith("[")]
-    assert len(ran) == 9 and any("python predict.py" in line for line in ran)  # none left out but pip and pytest
+    assert len(ran) == 11 and any("python predict.py" in line for line in ran)  # none left out but pip and pytest
     assert "all commands of Quick start ran" in result.stdout
